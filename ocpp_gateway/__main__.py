@@ -1,0 +1,93 @@
+"""python -m ocpp_gateway --csms NAME --host HOST --port PORT (Redis from REDIS_URL)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ocpp_gateway.server import GatewayConfig, load_passwords, run_gateway
+
+
+def parse_args(argv: list[str] | None = None) -> GatewayConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m ocpp_gateway",
+        description="Serve OCPP 1.6J stations for one CSMS and relay commands from Redis.",
+    )
+    parser.add_argument("--csms", required=True, help="name of the CSMS this gateway serves")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=9000, help="port (default %(default)s)")
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=int,
+        default=300,
+        help="interval sent in BootNotification.conf, seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=256 * 1024,
+        help="largest websocket frame accepted (default %(default)s)",
+    )
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        help="identity:password lines; when given, every station must authenticate (HTTP Basic)",
+    )
+    parser.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
+    parser.add_argument("--keyfile", help="TLS private key (PEM)")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # The ocpp library logs every frame at INFO: far too much for thousands of stations.
+    logging.getLogger("ocpp").setLevel(logging.WARNING)
+    if args.keyfile and not args.certfile:
+        parser.error("--keyfile needs --certfile")
+    try:
+        passwords = load_passwords(args.auth_file) if args.auth_file else None
+    except (OSError, ValueError) as exc:
+        parser.error(f"--auth-file: {exc}")
+    return GatewayConfig(
+        csms=args.csms,
+        host=args.host,
+        port=args.port,
+        redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        heartbeat_interval=args.heartbeat_interval,
+        max_frame_bytes=args.max_frame_bytes,
+        passwords=passwords,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+    )
+
+
+async def _main(config: GatewayConfig) -> None:
+    import ocpp.messages
+
+    # Validating in a thread pool costs more than the validation itself (see DESIGN.md).
+    ocpp.messages.ASYNC_VALIDATION = False
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await run_gateway(config, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.run(_main(config))
+    except ImportError:
+        asyncio.run(_main(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The sending side of the command bridge, for the Django side (plain, synchronous Python)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from ocpp_gateway.envelopes import Command, Outcome, Reply, command_channel, reply_key
+
+# How long past the deadline to wait for the gateway's own "timeout" reply, which carries
+# its timing; after that the caller reports the timeout itself.
+REPLY_GRACE_SECONDS = 1.0
+
+
+class StationOffline(Exception):
+    """No gateway holds a connection to the station."""
+
+    def __init__(self, station: str) -> None:
+        super().__init__(f"station {station} is offline: no gateway holds its connection")
+        self.station = station
+
+
+def send_command(
+    client: redis.Redis,
+    station: str,
+    action: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    timeout: float,
+) -> Reply:
+    """Send one OCPP call (e.g. "GetConfiguration") to a station and wait for the outcome.
+
+    Raises StationOffline at once when no gateway holds the station. Otherwise returns the
+    Reply: a result payload, a CALLERROR with its code, or a timeout. The client must not
+    have a socket timeout shorter than ``timeout``.
+    """
+    command = Command(
+        station=station, action=action, payload=payload or {}, deadline=time.time() + timeout
+    )
+    receivers = client.publish(command_channel(station), command.to_json())
+    if receivers == 0:
+        raise StationOffline(station)
+    key = reply_key(command.id)
+    while True:
+        wait = max(command.remaining() + REPLY_GRACE_SECONDS, 0.01)
+        popped = client.blpop([key], timeout=wait)
+        if popped is None:
+            return Reply(
+                command_id=command.id,
+                station=station,
+                csms="",
+                outcome=Outcome.TIMEOUT,
+                error_description=f"no gateway replied within {timeout:.1f}s",
+            )
+        reply = Reply.from_json(popped[1])
+        # A gateway holding a stale connection answers "disconnected"; the one holding the
+        # live connection may still answer.
+        if reply.outcome is Outcome.DISCONNECTED and receivers > 1:
+            receivers -= 1
+            continue
+        return reply

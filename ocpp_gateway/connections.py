@@ -1,0 +1,34 @@
+"""The live station connections of one gateway process."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+Session = TypeVar("Session")
+
+
+class ConnectionRegistry(Generic[Session]):
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def register(self, identity: str, session: Session) -> Session | None:
+        """Make session the station's current one; return the stale one it replaces."""
+        stale = self._sessions.get(identity)
+        self._sessions[identity] = session
+        return stale
+
+    def unregister(self, identity: str, session: Session) -> bool:
+        """Forget the session if it is still the current one (a replaced one is not)."""
+        if self._sessions.get(identity) is session:
+            del self._sessions[identity]
+            return True
+        return False
+
+    def get(self, identity: str) -> Session | None:
+        return self._sessions.get(identity)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, identity: str) -> bool:
+        return identity in self._sessions

@@ -1,0 +1,230 @@
+"""One station's OCPP 1.6J session on the central-system side."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ocpp.charge_point import (
+    camel_to_snake_case,
+    remove_nones,
+    serialize_as_dict,
+    snake_to_camel_case,
+)
+from ocpp.exceptions import OCPPError
+from ocpp.messages import Call, CallError, MessageType, unpack, validate_payload
+from ocpp.routing import on
+from ocpp.v16 import ChargePoint, call, call_result
+from ocpp.v16.enums import (
+    Action,
+    AuthorizationStatus,
+    DataTransferStatus,
+    RegistrationStatus,
+)
+
+from ocpp_gateway.envelopes import Command, EventKind, Outcome, Reply
+from ocpp_gateway.events import EventReporter
+
+logger = logging.getLogger(__name__)
+
+OCPP_VERSION = "1.6"
+# Transaction ids must be unique per central system; seeding from the clock keeps them
+# unique across gateway restarts without shared state.
+_transaction_ids = itertools.count(int(time.time()) % 1_000_000_000)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class StationSession(ChargePoint):
+    """Answers what a station sends and runs the commands the Django side relays to it."""
+
+    def __init__(
+        self,
+        identity: str,
+        connection: Any,
+        *,
+        csms: str,
+        reporter: EventReporter,
+        heartbeat_interval: int,
+    ) -> None:
+        super().__init__(identity, connection)
+        self.csms = csms
+        self._reporter = reporter
+        self._heartbeat_interval = heartbeat_interval
+
+    async def close(self, reason: str) -> None:
+        await self._connection.close(1000, reason)
+
+    # --- inbound: what the station sends -------------------------------------------------
+
+    async def route_message(self, raw_msg: str) -> None:
+        # The library only logs a frame it cannot parse; a central system should answer a
+        # malformed CALL with a CALLERROR so the station (and its log) learns why.
+        try:
+            unpack(raw_msg)
+        except OCPPError as error:
+            logger.warning("%s sent a malformed frame (%s): %.200s", self.id, error, raw_msg)
+            unique_id = _unique_id_of(raw_msg)
+            if unique_id is not None:
+                reply = CallError(unique_id, error.code, error.description, {})
+                await self._send(reply.to_json())
+            return
+        await super().route_message(raw_msg)
+
+    @on(Action.boot_notification)
+    def on_boot_notification(
+        self, charge_point_vendor: str, charge_point_model: str, **kwargs: Any
+    ) -> call_result.BootNotification:
+        self._reporter.report(
+            EventKind.BOOT,
+            self.id,
+            {
+                "vendor": charge_point_vendor,
+                "model": charge_point_model,
+                "serial": kwargs.get("charge_point_serial_number")
+                or kwargs.get("charge_box_serial_number")
+                or "",
+                "firmware": kwargs.get("firmware_version") or "",
+            },
+        )
+        return call_result.BootNotification(
+            current_time=_now_iso(),
+            interval=self._heartbeat_interval,
+            status=RegistrationStatus.accepted,
+        )
+
+    @on(Action.heartbeat)
+    def on_heartbeat(self) -> call_result.Heartbeat:
+        return call_result.Heartbeat(current_time=_now_iso())
+
+    @on(Action.status_notification)
+    def on_status_notification(
+        self, connector_id: int, error_code: str, status: str, **kwargs: Any
+    ) -> call_result.StatusNotification:
+        self._reporter.report(
+            EventKind.STATUS,
+            self.id,
+            {"connector_id": connector_id, "status": status, "error_code": error_code},
+        )
+        return call_result.StatusNotification()
+
+    @on(Action.authorize)
+    def on_authorize(self, id_tag: str) -> call_result.Authorize:
+        # Authorisation stays with the operator's CSMS; the gateway must not stop charging.
+        return call_result.Authorize(id_tag_info={"status": AuthorizationStatus.accepted})
+
+    @on(Action.start_transaction)
+    def on_start_transaction(self, connector_id: int, id_tag: str, **kwargs: Any):
+        return call_result.StartTransaction(
+            transaction_id=next(_transaction_ids),
+            id_tag_info={"status": AuthorizationStatus.accepted},
+        )
+
+    @on(Action.stop_transaction)
+    def on_stop_transaction(self, transaction_id: int, **kwargs: Any):
+        return call_result.StopTransaction(id_tag_info={"status": AuthorizationStatus.accepted})
+
+    @on(Action.meter_values)
+    def on_meter_values(self, connector_id: int, meter_value: list, **kwargs: Any):
+        return call_result.MeterValues()
+
+    @on(Action.data_transfer)
+    def on_data_transfer(self, vendor_id: str, **kwargs: Any) -> call_result.DataTransfer:
+        # No vendor extensions are implemented: the answer the specification prescribes.
+        return call_result.DataTransfer(status=DataTransferStatus.unknown_vendor_id)
+
+    @on(Action.diagnostics_status_notification)
+    def on_diagnostics_status(self, status: str):
+        return call_result.DiagnosticsStatusNotification()
+
+    @on(Action.firmware_status_notification)
+    def on_firmware_status(self, status: str):
+        return call_result.FirmwareStatusNotification()
+
+    # --- outbound: commands relayed from the Django side ---------------------------------
+
+    async def run_command(self, command: Command) -> Reply:
+        """Send one OCPP call and describe what came back; never raises."""
+        started = time.time()
+
+        def reply(outcome: Outcome, **fields: Any) -> Reply:
+            return Reply(
+                command_id=command.id,
+                station=self.id,
+                csms=self.csms,
+                outcome=outcome,
+                sent_at=started,
+                finished_at=time.time(),
+                **fields,
+            )
+
+        request_type = getattr(call, command.action, None)
+        if not isinstance(request_type, type):
+            return reply(Outcome.REJECTED, error_description=f"unknown action {command.action!r}")
+        try:
+            request = request_type(**command.payload)
+        except TypeError as exc:
+            return reply(Outcome.REJECTED, error_description=f"bad payload: {exc}")
+        remaining = command.remaining()
+        if remaining <= 0:
+            return reply(Outcome.TIMEOUT, error_description="deadline passed before sending")
+        try:
+            async with asyncio.timeout(remaining):
+                return await self._exchange(command, request, reply)
+        except TimeoutError:
+            return reply(Outcome.TIMEOUT, error_description=f"no answer within {remaining:.1f}s")
+        except OCPPError as exc:
+            # Raised by validating our own request: nothing was sent.
+            return reply(Outcome.REJECTED, error_description=f"{exc.code}: {exc.description}")
+        except ConnectionError as exc:
+            return reply(Outcome.DISCONNECTED, error_description=str(exc) or "connection lost")
+
+    async def _exchange(self, command: Command, request: Any, reply: Any) -> Reply:
+        # ChargePoint.call() turns an unknown CALLERROR code into a different exception and
+        # hides CALLERRORs behind None by default; this keeps the station's exact answer.
+        # It uses the library's call lock, so calls to one station still go one at a time.
+        message = Call(
+            unique_id=command.id,
+            action=command.action,
+            payload=remove_nones(snake_to_camel_case(serialize_as_dict(request))),
+        )
+        await validate_payload(message, OCPP_VERSION)
+        async with self._call_lock:
+            await self._send(message.to_json())
+            response = await self._get_specific_response(
+                message.unique_id, max(command.remaining(), 0.001)
+            )
+        if response.message_type_id == MessageType.CallError:
+            return reply(
+                Outcome.CALL_ERROR,
+                error_code=response.error_code,
+                error_description=response.error_description or "",
+            )
+        response.action = command.action
+        try:
+            await validate_payload(response, OCPP_VERSION)
+        except OCPPError as exc:
+            return reply(
+                Outcome.BAD_RESPONSE,
+                payload=response.payload,
+                error_code=exc.code,
+                error_description=str(exc.description),
+            )
+        return reply(Outcome.RESULT, payload=camel_to_snake_case(response.payload))
+
+
+def _unique_id_of(raw_msg: str) -> str | None:
+    try:
+        frame = json.loads(raw_msg)
+    except ValueError:
+        return None
+    if isinstance(frame, list) and len(frame) > 1 and isinstance(frame[1], str):
+        return frame[1]
+    return None
