@@ -1,0 +1,58 @@
+"""A scriptable OCPP-J station for gateway tests: answers as each test needs, over a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ocpp.routing import on
+from ocpp.v16 import ChargePoint, call, call_result
+from websockets.asyncio.client import connect
+
+
+class ScriptedStation(ChargePoint):
+    """Answers GetConfiguration with its identity; ChangeConfiguration as told."""
+
+    change_configuration_error: Exception | None = None
+    silent: bool = False
+
+    @on("GetConfiguration")
+    async def on_get_configuration(self, key: list[str] | None = None, **_: Any):
+        if self.silent:
+            await asyncio.sleep(3600)
+        return call_result.GetConfiguration(
+            configuration_key=[{"key": "Identity", "readonly": True, "value": self.id}],
+            unknown_key=[],
+        )
+
+    @on("ChangeConfiguration")
+    def on_change_configuration(self, key: str, value: str):
+        if self.change_configuration_error is not None:
+            raise self.change_configuration_error
+        return call_result.ChangeConfiguration(status="Accepted")
+
+
+@contextlib.asynccontextmanager
+async def station_on(
+    base_url: str, identity: str, *, boot: bool = True, **connect_kwargs: Any
+) -> AsyncIterator[ScriptedStation]:
+    connect_kwargs.setdefault("subprotocols", ["ocpp1.6"])
+    async with connect(f"{base_url}/{identity}", **connect_kwargs) as ws:
+        station = ScriptedStation(identity, ws)
+        runner = asyncio.create_task(station.start())
+        try:
+            if boot:
+                await station.call(
+                    call.BootNotification(
+                        charge_point_vendor="TestVendor",
+                        charge_point_model="T1",
+                        firmware_version="4.2.85",
+                    )
+                )
+            yield station
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner

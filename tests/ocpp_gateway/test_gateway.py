@@ -1,0 +1,229 @@
+"""The gateway process: handshake, command bridge, events, shutdown. Real sockets, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import time
+import urllib.request
+
+import pytest
+from ocpp.exceptions import GenericError
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from ocpp_gateway.client import StationOffline, send_command
+from ocpp_gateway.envelopes import EVENT_STREAM, Event, EventKind, Outcome, last_boot_key
+from tests.ocpp_gateway.stations import station_on
+from tests.processes import wait_for
+
+
+def http_base(ws_url: str) -> str:
+    return ws_url.replace("ws://", "http://").rsplit("/", 1)[0]
+
+
+def test_it_answers_the_health_check(start_gateway):
+    base = start_gateway("csms-1")
+    with urllib.request.urlopen(f"{http_base(base)}/health", timeout=5) as response:
+        body = json.load(response)
+    assert body == {"status": "ok", "csms": "csms-1", "stations": 0}
+
+
+@pytest.mark.parametrize("subprotocols", [["ocpp2.0.1"], None])
+def test_it_refuses_a_connection_without_the_ocpp16_subprotocol(start_gateway, subprotocols):
+    base = start_gateway("csms-1")
+
+    async def attempt():
+        async with connect(f"{base}/CP1", subprotocols=subprotocols):
+            pass
+
+    with pytest.raises(InvalidStatus) as refused:
+        asyncio.run(attempt())
+    assert refused.value.response.status_code == 400
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def test_with_auth_it_refuses_wrong_credentials_before_the_upgrade(
+    start_gateway, tmp_path, redis_client
+):
+    auth_file = tmp_path / "passwords"
+    auth_file.write_text("# identity:password\nCP1:s3cret-key-0001\n")
+    base = start_gateway("csms-1", "--auth-file", str(auth_file))
+
+    async def attempt(identity, headers):
+        async with station_on(base, identity, additional_headers=headers) as station:
+            return station.id
+
+    for identity, headers in [
+        ("CP1", _basic("CP1", "wrong")),
+        ("CP1", _basic("CP2", "s3cret-key-0001")),  # username must equal the identity
+        ("CP1", {}),
+        ("CP2", _basic("CP2", "s3cret-key-0001")),  # unknown station
+    ]:
+        with pytest.raises(InvalidStatus) as refused:
+            asyncio.run(attempt(identity, headers))
+        assert refused.value.response.status_code == 401
+    assert redis_client.xlen(EVENT_STREAM) == 0  # no OCPP traffic reached the gateway
+    assert asyncio.run(attempt("CP1", _basic("CP1", "s3cret-key-0001"))) == "CP1"
+
+
+def test_a_boot_is_reported_durably_and_kept_as_the_last_boot(start_gateway, redis_client):
+    base = start_gateway("csms-1")
+
+    async def boot_and_leave():
+        async with station_on(base, "CP1"):
+            pass
+
+    asyncio.run(boot_and_leave())
+    wait_for(lambda: redis_client.xlen(EVENT_STREAM) >= 3, 5, "connect, boot, disconnect")
+    entries = redis_client.xrange(EVENT_STREAM)
+    events = [Event.from_json(fields[b"e"]) for _, fields in entries]
+    assert [e.kind for e in events] == [EventKind.CONNECT, EventKind.BOOT, EventKind.DISCONNECT]
+    assert {e.csms for e in events} == {"csms-1"}
+    assert events[1].data["firmware"] == "4.2.85"
+    last_boot = json.loads(redis_client.hget(last_boot_key("csms-1"), "CP1"))
+    assert last_boot["vendor"] == "TestVendor"
+    assert last_boot["at"] == events[1].at
+
+
+def test_commands_reach_the_station_and_errors_come_back_with_their_code(
+    start_gateway, redis_client
+):
+    base = start_gateway("csms-1")
+
+    async def scenario():
+        async with station_on(base, "CP1") as station:
+            reply = await asyncio.to_thread(
+                send_command, redis_client, "CP1", "GetConfiguration", {"key": ["x"]}, timeout=5
+            )
+            assert reply.outcome is Outcome.RESULT
+            assert reply.payload["configuration_key"][0]["value"] == "CP1"
+            assert reply.csms == "csms-1"
+            assert reply.sent_at <= reply.finished_at
+
+            station.change_configuration_error = GenericError("firmware says no")
+            reply = await asyncio.to_thread(
+                send_command,
+                redis_client,
+                "CP1",
+                "ChangeConfiguration",
+                {"key": "A", "value": "b"},
+                timeout=5,
+            )
+            assert reply.outcome is Outcome.CALL_ERROR
+            assert reply.error_code == "GenericError"
+            assert reply.error_description == "firmware says no"
+
+            reply = await asyncio.to_thread(
+                send_command, redis_client, "CP1", "NoSuchAction", {}, timeout=5
+            )
+            assert reply.outcome is Outcome.REJECTED
+            assert "unknown action" in reply.error_description
+
+    asyncio.run(scenario())
+
+
+def test_a_command_to_a_station_no_gateway_holds_fails_at_once(start_gateway, redis_client):
+    start_gateway("csms-1")
+    started = time.monotonic()
+    with pytest.raises(StationOffline):
+        send_command(redis_client, "NOBODY", "GetConfiguration", timeout=30)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_station_that_never_answers_yields_a_timeout_within_the_deadline(
+    start_gateway, redis_client
+):
+    base = start_gateway("csms-1")
+
+    async def scenario():
+        async with station_on(base, "CP1") as station:
+            station.silent = True
+            started = time.monotonic()
+            reply = await asyncio.to_thread(
+                send_command, redis_client, "CP1", "GetConfiguration", timeout=1.5
+            )
+            return reply, time.monotonic() - started
+
+    reply, took = asyncio.run(scenario())
+    assert reply.outcome is Outcome.TIMEOUT
+    assert reply.csms == "csms-1"  # the gateway's own verdict, not the caller giving up
+    assert 1.4 <= took < 1.5 + 1.0
+
+
+def test_a_reconnecting_station_replaces_its_stale_connection(start_gateway, redis_client):
+    base = start_gateway("csms-1")
+
+    async def scenario():
+        async with station_on(base, "CP1") as first:
+            async with station_on(base, "CP1", boot=False):
+                # The gateway closes the old socket; its reader stops.
+                await asyncio.wait_for(first._connection.wait_closed(), 5)
+                reply = await asyncio.to_thread(
+                    send_command, redis_client, "CP1", "GetConfiguration", timeout=5
+                )
+                assert reply.outcome is Outcome.RESULT
+            # The stale connection's end must not unsubscribe the live one; now it is gone.
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    wait_for(
+        lambda: redis_client.pubsub_numsub("ocpp:cmd:CP1")[0][1] == 0, 5, "unsubscribed"
+    )
+
+
+def test_a_malformed_frame_gets_a_callerror(start_gateway):
+    base = start_gateway("csms-1")
+
+    async def scenario():
+        async with connect(f"{base}/CP1", subprotocols=["ocpp1.6"]) as ws:
+            await ws.send('[2, "abc", "BootNotification"]')  # no payload
+            return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+    frame = asyncio.run(scenario())
+    assert frame[0] == 4 and frame[1] == "abc"
+    assert frame[2] in {"FormationViolation", "FormatViolation", "ProtocolError"}
+
+
+def test_an_oversized_frame_closes_the_connection(start_gateway):
+    base = start_gateway("csms-1", "--max-frame-bytes", "1024")
+
+    async def scenario():
+        async with connect(f"{base}/CP1", subprotocols=["ocpp1.6"]) as ws:
+            await ws.send(json.dumps([2, "x", "DataTransfer", {"vendorId": "v" * 4096}]))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            return ws.close_code
+
+    assert asyncio.run(scenario()) == 1009
+
+
+def test_sigterm_closes_station_connections_with_going_away(start_gateway, redis_client):
+    base = start_gateway("csms-1")
+
+    async def scenario():
+        async with station_on(base, "CP1") as station:
+            pid = _gateway_pid(base)
+            import os
+
+            os.kill(pid, signal.SIGTERM)
+            await asyncio.wait_for(station._connection.wait_closed(), 10)
+            return station._connection.close_code
+
+    assert asyncio.run(scenario()) == 1001
+
+
+def _gateway_pid(base: str) -> int:
+    import subprocess
+
+    port = base.rsplit(":", 1)[1].split("/")[0]
+    out = subprocess.run(
+        ["pgrep", "-f", f"ocpp_gateway .*--port {port}"], capture_output=True, text=True
+    )
+    return int(out.stdout.split()[0])
