@@ -126,3 +126,17 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # --- The command bridge -----------------------------------------------------------------
 # Default deadline of one OCPP command, publish to reply.
 OCPP_COMMAND_TIMEOUT = env_float("OCPP_COMMAND_TIMEOUT", 30.0)
+
+# --- Migrations -------------------------------------------------------------------------
+# First firmware of each version line that has the network profile keys (vendor document).
+MIGRATION_MIN_FIRMWARE = {"4.2": "4.2.85", "3.5": "3.5.54"}
+# A station whose step has not moved for this long has its step sent again (lost task).
+MIGRATION_STEP_LEASE_SECONDS = env_float("MIGRATION_STEP_LEASE_SECONDS", 90.0)
+
+CELERY_BEAT_SCHEDULE = {
+    # Starts rate-limited stations when they are due and re-drives lost steps.
+    "migrations-tick": {"task": "migrations.tick", "schedule": 1.0},
+    # Gateways nudge ingestion when they write events; this sweep picks up what a dead
+    # worker left pending (reclaimed after 60 s) when no new event brings a nudge.
+    "fleet-ingest-events": {"task": "fleet.ingest_events", "schedule": 60.0},
+}

@@ -175,10 +175,12 @@ class Gateway:
         except ConnectionClosed:
             pass
         finally:
-            if self.registry.unregister(identity, session):
+            current = self.registry.unregister(identity, session)
+            if current:
                 await self.relay.detach(identity)
-            close_code = connection.close_code
-            self.reporter.report(EventKind.DISCONNECT, identity, {"code": close_code})
+            # A replaced connection's end says nothing about the station: it is connected.
+            data = {"code": connection.close_code, "replaced": not current}
+            self.reporter.report(EventKind.DISCONNECT, identity, data)
 
 
 def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:

@@ -22,16 +22,26 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("redis")
     args = [
         redis_server_binary(),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", str(workdir),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
     ]
     with running(args, log=workdir / "redis.log"):
         url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(url)
         wait_for(lambda: _pings(client), 10, "redis-server to answer")
+        # Tasks this process sends (services enqueue on commit) must reach the test's
+        # workers: point the project's Celery app at this server before its first use.
+        from fleet.celery import app
+
+        app.conf.broker_url = url
         yield url
 
 
@@ -69,20 +79,49 @@ def process_env(redis_url: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def celery_worker(transactional_db, redis_client, redis_url, tmp_path) -> Iterator[Path]:
-    """A real `celery -A fleet worker` (2 prefork children) on this test's Redis and DB.
+def start_worker(transactional_db, redis_client, redis_url, tmp_path):
+    """Start real `celery -A fleet worker` processes on this test's Redis and database.
 
-    Yields the path of its log file.
+    start_worker(name, beat=False, concurrency=2, **env) -> (Popen, log path). Every worker
+    is stopped at the end of the test; a test may also kill one itself.
     """
-    log = tmp_path / "worker.log"
-    args = python(
-        "-m", "celery", "-A", "fleet", "worker", "--concurrency", "2",
-        "--loglevel", "INFO", "--without-mingle", "--without-gossip",
-        "--hostname", f"test-{os.getpid()}@%h",
-    )
-    with running(args, env=process_env(redis_url), log=log):
-        wait_for(lambda: b"ready." in log.read_bytes(), 30, "the celery worker to be ready")
-        yield log
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+
+        def start(name: str = "w1", *, beat: bool = False, concurrency: int = 2, **env: str):
+            log = tmp_path / f"worker-{name}.log"
+            args = python(
+                "-m",
+                "celery",
+                "-A",
+                "fleet",
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+                "--hostname",
+                f"{name}-{os.getpid()}@%h",
+            )
+            if beat:
+                args += ["--beat", "--schedule", str(tmp_path / f"beat-{name}")]
+            proc = stack.enter_context(
+                running(args, env={**process_env(redis_url), **env}, log=log)
+            )
+            wait_for(lambda: b"ready." in log.read_bytes(), 30, f"celery worker {name} to be ready")
+            return proc, log
+
+        yield start
+
+
+@pytest.fixture
+def celery_worker(start_worker) -> Path:
+    """One real worker (2 prefork children); yields the path of its log file."""
+    _, log = start_worker()
+    return log
 
 
 @pytest.fixture
@@ -98,8 +137,15 @@ def start_gateway(redis_client, redis_url, tmp_path):
             port = free_port()
             log = tmp_path / f"gateway-{csms}.log"
             args = python(
-                "-m", "ocpp_gateway", "--csms", csms, "--host", "127.0.0.1",
-                "--port", str(port), *extra,
+                "-m",
+                "ocpp_gateway",
+                "--csms",
+                csms,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *extra,
             )
             stack.enter_context(running(args, env={"REDIS_URL": redis_url}, log=log))
             wait_for(lambda: port_open(port), 15, f"gateway {csms} to listen")

@@ -4,4 +4,4 @@ import os
 
 os.environ.setdefault("SECRET_KEY", "tests-only-not-secret")
 
-from fleet.settings import *  # noqa: E402, F403
+from fleet.settings import *  # noqa: F403

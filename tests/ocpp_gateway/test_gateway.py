@@ -173,9 +173,7 @@ def test_a_reconnecting_station_replaces_its_stale_connection(start_gateway, red
             await asyncio.sleep(0)
 
     asyncio.run(scenario())
-    wait_for(
-        lambda: redis_client.pubsub_numsub("ocpp:cmd:CP1")[0][1] == 0, 5, "unsubscribed"
-    )
+    wait_for(lambda: redis_client.pubsub_numsub("ocpp:cmd:CP1")[0][1] == 0, 5, "unsubscribed")
 
 
 def test_a_malformed_frame_gets_a_callerror(start_gateway):

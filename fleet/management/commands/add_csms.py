@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from fleet.services.inventory import csms_backend_upsert
+
+
+class Command(BaseCommand):
+    help = "Create a CSMS backend, or change the URL of an existing one."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("name", help="The name its gateways run with (--csms NAME).")
+        parser.add_argument("url", help="ws:// or wss:// URL written into the stations.")
+
+    def handle(self, *args: Any, name: str, url: str, **options: Any) -> None:
+        try:
+            backend, created = csms_backend_upsert(name=name, url=url)
+        except ValidationError as exc:
+            problems = [
+                f"{field}: {message}"
+                for field, messages in exc.message_dict.items()
+                for message in messages
+            ]
+            raise CommandError(
+                f"CSMS {name!r} not saved:\n  " + "\n  ".join(problems), returncode=2
+            ) from exc
+        verb = "Created" if created else "Updated"
+        self.stdout.write(self.style.SUCCESS(f"{verb} CSMS {backend.name}: {backend.url}"))

@@ -1,0 +1,1 @@
+"""Writes to the fleet inventory: one function per change, named <entity>_<action>."""

@@ -1,0 +1,80 @@
+"""Checks on values that end up in a station's configuration.
+
+A CSMS URL is written verbatim into the station (ChangeConfiguration) and the firmware keeps
+it as it is: a stray space, a newline pasted from a spreadsheet or a quote makes the station
+unable to reach the new CSMS after its reboot, and by then we can no longer talk to it. So the
+rules are strict, and the same function serves the model, the admin, ``add_csms`` and the
+migration pre-flight.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+
+# OCPP 1.6 ChangeConfiguration.value is a CiString500: a longer URL cannot even be sent.
+CSMS_URL_MAX_LENGTH = 500
+CSMS_URL_SCHEMES = ("ws", "wss")
+
+# Straight, typographic and CJK quotes: spreadsheets and word processors love to add them.
+_QUOTES = frozenset(
+    "\"'`\u00ab\u00bb\u2018\u2019\u201a\u201b\u201c\u201d\u201e\u201f\u2039\u203a\u300c\u300d\uff02\uff07"
+)
+# Separators plus control and format characters (zero-width space, BOM, ...): str.isspace()
+# misses the invisible ones, which are the hardest to spot in an admin form.
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def _describe(char: str) -> str:
+    name = unicodedata.name(char, "")
+    return f"U+{ord(char):04X}" + (f" {name}" if name else "")
+
+
+def csms_url_problems(url: object) -> list[str]:
+    """Every reason why ``url`` cannot be given to a station as its CSMS URL (empty if fine)."""
+    if not isinstance(url, str):
+        return ["The URL must be text."]
+    if not url:
+        return ["The URL is empty."]
+    problems: list[str] = []
+    if len(url) > CSMS_URL_MAX_LENGTH:
+        problems.append(
+            f"The URL is {len(url)} characters long; stations accept at most {CSMS_URL_MAX_LENGTH}."
+        )
+    for position, char in enumerate(url):
+        if char.isspace() or unicodedata.category(char) in _INVISIBLE_CATEGORIES:
+            problems.append(
+                f"The URL contains whitespace or an invisible character ({_describe(char)}) "
+                f"at position {position + 1}; remove it."
+            )
+            break
+    for position, char in enumerate(url):
+        if char in _QUOTES:
+            problems.append(
+                f"The URL contains a quote character ({char}) at position {position + 1}; "
+                "remove it."
+            )
+            break
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError as exc:
+        problems.append(f"The URL cannot be parsed: {exc}.")
+        return problems
+    scheme = parts.scheme.lower()
+    if scheme not in CSMS_URL_SCHEMES:
+        shown = f"'{parts.scheme}://'" if parts.scheme else "no scheme"
+        problems.append(f"The URL must start with ws:// or wss:// (it has {shown}).")
+    if not hostname:
+        problems.append("The URL has no host (expected ws://host/path or wss://host/path).")
+    return problems
+
+
+def validate_csms_url(value: object) -> None:
+    """Django validator: raise ValidationError with every problem of the URL."""
+    problems = csms_url_problems(value)
+    if problems:
+        raise ValidationError(problems, code="invalid_csms_url")

@@ -1,0 +1,159 @@
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from fleet.models import ChargingStation, CsmsBackend
+from tests.conftest import process_env
+from tests.processes import ROOT
+
+BAD_URLS = [
+    "ws://csms.example.com/oc pp",
+    "ws://csms.example.com/ocpp\t",
+    "ws://csms.example.com/ocpp\n",
+    "'ws://csms.example.com/ocpp'",
+    'ws://csms.example.com/"ocpp"',
+    "http://csms.example.com/ocpp",
+    "ws:///ocpp",
+    "wss://csms.example.com/" + "x" * 500,
+]
+
+
+def run(*args: str) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+class TestAddCsms:
+    def test_it_creates_a_backend(self, db):
+        output = run("add_csms", "alpha", "wss://alpha.example.com/ocpp")
+
+        assert "Created CSMS alpha" in output
+        backend = CsmsBackend.objects.get()
+        assert (backend.name, backend.url) == ("alpha", "wss://alpha.example.com/ocpp")
+
+    def test_it_updates_the_url(self, db):
+        run("add_csms", "alpha", "wss://alpha.example.com/ocpp")
+
+        output = run("add_csms", "alpha", "ws://alpha-2.example.com:8080/ocpp")
+
+        assert "Updated CSMS alpha" in output
+        assert list(CsmsBackend.objects.values_list("name", "url")) == [
+            ("alpha", "ws://alpha-2.example.com:8080/ocpp")
+        ]
+
+    @pytest.mark.parametrize("url", BAD_URLS)
+    def test_it_refuses_a_bad_url_writing_nothing(self, db, url):
+        with pytest.raises(CommandError) as raised:
+            run("add_csms", "alpha", url)
+
+        assert raised.value.returncode == 2
+        assert "url:" in str(raised.value)
+        assert not CsmsBackend.objects.exists()
+
+    def test_it_keeps_the_old_url_when_the_new_one_is_bad(self, db):
+        run("add_csms", "alpha", "wss://alpha.example.com/ocpp")
+
+        with pytest.raises(CommandError):
+            run("add_csms", "alpha", "wss://alpha.example.com/ocpp ")
+
+        assert CsmsBackend.objects.get().url == "wss://alpha.example.com/ocpp"
+
+    @pytest.mark.parametrize("name", ["two words", "a:b", "", "x" * 65])
+    def test_it_refuses_a_bad_name(self, db, name):
+        with pytest.raises(CommandError) as raised:
+            run("add_csms", name, "wss://alpha.example.com/ocpp")
+
+        assert raised.value.returncode == 2
+        assert "name:" in str(raised.value)
+        assert not CsmsBackend.objects.exists()
+
+    def test_it_exits_2_from_the_shell(self, transactional_db, redis_url):
+        def manage(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "manage.py", *args],
+                cwd=ROOT,
+                env={**os.environ, **process_env(redis_url)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        bad = manage("add_csms", "alpha", "ws://alpha.example.com/ oc pp")
+        assert bad.returncode == 2, bad.stderr
+        assert "whitespace" in bad.stderr
+        assert not CsmsBackend.objects.exists()
+
+        good = manage("add_csms", "alpha", "ws://alpha.example.com/ocpp")
+        assert good.returncode == 0, good.stderr
+        assert CsmsBackend.objects.get().url == "ws://alpha.example.com/ocpp"
+
+
+class TestListStations:
+    @pytest.fixture
+    def fleet(self, alpha, beta):
+        boot = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+        ChargingStation.objects.create(
+            identity="CP-1",
+            csms=alpha,
+            vendor="Acme",
+            model="AC22",
+            firmware_version="1.2.3",
+            connected=True,
+            last_boot_at=boot,
+            last_seen_at=boot,
+            connector_status={"1": {"status": "Charging", "error_code": "NoError", "at": ""}},
+        )
+        ChargingStation.objects.create(identity="CP-2", csms=beta, firmware_version="2.0")
+        ChargingStation.objects.create(identity="CP-3")
+
+    def test_it_prints_json(self, fleet):
+        rows = json.loads(run("list_stations", "--json"))
+
+        assert [row["identity"] for row in rows] == ["CP-1", "CP-2", "CP-3"]
+        assert rows[0] == {
+            "identity": "CP-1",
+            "csms": "alpha",
+            "connected": True,
+            "firmware": "1.2.3",
+            "vendor": "Acme",
+            "model": "AC22",
+            "serial": "",
+            "last_boot": "2025-03-01T12:00:00+00:00",
+            "last_seen": "2025-03-01T12:00:00+00:00",
+            "connectors": {"1": {"status": "Charging", "error_code": "NoError", "at": ""}},
+        }
+        assert rows[2]["csms"] is None
+        assert rows[2]["last_boot"] is None
+        assert rows[2]["connected"] is False
+
+    def test_it_filters_by_csms(self, fleet):
+        rows = json.loads(run("list_stations", "--csms", "beta", "--json"))
+
+        assert [(row["identity"], row["csms"]) for row in rows] == [("CP-2", "beta")]
+
+    def test_it_prints_a_table(self, fleet):
+        output = run("list_stations", "--csms", "alpha")
+
+        header, row, footer = output.strip().splitlines()
+        assert header.split()[:3] == ["IDENTITY", "CSMS", "CONNECTED"]
+        assert row.split()[:4] == ["CP-1", "alpha", "yes", "1.2.3"]
+        assert "2025-03-01 12:00:00" in row
+        assert row.endswith("1 Charging")
+        assert footer == "1 station"
+
+    def test_it_prints_an_empty_json_array(self, db):
+        assert json.loads(run("list_stations", "--json")) == []
+
+    def test_it_refuses_an_unknown_csms(self, db):
+        with pytest.raises(CommandError) as raised:
+            run("list_stations", "--csms", "nowhere")
+
+        assert raised.value.returncode == 2
+        assert "nowhere" in str(raised.value)

@@ -1,0 +1,43 @@
+from fleet import celery_app
+from fleet.models import ChargingStation, CsmsBackend, Registration
+from ocpp_gateway.envelopes import (
+    EVENT_CONSUMER_GROUP,
+    EVENT_STREAM,
+    INGEST_EVENTS_TASK,
+    Event,
+    EventKind,
+)
+from tests.processes import wait_for
+
+
+def test_a_real_worker_ingests_a_boot(celery_worker, redis_client, redis_url):
+    CsmsBackend.objects.create(name="alpha", url="wss://alpha.example.com/ocpp")
+    boot = Event(
+        kind=EventKind.BOOT,
+        station="CP-42",
+        csms="alpha",
+        at=1_700_000_000.0,
+        data={"vendor": "Acme", "model": "AC22", "serial": "S-42", "firmware": "5.1.0"},
+    )
+    redis_client.xadd(EVENT_STREAM, {"e": boot.to_json()})
+
+    # The project's app, on this test's private Redis rather than the configured broker.
+    with celery_app.connection_for_write(redis_url) as broker:
+        celery_app.send_task(INGEST_EVENTS_TASK, connection=broker)
+
+    station = wait_for(
+        lambda: ChargingStation.objects.filter(identity="CP-42").first(),
+        30,
+        "the worker to add CP-42 to the inventory",
+    )
+    assert (station.vendor, station.model, station.firmware_version) == ("Acme", "AC22", "5.1.0")
+    assert station.csms.name == "alpha"
+    assert Registration.objects.get(station=station).state == Registration.State.ACTIVE
+    wait_for(
+        lambda: (
+            redis_client.xpending(EVENT_STREAM, EVENT_CONSUMER_GROUP)["pending"] == 0
+            and redis_client.xlen(EVENT_STREAM) == 0
+        ),
+        10,
+        "the worker to acknowledge the entry",
+    )
