@@ -5,6 +5,7 @@ Each server binds 127.0.0.1 on a free port and is stopped by the fixture that st
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,9 @@ import pytest
 import redis
 
 from tests.processes import free_port, python, redis_server_binary, running, wait_for
+
+# The ocpp library logs every frame at INFO: a failing test's output would be all frames.
+logging.getLogger("ocpp").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")

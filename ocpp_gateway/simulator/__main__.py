@@ -1,0 +1,5 @@
+import sys
+
+from ocpp_gateway.simulator.cli import main
+
+sys.exit(main())

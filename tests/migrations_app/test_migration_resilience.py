@@ -1,0 +1,122 @@
+"""A worker killed mid-batch, and a mixed fleet through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+from django.db.models import Q
+
+from migrations_app.models import MigrationBatch, StateChange, StationMigration
+from ocpp_gateway.simulator.spec import Behaviour
+from tests.conftest import process_env
+from tests.migrations_app.conftest import WORKER_ENV, by_identity
+from tests.processes import ROOT, python, wait_for
+
+P1 = "NetworkConnectionProfile1"
+P2 = "NetworkConnectionProfile2"
+PRIORITY = "NetworkConfigurationPriority"
+State = StationMigration.State
+
+
+def test_a_worker_killed_mid_batch_loses_no_station_and_resets_none_twice(stack, redis_url):
+    specs = [stack.station(f"CP-K{i:02}") for i in range(30)]
+    with stack.fleet(specs, reboot_delay=1.5) as fleet:
+        from django.core.management import call_command
+
+        call_command(
+            "migrate_fleet", "--to", "csms-2", "--from", "csms-1",
+            "--max-in-flight", "10", "--rate-per-minute", "0", "--boot-timeout", "60",
+        )  # fmt: skip
+        batch = MigrationBatch.objects.get()
+        wait_for(
+            lambda: (
+                batch.stations.filter(state__in=[State.RESETTING, State.AWAITING_BOOT]).count() >= 3
+            ),
+            30,
+            "stations in the middle of their reset",
+        )
+        os.killpg(stack.worker.pid, signal.SIGKILL)
+        stack.worker.wait(10)
+        stack.start_worker("w2", beat=True, **WORKER_ENV)
+        wait_for(
+            lambda: MigrationBatch.objects.get(id=batch.id).state == MigrationBatch.State.FINISHED,
+            120,
+            "the batch to finish on the new worker",
+        )
+        states = dict(batch.stations.values_list("station__identity", "state"))
+        assert set(states.values()) == {State.DONE}, states
+        for station in fleet:
+            assert len(station.events("reset")) == 1, station.identity
+            assert station.connected_url == stack.target_url
+
+
+def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, redis_url):
+    behaviours = {
+        range(0, 5): {"firmware": "4.2.9"},
+        range(5, 8): {"behaviour": Behaviour(reject_url_writes=True)},
+        range(8, 11): {"behaviour": Behaviour(reject_reset=True)},
+        range(11, 14): {"behaviour": Behaviour(target_unreachable=True), "profile_timeout": 2},
+        range(14, 17): {"behaviour": Behaviour(charging=True, charging_seconds=3)},
+        range(17, 20): {"firmware": "3.5.54"},
+    }
+    specs = []
+    for i in range(200):
+        extra = next((v for r, v in behaviours.items() if i in r), {})
+        specs.append(stack.station(f"CP-M{i:03}", **extra))
+    max_in_flight = 25
+    with stack.fleet(specs, reboot_delay=1.0) as fleet:
+        result = subprocess.run(
+            python(
+                "manage.py", "migrate_fleet", "--to", "csms-2", "--from", "csms-1",
+                "--max-in-flight", str(max_in_flight), "--rate-per-minute", "0",
+                "--boot-timeout", "60", "--wait", "--json",
+            ),
+            cwd=ROOT, env={**os.environ, **process_env(redis_url)},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr  # some stations failed
+        report = json.loads(result.stdout)
+        entries = by_identity(report)
+        assert len(entries) == 200
+        for spec in specs:
+            entry, station = entries[spec.identity], fleet[spec.identity]
+            resets = station.events("reset")
+            if entry["state"] != "done":
+                assert entry["reason"], entry
+            if spec.firmware == "4.2.9":
+                assert entry["state"] == "skipped"
+                assert station.events("config_changed") == [] and resets == []
+            elif spec.behaviour.reject_url_writes:
+                assert (entry["state"], entry["step"]) == ("failed", "setting_url")
+                assert resets == [] and station.config[PRIORITY] == f"{P1},{P2}"
+            elif spec.behaviour.reject_reset:
+                assert (entry["state"], entry["step"]) == ("failed", "resetting")
+                assert station.events("rebooted") == []
+                assert station.config[PRIORITY] == f"{P1},{P2}"
+            elif spec.behaviour.target_unreachable:
+                assert (entry["state"], entry["step"]) == ("failed", "awaiting_boot")
+                assert station.connected_url == stack.source_url
+                assert station.config[PRIORITY] == f"{P1},{P2}"
+            else:
+                assert entry["state"] == "done", entry
+                assert len(resets) == 1 and station.connected_url == stack.target_url
+        assert report["counts"] == {"done": 186, "failed": 9, "skipped": 5}
+
+    assert _most_in_flight_at_once() <= max_in_flight
+
+
+def _most_in_flight_at_once() -> int:
+    """From the recorded history: starts (pending -> preflight) and ends (terminal)."""
+    terminal = list(StationMigration.TERMINAL)
+    changes = StateChange.objects.filter(
+        Q(from_state=State.PENDING) | Q(to_state__in=terminal)
+    ).exclude(from_state=State.PENDING, to_state__in=terminal)
+    timeline = sorted((c.at, c.id, 1 if c.from_state == State.PENDING else -1) for c in changes)
+    most = current = 0
+    for _, _, delta in timeline:
+        current += delta
+        most = max(most, current)
+    return most
