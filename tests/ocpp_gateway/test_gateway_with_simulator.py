@@ -111,8 +111,10 @@ def test_with_the_new_csms_unreachable_the_station_falls_back(start_gateway, red
     nowhere = f"ws://127.0.0.1:{free_port()}/ocpp"
     spec = StationSpec("CP-1", url=old, profile_timeout=1)
     with Fleet([spec], timing=FAST) as fleet:
-        fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
-        first_boot = json.loads(redis_client.hget(last_boot_key("csms-1"), "CP-1"))["at"]
+        raw = wait_for(
+            lambda: redis_client.hget(last_boot_key("csms-1"), "CP-1"), 10, "the first boot"
+        )
+        first_boot = json.loads(raw)["at"]
         _point_at(redis_client, "CP-1", nowhere)
         wait_for(
             lambda: (
