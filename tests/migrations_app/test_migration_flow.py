@@ -108,3 +108,17 @@ def test_a_dry_run_reads_and_reports_but_changes_nothing(stack):
         assert fleet["CP-DRY"].events("config_changed") == []
         assert fleet["CP-DRY"].events("reset") == []
     assert ChargingStation.objects.get(identity="CP-DRY").csms.name == "csms-1"
+
+
+def test_cleanup_blanks_the_old_profile_through_the_target(stack):
+    with stack.fleet([stack.station("CP-CLEAN")]) as fleet:
+        code, report = migrate("--to", "csms-2", "--station", "CP-CLEAN", "--cleanup")
+        entry = by_identity(report)["CP-CLEAN"]
+        assert code == 0 and entry["state"] == "done"
+        assert f"old profile {P1} blanked" in entry["reason"]
+        station = fleet["CP-CLEAN"]
+        assert station.config[P1] == ""
+        assert station.connected_url == stack.target_url
+    cleanup = OcppExchange.objects.get(step="cleanup")
+    assert cleanup.csms == "csms-2"
+    assert cleanup.request == {"key": P1, "value": ""}

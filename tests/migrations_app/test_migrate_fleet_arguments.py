@@ -1,0 +1,42 @@
+"""migrate_fleet refuses bad arguments with exit code 2 and creates nothing."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from fleet.models import ChargingStation, CsmsBackend
+from migrations_app.models import MigrationBatch
+
+
+@pytest.fixture
+def two_csms(db):
+    source = CsmsBackend.objects.create(name="csms-1", url="wss://csms-1.example.com/ocpp")
+    target = CsmsBackend.objects.create(name="csms-2", url="wss://csms-2.example.com/ocpp")
+    ChargingStation.objects.create(identity="CP-1", csms=source, firmware_version="4.2.85")
+    return source, target
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--to", "nowhere", "--from", "csms-1"],
+        ["--to", "csms-2", "--from", "nowhere"],
+        ["--to", "csms-2", "--station", "CP-1", "--station", "CP-UNKNOWN"],
+        ["--to", "csms-2", "--from", "csms-2"],  # no stations there
+    ],
+)
+def test_bad_arguments_exit_2_and_create_no_batch(two_csms, args):
+    with pytest.raises(CommandError) as refused:
+        call_command("migrate_fleet", *args)
+    assert refused.value.returncode == 2
+    assert not MigrationBatch.objects.exists()
+
+
+def test_a_target_with_an_unusable_url_is_refused_before_anything_is_sent(two_csms):
+    _, target = two_csms
+    CsmsBackend.objects.filter(id=target.id).update(url="wss://csms-2.example.com/ ocpp")
+    with pytest.raises(CommandError, match="unusable URL") as refused:
+        call_command("migrate_fleet", "--to", "csms-2", "--station", "CP-1")
+    assert refused.value.returncode == 2
+    assert not MigrationBatch.objects.exists()
