@@ -43,6 +43,32 @@ class MigrationBatch(models.Model):
     allow_downgrade = models.BooleanField(
         default=False, help_text="Allow a move from wss:// to ws://."
     )
+    # Rollout controls, enforced by the workers (migrations_app.services.batches).
+    canary_size = models.PositiveIntegerField(
+        default=0, help_text="The first K stations must all verify before the rest start."
+    )
+    brake_failure_ratio = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Pause when failed / (done + failed) exceeds this (0-1); empty: no brake.",
+    )
+    brake_min_sample = models.PositiveIntegerField(
+        default=10, help_text="Stations that must have ended before the brake may act."
+    )
+    window_start = models.TimeField(
+        null=True, blank=True, help_text="Maintenance window start (UTC); empty: any time."
+    )
+    window_end = models.TimeField(null=True, blank=True, help_text="Window end (UTC).")
+    offline_wait_seconds = models.PositiveIntegerField(
+        default=0,
+        help_text="Queue a station that is offline when its turn comes until it reconnects, "
+        "up to this long; 0: it fails as offline after the boot timeout.",
+    )
+    pause_reason = models.TextField(blank=True)
+    resumed_at = models.DateTimeField(null=True, blank=True)
+    migrated_back_from = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
     )
@@ -53,6 +79,7 @@ class MigrationBatch(models.Model):
         ordering = ["-created_at"]
         verbose_name = "migration batch"
         verbose_name_plural = "migration batches"
+        permissions = [("run_migration", "Can start and control station migrations")]
 
     def __str__(self) -> str:
         return f"Batch {self.pk} to {self.target}"
@@ -61,6 +88,7 @@ class MigrationBatch(models.Model):
 class StationMigration(models.Model):
     class State(models.TextChoices):
         PENDING = "pending", "pending"
+        WAITING_ONLINE = "waiting_online", "queued until online"
         PREFLIGHT = "preflight", "pre-flight"
         READING_CONFIG = "reading_config", "reading configuration"
         SETTING_URL = "setting_url", "setting URL"
@@ -86,6 +114,7 @@ class StationMigration(models.Model):
         "fleet.CsmsBackend", on_delete=models.PROTECT, null=True, related_name="+"
     )
     target_url = models.CharField(max_length=500)
+    canary = models.BooleanField(default=False)
     state = models.CharField(max_length=32, choices=State.choices, default=State.PENDING)
     failed_step = models.CharField(max_length=32, blank=True)
     reason = models.TextField(blank=True)
@@ -162,3 +191,30 @@ class OcppExchange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} ({self.outcome})"
+
+
+class BatchAction(models.Model):
+    """Who did what to a batch (or the workers, for an automatic pause), for audit."""
+
+    class Kind(models.TextChoices):
+        START = "start", "start"
+        PAUSE = "pause", "pause"
+        RESUME = "resume", "resume"
+        CANCEL = "cancel", "cancel"
+        RETRY = "retry", "retry failed"
+        MIGRATE_BACK = "migrate_back", "migrate back"
+        AUTO_PAUSE = "auto_pause", "paused by the workers"
+
+    batch = models.ForeignKey(MigrationBatch, on_delete=models.CASCADE, related_name="actions")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    detail = models.TextField(blank=True)
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} by {self.user or 'workers'}"

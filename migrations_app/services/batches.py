@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import asdict, dataclass
+from datetime import time, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -15,13 +15,18 @@ from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend
 from fleet.validators import csms_url_problems
-from migrations_app.models import MigrationBatch, StateChange, StationMigration
-from migrations_app.selectors import batch_counts
+from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
+from migrations_app.selectors import batch_counts, state_counts
 from migrations_app.services.dispatch import enqueue_drive, enqueue_step
+from migrations_app.services.transitions import transition
 
 State = StationMigration.State
+# Started and not ended: what counts against max in flight. A station queued until it is
+# back online holds no slot.
 ACTIVE_STATES = [
-    s for s in State.values if s not in StationMigration.TERMINAL and s != State.PENDING
+    s
+    for s in State.values
+    if s not in StationMigration.TERMINAL and s not in (State.PENDING, State.WAITING_ONLINE)
 ]
 
 
@@ -38,6 +43,24 @@ class BatchOptions:
     cleanup: bool = False
     dry_run: bool = False
     allow_downgrade: bool = False
+    canary_size: int = 0
+    brake_failure_ratio: float | None = None
+    brake_min_sample: int = 10
+    window_start: time | None = None
+    window_end: time | None = None
+    offline_wait_seconds: int = 0
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.max_in_flight < 1:
+            problems.append("max in flight must be at least 1")
+        if self.brake_failure_ratio is not None and not 0 <= self.brake_failure_ratio < 1:
+            problems.append("the brake's failure ratio must be from 0 up to (not including) 1")
+        if (self.window_start is None) != (self.window_end is None):
+            problems.append("a maintenance window needs both a start and an end")
+        if self.window_start is not None and self.window_start == self.window_end:
+            problems.append("the maintenance window is empty (start equals end)")
+        return problems
 
 
 def batch_create(
@@ -52,63 +75,74 @@ def batch_create(
     problems = csms_url_problems(target.url)
     if problems:
         raise BatchError(f"CSMS {target.name} has an unusable URL: " + " ".join(problems))
-    if options.max_in_flight < 1:
-        raise BatchError("max in flight must be at least 1")
-    stations = list(stations)
+    if options.problems():
+        raise BatchError("; ".join(options.problems()))
+    stations = sorted(stations, key=lambda station: station.identity)
     if not stations:
         raise BatchError("no stations to migrate")
     with transaction.atomic():
         batch = MigrationBatch.objects.create(
-            target=target,
-            source=source,
-            created_by=created_by,
-            max_in_flight=options.max_in_flight,
-            rate_per_minute=options.rate_per_minute,
-            boot_timeout_seconds=options.boot_timeout_seconds,
-            idle_wait_seconds=options.idle_wait_seconds,
-            cleanup=options.cleanup,
-            dry_run=options.dry_run,
-            allow_downgrade=options.allow_downgrade,
+            target=target, source=source, created_by=created_by, **asdict(options)
         )
         StationMigration.objects.bulk_create(
             StationMigration(
-                batch=batch, station=station, source_id=station.csms_id, target_url=target.url
+                batch=batch,
+                station=station,
+                source_id=station.csms_id,
+                target_url=target.url,
+                canary=index < options.canary_size,
             )
-            for station in stations
+            for index, station in enumerate(stations)
+        )
+        BatchAction.objects.create(
+            batch=batch,
+            user=created_by,
+            kind=BatchAction.Kind.START,
+            detail=f"{len(stations)} stations to {target.name}",
         )
         enqueue_drive(batch.id)
     return batch
 
 
 def batch_drive(*, batch_id: int) -> int:
-    """Start as many pending stations as the batch's limits allow; finish it when all are.
+    """Start as many pending stations as the batch's controls allow; finish it when all end.
 
-    Runs under the batch's row lock (on SQLite: the database write lock), so limits hold
-    across every worker process. Returns how many stations it started.
+    Runs under the batch's row lock (on SQLite: the database write lock), so the limits,
+    the canary and the brake hold across every worker process. Returns how many it started.
     """
     now = timezone.now()
     with transaction.atomic():
         batch = MigrationBatch.objects.select_for_update().filter(id=batch_id).first()
         if batch is None or batch.state != MigrationBatch.State.RUNNING:
             return 0
+        _requeue_reconnected(batch, now)
         counts = Counter(batch_counts(batch))
         pending = counts[State.PENDING]
         in_flight = sum(counts[s] for s in ACTIVE_STATES)
-        if pending == 0 and in_flight == 0:
+        if pending == 0 and in_flight == 0 and counts[State.WAITING_ONLINE] == 0:
             batch.state = MigrationBatch.State.FINISHED
             batch.finished_at = now
             batch.save(update_fields=["state", "finished_at"])
+            return 0
+        halt = _canary_verdict(batch) or _brake_verdict(batch)
+        if halt:
+            _auto_pause(batch, halt)
+            return 0
+        if not pending or not in_window(batch, now.time()):
             return 0
         room = min(pending, batch.max_in_flight - in_flight)
         if batch.rate_per_minute:
             room = min(room, _rate_room(batch, now))
         if room <= 0:
             return 0
-        chosen = list(
-            batch.stations.filter(state=State.PENDING)
-            .order_by("id")
-            .values_list("id", "station__identity")[:room]
-        )
+        candidates = batch.stations.filter(state=State.PENDING)
+        if batch.canary_size and candidates.filter(canary=True).exists():
+            candidates = candidates.filter(canary=True)
+        elif (
+            batch.stations.filter(canary=True).exclude(state__in=StationMigration.TERMINAL).exists()
+        ):
+            return 0  # the rest wait until every canary station has ended
+        chosen = list(candidates.order_by("id").values_list("id", "station__identity")[:room])
         ids = [migration_id for migration_id, _ in chosen]
         StationMigration.objects.filter(id__in=ids, state=State.PENDING).update(
             state=State.PREFLIGHT, started_at=now, updated_at=now
@@ -120,6 +154,80 @@ def batch_drive(*, batch_id: int) -> int:
         for migration_id, identity in chosen:
             enqueue_step(migration_id, identity, State.PREFLIGHT)
     return len(chosen)
+
+
+def in_window(batch: MigrationBatch, now: time) -> bool:
+    """Whether the maintenance window (UTC, may span midnight) is open at `now`."""
+    start, end = batch.window_start, batch.window_end
+    if start is None or end is None:
+        return True
+    if start < end:
+        return start <= now < end
+    return now >= start or now < end
+
+
+def _ended_since_resume(batch: MigrationBatch):
+    """Stations that ended since the operator last resumed: what the controls judge.
+
+    A resume means "go on despite what paused it": the same failures must not pause again.
+    """
+    ended = batch.stations.filter(state__in=[State.DONE, State.FAILED])
+    if batch.resumed_at is not None:
+        ended = ended.filter(finished_at__gt=batch.resumed_at)
+    return ended
+
+
+def _canary_verdict(batch: MigrationBatch) -> str:
+    if not batch.canary_size:
+        return ""
+    failed = (
+        _ended_since_resume(batch)
+        .filter(canary=True, state=State.FAILED)
+        .select_related("station")
+        .order_by("id")
+        .first()
+    )
+    if failed is None:
+        return ""
+    return f"canary failed: {failed.station.identity}: {failed.reason}"
+
+
+def _brake_verdict(batch: MigrationBatch) -> str:
+    if batch.brake_failure_ratio is None:
+        return ""
+    counts = Counter(state_counts(_ended_since_resume(batch)))
+    ended = counts[State.DONE] + counts[State.FAILED]
+    if ended < max(batch.brake_min_sample, 1):
+        return ""
+    ratio = counts[State.FAILED] / ended
+    if ratio <= batch.brake_failure_ratio:
+        return ""
+    return (
+        f"brake: {counts[State.FAILED]} of {ended} ended stations failed "
+        f"({ratio:.0%} > {batch.brake_failure_ratio:.0%})"
+    )
+
+
+def _auto_pause(batch: MigrationBatch, reason: str) -> None:
+    batch.state = MigrationBatch.State.PAUSED
+    batch.pause_reason = reason
+    batch.save(update_fields=["state", "pause_reason"])
+    BatchAction.objects.create(batch=batch, kind=BatchAction.Kind.AUTO_PAUSE, detail=reason)
+
+
+def _requeue_reconnected(batch: MigrationBatch, now) -> None:
+    """Offline stations queued for their reconnection: back in line, or failed when late."""
+    waiting = batch.stations.filter(state=State.WAITING_ONLINE)
+    for migration in waiting.filter(station__connected=True).only("id"):
+        transition(migration.id, State.WAITING_ONLINE, State.PENDING, reason="back online")
+    for migration in waiting.filter(wait_until__lte=now).only("id"):
+        transition(
+            migration.id,
+            State.WAITING_ONLINE,
+            State.FAILED,
+            reason=f"offline: did not reconnect within {batch.offline_wait_seconds}s",
+            failed_step=State.PREFLIGHT,
+        )
 
 
 def _rate_room(batch: MigrationBatch, now) -> int:

@@ -7,19 +7,23 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from migrations_app.models import StationMigration
+from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services import batches
+from migrations_app.services.controls import STOPPABLE_STATES
 from migrations_app.services.steps import (
     HANDLERS,
     OFFLINE_RETRY_SECONDS,
     Next,
     Unreachable,
     fail,
+    restore,
 )
 from migrations_app.services.transitions import touch, transition
 from ocpp_gateway.client import StationOffline
 
 State = StationMigration.State
+BatchState = MigrationBatch.State
+PAUSED_POLL_SECONDS = 5.0
 
 # States whose handler only does bookkeeping: run straight on in the same task.
 INLINE_STATES = frozenset({State.WAITING_IDLE, State.OLD_REGISTRATION_MARKED})
@@ -40,12 +44,7 @@ def run_step(migration_id: int, expected_state: str) -> Followup | None:
         return None  # another run got there first, or it was cancelled
     state = expected_state
     while True:
-        try:
-            outcome = HANDLERS[state](migration)
-        except StationOffline:
-            outcome = _wait_for_station(migration, state, "offline: no gateway holds the station")
-        except Unreachable as exc:
-            outcome = _wait_for_station(migration, state, f"unreachable: {exc}")
+        outcome = _held_by_batch(migration, state) or _run_handler(migration, state)
         if outcome.state is None:
             touch(migration.id, state, **outcome.fields)
             return Followup(migration.id, migration.station.identity, state, outcome.countdown)
@@ -59,7 +58,8 @@ def run_step(migration_id: int, expected_state: str) -> Followup | None:
         )
         if not moved:
             return None
-        if outcome.state in StationMigration.TERMINAL:
+        if outcome.state in StationMigration.TERMINAL or outcome.state == State.WAITING_ONLINE:
+            # Its in-flight slot is free: start the next station now, not at the next tick.
             batches.batch_drive(batch_id=migration.batch_id)
             return None
         if outcome.state in INLINE_STATES and outcome.countdown == 0:
@@ -68,6 +68,38 @@ def run_step(migration_id: int, expected_state: str) -> Followup | None:
             state = outcome.state
             continue
         return Followup(migration.id, migration.station.identity, outcome.state, outcome.countdown)
+
+
+def _run_handler(migration: StationMigration, state: str) -> Next:
+    try:
+        return HANDLERS[state](migration)
+    except StationOffline:
+        if state == State.PREFLIGHT and migration.batch.offline_wait_seconds:
+            # Queued until it reconnects; it holds no in-flight slot meanwhile.
+            wait = timedelta(seconds=migration.batch.offline_wait_seconds)
+            return Next(
+                State.WAITING_ONLINE,
+                "offline when its turn came: queued until it reconnects",
+                fields={"wait_until": timezone.now() + wait, "started_at": None},
+            )
+        return _wait_for_station(migration, state, "offline: no gateway holds the station")
+    except Unreachable as exc:
+        return _wait_for_station(migration, state, f"unreachable: {exc}")
+
+
+def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
+    """A paused batch holds stations that are not armed yet; a cancelled one stops them."""
+    batch_state = migration.batch.state
+    if state not in STOPPABLE_STATES or batch_state not in (
+        BatchState.PAUSED,
+        BatchState.CANCELLED,
+    ):
+        return None
+    if batch_state == BatchState.PAUSED:
+        return Next(None, countdown=PAUSED_POLL_SECONDS)
+    # In setting_priority the free slot already holds the new URL: put back what was there.
+    restored = restore(migration, state, priority=False) if state == State.SETTING_PRIORITY else ""
+    return Next(State.CANCELLED, f"batch cancelled{restored}")
 
 
 def _wait_for_station(migration: StationMigration, state: str, reason: str) -> Next:

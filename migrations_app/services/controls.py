@@ -1,0 +1,180 @@
+"""What an operator does to a running batch: pause, resume, cancel, retry, migrate back.
+
+Each refuses a batch in the wrong state (ControlError), changes it under its row lock and
+records who did it (BatchAction).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from fleet.models import CsmsBackend
+from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
+from migrations_app.services.batches import BatchOptions, batch_create
+from migrations_app.services.dispatch import enqueue_drive
+
+State = StationMigration.State
+BatchState = MigrationBatch.State
+# Cancelling or pausing stops a station only before it is armed (its priority changed):
+# after that, finishing (reset and verify) is what leaves it in a known state.
+STOPPABLE_STATES = frozenset(
+    {State.PREFLIGHT, State.READING_CONFIG, State.SETTING_URL, State.SETTING_PRIORITY}
+)
+
+
+class ControlError(ValueError):
+    """The batch is not in a state that allows this; the message says why."""
+
+
+def _locked(batch_id: int, allowed: set[str], action: str) -> MigrationBatch:
+    batch = MigrationBatch.objects.select_for_update().get(id=batch_id)
+    if batch.state not in allowed:
+        raise ControlError(f"cannot {action} batch {batch_id}: it is {batch.state}")
+    return batch
+
+
+def batch_pause(*, batch_id: int, user: Any, reason: str = "") -> MigrationBatch:
+    with transaction.atomic():
+        batch = _locked(batch_id, {BatchState.RUNNING}, "pause")
+        batch.state = BatchState.PAUSED
+        batch.pause_reason = reason or f"paused by {user}"
+        batch.save(update_fields=["state", "pause_reason"])
+        BatchAction.objects.create(
+            batch=batch, user=user, kind=BatchAction.Kind.PAUSE, detail=reason
+        )
+    return batch
+
+
+def batch_resume(*, batch_id: int, user: Any) -> MigrationBatch:
+    with transaction.atomic():
+        batch = _locked(batch_id, {BatchState.PAUSED}, "resume")
+        detail = batch.pause_reason
+        batch.state = BatchState.RUNNING
+        batch.pause_reason = ""
+        batch.resumed_at = timezone.now()
+        batch.save(update_fields=["state", "pause_reason", "resumed_at"])
+        BatchAction.objects.create(
+            batch=batch, user=user, kind=BatchAction.Kind.RESUME, detail=f"was: {detail}"
+        )
+        enqueue_drive(batch.id)
+    return batch
+
+
+def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
+    """Stations not started are cancelled; started ones stop at their next safe point."""
+    now = timezone.now()
+    with transaction.atomic():
+        batch = _locked(batch_id, {BatchState.RUNNING, BatchState.PAUSED}, "cancel")
+        waiting = batch.stations.filter(state__in=[State.PENDING, State.WAITING_ONLINE])
+        changes = [
+            StateChange(
+                migration_id=migration_id,
+                from_state=state,
+                to_state=State.CANCELLED,
+                at=now,
+                reason=f"batch cancelled by {user}",
+            )
+            for migration_id, state in waiting.values_list("id", "state")
+        ]
+        waiting.update(
+            state=State.CANCELLED, finished_at=now, updated_at=now, reason="batch cancelled"
+        )
+        StateChange.objects.bulk_create(changes)
+        batch.state = BatchState.CANCELLED
+        batch.save(update_fields=["state"])
+        BatchAction.objects.create(
+            batch=batch,
+            user=user,
+            kind=BatchAction.Kind.CANCEL,
+            detail=f"{len(changes)} stations cancelled before starting",
+        )
+    return batch
+
+
+def batch_retry_failed(*, batch_id: int, user: Any) -> int:
+    """Put the batch's failed stations back in line; returns how many."""
+    now = timezone.now()
+    with transaction.atomic():
+        batch = _locked(
+            batch_id, {BatchState.RUNNING, BatchState.PAUSED, BatchState.FINISHED}, "retry"
+        )
+        failed = batch.stations.filter(state=State.FAILED)
+        ids = list(failed.values_list("id", flat=True))
+        if not ids:
+            raise ControlError(f"batch {batch_id} has no failed stations")
+        StateChange.objects.bulk_create(
+            StateChange(
+                migration_id=i,
+                from_state=State.FAILED,
+                to_state=State.PENDING,
+                at=now,
+                reason=f"retry by {user}",
+            )
+            for i in ids
+        )
+        failed.update(
+            state=State.PENDING,
+            failed_step="",
+            reason="",
+            reset_sent_at=None,
+            reset_accepted=False,
+            started_at=None,
+            finished_at=None,
+            wait_until=None,
+            updated_at=now,
+        )
+        if batch.state != BatchState.PAUSED:
+            batch.state = BatchState.RUNNING
+            batch.finished_at = None
+        batch.resumed_at = now
+        batch.save(update_fields=["state", "finished_at", "resumed_at"])
+        BatchAction.objects.create(
+            batch=batch, user=user, kind=BatchAction.Kind.RETRY, detail=f"{len(ids)} stations"
+        )
+        enqueue_drive(batch.id)
+    return len(ids)
+
+
+def batch_migrate_back(*, batch_id: int, user: Any) -> MigrationBatch:
+    """A new batch moving this batch's verified stations back to where they came from."""
+    batch = MigrationBatch.objects.get(id=batch_id)
+    if batch.source is None:
+        sources = set(batch.stations.values_list("source", flat=True))
+        if len(sources) != 1 or None in sources:
+            raise ControlError("its stations came from several CSMS: migrate them back by hand")
+        source_id = sources.pop()
+    else:
+        source_id = batch.source_id
+    verified = batch.stations.filter(
+        state=State.DONE, state_changes__to_state=State.VERIFIED
+    ).select_related("station")
+    stations = [migration.station for migration in verified]
+    if not stations:
+        raise ControlError(f"batch {batch_id} has no verified stations to migrate back")
+    options = BatchOptions(
+        max_in_flight=batch.max_in_flight,
+        rate_per_minute=batch.rate_per_minute,
+        boot_timeout_seconds=batch.boot_timeout_seconds,
+        idle_wait_seconds=batch.idle_wait_seconds,
+        allow_downgrade=batch.allow_downgrade,
+    )
+    with transaction.atomic():
+        back = batch_create(
+            target=CsmsBackend.objects.get(id=source_id),
+            stations=stations,
+            options=options,
+            source=batch.target,
+            created_by=user,
+        )
+        back.migrated_back_from = batch
+        back.save(update_fields=["migrated_back_from"])
+        BatchAction.objects.create(
+            batch=batch,
+            user=user,
+            kind=BatchAction.Kind.MIGRATE_BACK,
+            detail=f"batch {back.id}: {len(stations)} stations",
+        )
+    return back
