@@ -146,6 +146,7 @@ class Gateway:
             {"status": "ok", "csms": self.config.csms, "stations": len(self.registry)}
         )
         response = connection.respond(HTTPStatus.OK, body + "\n")
+        del response.headers["Content-Type"]  # respond() set text/plain
         response.headers["Content-Type"] = "application/json"
         return response
 

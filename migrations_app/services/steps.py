@@ -188,7 +188,8 @@ def wait_idle(m: StationMigration) -> Next:
             f"busy: a charging session was still in progress after "
             f"{m.batch.idle_wait_seconds}s (connectors {', '.join(busy)}){restored}",
         )
-    return Next(None, countdown=IDLE_POLL_SECONDS, fields={"wait_until": wait_until})
+    left = (wait_until - timezone.now()).total_seconds()
+    return Next(None, countdown=min(IDLE_POLL_SECONDS, left), fields={"wait_until": wait_until})
 
 
 def reset(m: StationMigration) -> Next:

@@ -105,10 +105,10 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
                 assert len(resets) == 1 and station.connected_url == stack.target_url
         assert report["counts"] == {"done": 186, "failed": 9, "skipped": 5}
 
-    assert _most_in_flight_at_once() <= max_in_flight
+    assert most_in_flight_at_once() <= max_in_flight
 
 
-def _most_in_flight_at_once() -> int:
+def most_in_flight_at_once() -> int:
     """From the recorded history: starts (pending -> preflight) and ends (terminal)."""
     terminal = list(StationMigration.TERMINAL)
     changes = StateChange.objects.filter(
