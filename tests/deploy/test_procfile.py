@@ -1,0 +1,136 @@
+"""deploy/Procfile: its lines run as honcho runs them (through /bin/sh, variables expanded)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import os
+import signal
+from contextlib import ExitStack
+
+import pytest
+
+from tests.deploy.helpers import (
+    DEPLOY,
+    group_members,
+    health,
+    http_get,
+    read_procfile,
+    shell_env,
+    started,
+)
+from tests.processes import free_port, port_open, wait_for
+
+PROCESSES = {"web", "worker", "beat", "gateway-csms-1", "gateway-csms-2", "flower"}
+
+
+def sh(command: str) -> list[str]:
+    return ["/bin/sh", "-c", command]
+
+
+def test_the_procfile_lists_each_process_once():
+    processes = read_procfile()
+
+    assert set(processes) == PROCESSES
+
+
+def test_web_runs_the_wsgi_application_under_gunicorn():
+    web = read_procfile()["web"]
+
+    assert web.split()[0] == "gunicorn"
+    assert "runserver" not in (DEPLOY / "Procfile").read_text()
+    module, _, attribute = web.split()[-1].partition(":")  # gunicorn's APP_MODULE comes last
+    assert (module, attribute) == ("fleet.wsgi", "application")
+    assert callable(getattr(importlib.import_module(module), attribute))
+
+
+def test_beat_keeps_its_schedule_out_of_the_source_tree():
+    beat = read_procfile()["beat"]
+
+    assert "--schedule var/" in beat  # var/ is ignored by git
+
+
+def test_gateway_lines_serve_health_and_stop_on_sigterm(redis_client, redis_url, tmp_path):
+    processes = read_procfile()
+    ports = {"gateway-csms-1": free_port(), "gateway-csms-2": free_port()}
+    env = shell_env(
+        REDIS_URL=redis_url,
+        GATEWAY_CSMS_1_PORT=str(ports["gateway-csms-1"]),
+        GATEWAY_CSMS_2_PORT=str(ports["gateway-csms-2"]),
+    )
+    with ExitStack() as stack:
+        procs = {
+            name: stack.enter_context(started(sh(processes[name]), env, tmp_path / f"{name}.log"))
+            for name in ports
+        }
+        for name, port in ports.items():
+            document = wait_for(lambda port=port: health(port), 15, f"{name} /health")
+            assert document == {
+                "status": "ok",
+                "csms": name.removeprefix("gateway-"),
+                "stations": 0,
+            }
+
+        # SIGTERM to the process group, as honcho and foreman stop a process.
+        for proc in procs.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        for name, proc in procs.items():
+            wait_for(lambda pid=proc.pid: not group_members(pid), 30, f"{name} to exit")
+            log = (tmp_path / f"{name}.log").read_text()
+            assert "shutting down" in log
+            assert "Traceback" not in log, log
+            assert not port_open(ports[name])
+
+
+def test_worker_and_gateway_lines_take_a_station_into_the_inventory(
+    transactional_db, redis_client, redis_url, tmp_path
+):
+    from fleet.models import ChargingStation, CsmsBackend
+    from tests.conftest import process_env
+    from tests.ocpp_gateway.stations import station_on
+
+    processes = read_procfile()
+    port = free_port()
+    CsmsBackend.objects.create(name="csms-1", url=f"ws://127.0.0.1:{port}/ocpp")
+    env = shell_env(**process_env(redis_url), GATEWAY_CSMS_1_PORT=str(port), WORKER_CONCURRENCY="1")
+    worker_log = tmp_path / "worker.log"
+    with (
+        started(sh(processes["worker"]), env, worker_log),
+        started(sh(processes["gateway-csms-1"]), env, tmp_path / "gateway.log"),
+    ):
+        wait_for(lambda: b"ready." in worker_log.read_bytes(), 30, "the worker to be ready")
+        wait_for(lambda: health(port), 15, "gateway-csms-1 /health")
+
+        async def boot() -> None:
+            async with station_on(f"ws://127.0.0.1:{port}/ocpp", "CP-PROCFILE"):
+                pass
+
+        asyncio.run(boot())
+
+        station = wait_for(
+            lambda: ChargingStation.objects.filter(identity="CP-PROCFILE").first(),
+            20,
+            "the worker to ingest the station's boot",
+        )
+        assert station.csms.name == "csms-1"
+        assert station.firmware_version == "4.2.85"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gunicorn") is None,
+    reason="gunicorn is not installed (not yet a dependency in pyproject.toml)",
+)
+def test_web_line_serves_the_admin_login_page(tmp_path):
+    port = free_port()
+    env = shell_env(
+        DEBUG="1",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'web.sqlite3'}",
+        WEB_PORT=str(port),
+        WEB_WORKERS="1",
+    )
+    with started(sh(read_procfile()["web"]), env, tmp_path / "web.log"):
+        answer = wait_for(
+            lambda: http_get(f"http://127.0.0.1:{port}/admin/login/"), 20, "gunicorn to answer"
+        )
+        assert answer[0] == 200, (tmp_path / "web.log").read_text()
