@@ -40,3 +40,25 @@ def test_a_target_with_an_unusable_url_is_refused_before_anything_is_sent(two_cs
         call_command("migrate_fleet", "--to", "csms-2", "--station", "CP-1")
     assert refused.value.returncode == 2
     assert not MigrationBatch.objects.exists()
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_rollout_options_reach_the_batch(two_csms):
+    call_command(
+        "migrate_fleet", "--to", "csms-2", "--from", "csms-1", "--canary", "1",
+        "--brake", "0.2", "--brake-min-sample", "5", "--window", "22:00-05:30",
+        "--offline-wait", "600", "--max-in-flight", "7", "--rate-per-minute", "0",
+    )  # fmt: skip
+    batch = MigrationBatch.objects.get()
+    assert (batch.canary_size, batch.brake_failure_ratio, batch.brake_min_sample) == (1, 0.2, 5)
+    assert (str(batch.window_start), str(batch.window_end)) == ("22:00:00", "05:30:00")
+    assert (batch.offline_wait_seconds, batch.max_in_flight) == (600, 7)
+    assert batch.stations.get().canary
+    assert batch.actions.get().kind == "start"
+
+
+@pytest.mark.parametrize("args", [["--brake", "1.5"], ["--window", "22:00"], ["--canary", "-1"]])
+def test_bad_rollout_options_are_refused(two_csms, args):
+    with pytest.raises(CommandError):
+        call_command("migrate_fleet", "--to", "csms-2", "--from", "csms-1", *args)
+    assert not MigrationBatch.objects.exists()

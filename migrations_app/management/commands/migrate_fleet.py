@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 import time
@@ -11,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from fleet.celery import app as celery_app
 from fleet.models import ChargingStation, CsmsBackend
-from migrations_app.models import MigrationBatch
+from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.selectors import batch_counts
 from migrations_app.services.batches import BatchError, BatchOptions, batch_create, batch_report
 
@@ -31,6 +32,18 @@ def _not_negative(value: str) -> int:
     if number < 0:
         raise ValueError(value)
     return number
+
+
+def _ratio(value: str) -> float:
+    ratio = float(value)
+    if not 0 <= ratio < 1:
+        raise ValueError(value)
+    return ratio
+
+
+def _window(value: str) -> tuple[dt.time, dt.time]:
+    start, _, end = value.partition("-")
+    return dt.time.fromisoformat(start.strip()), dt.time.fromisoformat(end.strip())
 
 
 class Command(BaseCommand):
@@ -82,6 +95,44 @@ class Command(BaseCommand):
             "(default %(default)s)",
         )
         parser.add_argument(
+            "--canary",
+            type=_not_negative,
+            default=0,
+            metavar="K",
+            help="the first K stations must all verify before the rest start; a canary "
+            "failure pauses the batch (default %(default)s: no canary)",
+        )
+        parser.add_argument(
+            "--brake",
+            type=_ratio,
+            default=None,
+            metavar="RATIO",
+            help="pause the batch when failed/(done+failed) exceeds RATIO, e.g. 0.1 "
+            "(default: no brake)",
+        )
+        parser.add_argument(
+            "--brake-min-sample",
+            type=_positive,
+            default=10,
+            metavar="N",
+            help="stations that must have ended before the brake acts (default %(default)s)",
+        )
+        parser.add_argument(
+            "--window",
+            type=_window,
+            default=None,
+            metavar="HH:MM-HH:MM",
+            help="maintenance window (UTC, may span midnight): stations start only inside it",
+        )
+        parser.add_argument(
+            "--offline-wait",
+            type=_not_negative,
+            default=0,
+            metavar="SECONDS",
+            help="queue stations offline when their turn comes until they reconnect, up to "
+            "this long (default %(default)s: fail them as offline after the boot timeout)",
+        )
+        parser.add_argument(
             "--cleanup", action="store_true", help="blank the old profile slot afterwards"
         )
         parser.add_argument(
@@ -109,6 +160,12 @@ class Command(BaseCommand):
             cleanup=options["cleanup"],
             dry_run=options["dry_run"],
             allow_downgrade=options["allow_downgrade"],
+            canary_size=options["canary"],
+            brake_failure_ratio=options["brake"],
+            brake_min_sample=options["brake_min_sample"],
+            window_start=options["window"][0] if options["window"] else None,
+            window_end=options["window"][1] if options["window"] else None,
+            offline_wait_seconds=options["offline_wait"],
         )
         try:
             batch = batch_create(
@@ -179,17 +236,20 @@ class Command(BaseCommand):
         last_line = ""
         last_print = 0.0
         while True:
-            batch.refresh_from_db(fields=["state"])
+            batch.refresh_from_db(fields=["state", "pause_reason"])
             counts = batch_counts(batch)
             line = _progress_line(counts)
+            if batch.state == MigrationBatch.State.PAUSED:
+                line += f" | PAUSED: {batch.pause_reason}"
             now = time.monotonic()
             if tty:
-                self.stderr.write("\r" + line, ending="")
+                self.stderr.write("\r" + line.ljust(len(last_line)), ending="")
             elif line != last_line and now - last_print >= 5:
                 self.stderr.write(line)
                 last_print = now
             last_line = line
-            if batch.state in (MigrationBatch.State.FINISHED, MigrationBatch.State.CANCELLED):
+            ended = sum(counts.get(s, 0) for s in StationMigration.TERMINAL)
+            if batch.state == MigrationBatch.State.FINISHED or ended == sum(counts.values()):
                 break
             time.sleep(POLL_SECONDS)
         if tty:
