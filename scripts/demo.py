@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,115 +135,100 @@ def main() -> int:
         "--exit", action="store_true", help="exit when the batch ends instead of staying up"
     )
     parser.add_argument("--web-port", type=int, default=8000, help="admin port (default 8000)")
+    parser.add_argument("--flower-port", type=int, default=5555, help="Flower (default 5555)")
+    parser.add_argument(
+        "--rate", type=int, default=600, help="stations started per minute (default 600)"
+    )
     args = parser.parse_args()
-    if args.stations < 10:
-        parser.error("--stations must be at least 10")
+    if args.stations < 20:
+        parser.error("--stations must be at least 20")
+    for port in (args.web_port, args.flower_port):
+        if port_open(port):
+            parser.error(f"port {port} is in use: choose another with --web-port/--flower-port")
 
     with demo_stack(args) as (processes, env):
         py = sys.executable
         print("demo: preparing the database")
         manage(env, "migrate", "--verbosity", "0")
         password = secrets.token_urlsafe(12)
-        manage(
-            {**env, "DJANGO_SUPERUSER_PASSWORD": password},
+        superuser = [
             "createsuperuser",
             "--noinput",
             "--username",
             "admin",
             "--email",
             "admin@example.com",
-        )
+        ]
+        manage({**env, "DJANGO_SUPERUSER_PASSWORD": password}, *superuser)
         port1, port2 = free_port(), free_port()
-        manage(env, "add_csms", "csms-1", f"ws://127.0.0.1:{port1}/ocpp")
-        manage(env, "add_csms", "csms-2", f"ws://127.0.0.1:{port2}/ocpp")
-        processes.start(
-            "gateway-csms-1", py, "-m", "ocpp_gateway", "--csms", "csms-1", "--port", str(port1)
-        )
-        processes.start(
-            "gateway-csms-2", py, "-m", "ocpp_gateway", "--csms", "csms-2", "--port", str(port2)
-        )
-        processes.start(
-            "worker",
-            py,
-            "-m",
-            "celery",
-            "-A",
-            "fleet",
-            "worker",
-            "--beat",
-            "--concurrency",
-            "2",
-            "--loglevel",
-            "WARNING",
-            "--schedule",
-            str(WORK / "beat-schedule"),
-        )
-        processes.start(
-            "web", py, "manage.py", "runserver", "--noreload", f"127.0.0.1:{args.web_port}"
-        )
+        for name, port in (("csms-1", port1), ("csms-2", port2)):
+            manage(env, "add_csms", name, f"ws://127.0.0.1:{port}/ocpp")
+            processes.start(
+                f"gateway-{name}", py, "-m", "ocpp_gateway", "--csms", name, "--port", str(port)
+            )
+        worker = ["-m", "celery", "-A", "fleet", "worker", "--beat", "--concurrency", "2"]
+        worker += ["--loglevel", "WARNING", "--schedule", str(WORK / "beat-schedule")]
+        processes.start("worker", py, *worker)
+        web = ["manage.py", "runserver", "--noreload", f"127.0.0.1:{args.web_port}"]
+        processes.start("web", py, *web)
+        flower_password = secrets.token_urlsafe(8)
+        flower = ["-m", "celery", "-A", "fleet", "flower", f"--port={args.flower_port}"]
+        flower += ["--address=127.0.0.1", f"--basic-auth=admin:{flower_password}"]
+        processes.start("flower", py, *flower)
         wait_until(lambda: port_open(port1) and port_open(port2), 20, "the gateways")
 
         n = args.stations
-        # A realistic mix: most on current firmware, some too old, a few awkward ones.
-        fleet = [
-            py,
-            "-m",
-            "ocpp_gateway.simulator",
-            "--url",
-            f"ws://127.0.0.1:{port1}/ocpp",
-            "--count",
-            str(n),
-            "--prefix",
-            "DEMO-",
-            "--firmware-mix",
-            "4.2.85:80,3.5.54:10,4.2.9:6,3.5.9:4",
-            "--reboot-delay",
-            "1",
-            "--profile-timeout",
-            "5",
-            "--reject-url-writes",
-            "7",
-            "--target-unreachable",
-            "11",
-            "--charging",
-            "13:20",
-            "--journal",
-            str(WORK / "stations.jsonl"),
-        ]
-        processes.start("simulator", *fleet)
+        # A realistic mix: most on current firmware, some too old, and a few awkward ones
+        # (placed after the canary wave): one refuses the new URL, one cannot reach CSMS 2
+        # and falls back, one is charging for 20 s.
+        fleet = ["-m", "ocpp_gateway.simulator", "--url", f"ws://127.0.0.1:{port1}/ocpp"]
+        fleet += ["--count", str(n), "--prefix", "DEMO-", "--reboot-delay", "1"]
+        fleet += ["--firmware-mix", "4.2.85:80,3.5.54:10,4.2.9:6,3.5.9:4"]
+        fleet += ["--profile-timeout", "5", "--reject-url-writes", "17"]
+        fleet += ["--target-unreachable", "19", "--charging", "13:20"]
+        fleet += ["--journal", str(WORK / "stations.jsonl")]
+        processes.start("simulator", py, *fleet)
         print(f"demo: {n} simulated stations connecting to csms-1 ...")
         wait_until(lambda: _inventory_count(env) >= n, 120, "the fleet in the inventory")
 
-        print("demo: migrating every station on csms-1 to csms-2")
+        print(f"demo: migrating csms-1 -> csms-2: canary of 5, then {args.rate} starts/minute")
         started = time.monotonic()
-        result = manage(
-            env,
-            "migrate_fleet",
-            "--to",
-            "csms-2",
-            "--from",
-            "csms-1",
-            "--max-in-flight",
-            "50",
-            "--rate-per-minute",
-            "0",
-            "--boot-timeout",
-            "60",
-            "--idle-wait",
-            "60",
-            "--wait",
-            check=False,
-        )
+        migrate = ["manage.py", "migrate_fleet", "--to", "csms-2", "--from", "csms-1"]
+        migrate += ["--canary", "5", "--rate-per-minute", str(args.rate)]
+        migrate += ["--max-in-flight", "50", "--boot-timeout", "60", "--idle-wait", "60"]
+        result = subprocess.run(
+            [py, *migrate, "--wait", "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         took = time.monotonic() - started
-        print(f"\ndemo: batch finished in {took:.0f}s (exit code {result.returncode})")
-        print(f"  admin:  http://127.0.0.1:{args.web_port}/admin/  user admin, password {password}")
-        print(f"  logs:   {WORK}")
+        if not result.stdout.strip():
+            raise SystemExit(f"demo: migrate_fleet failed (exit {result.returncode})")
+        print_summary(json.loads(result.stdout), took)
+        print(f"  admin:   http://127.0.0.1:{args.web_port}/admin/  (admin / {password})")
+        print(f"  batches: http://127.0.0.1:{args.web_port}/admin/migrations_app/migrationbatch/")
+        print(f"  flower:  http://127.0.0.1:{args.flower_port}/  (admin / {flower_password})")
+        print(f"  logs:    {WORK}")
         if args.exit:
             return 0
         print("demo: up until Ctrl-C")
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
     return 0
+
+
+def print_summary(report: dict, took: float) -> None:
+    """One line per outcome and reason: what an operator reads first."""
+    rows = Counter(
+        (entry["state"], entry["step"] if entry["state"] == "failed" else "", entry["reason"])
+        for entry in report["stations"]
+        if entry["state"] != "done"
+    )
+    done = report["counts"].get("done", 0)
+    print(f"\nBatch {report['batch']}: {len(report['stations'])} stations in {took:.0f}s")
+    print(f"  {'STATIONS':>8}  {'OUTCOME':<8}  {'STEP':<14}  REASON")
+    print(f"  {done:>8}  {'done':<8}  {'':<14}  migrated and verified on csms-2")
+    for (state, step, reason), count in sorted(rows.items(), key=lambda row: -row[1]):
+        print(f"  {count:>8}  {state:<8}  {step:<14}  {reason[:90]}")
 
 
 def _inventory_count(env: dict[str, str]) -> int:
@@ -254,8 +241,6 @@ def _inventory_count(env: dict[str, str]) -> int:
     )
     if out.returncode != 0:
         return 0
-    import json
-
     return sum(1 for s in json.loads(out.stdout) if s["connected"] and s["firmware"])
 
 
