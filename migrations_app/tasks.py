@@ -8,6 +8,8 @@ redelivered or re-driven task is harmless.
 from __future__ import annotations
 
 from celery import shared_task
+from django.db import OperationalError
+from redis import RedisError
 
 from migrations_app.services import batches
 from migrations_app.services.dispatch import DRIVE_BATCH_TASK, STEP_TASKS, enqueue_step
@@ -22,8 +24,20 @@ def _run(migration_id: int, expected_state: str) -> str | None:
     return followup.state
 
 
+# Every step, drive and tick would otherwise write a result row: thousands per batch, and
+# on SQLite each one waits for the single writer. The audit lives in the migration's own
+# history; a task that raises is still stored (CELERY_TASK_STORE_ERRORS_EVEN_IF_IGNORED).
 def _step_task(name: str):
-    @shared_task(name=name)
+    # A Redis or database hiccup retries the step soon (every step is safe to repeat);
+    # past the retries, the tick's lease re-drives the station.
+    @shared_task(
+        name=name,
+        ignore_result=True,
+        autoretry_for=(RedisError, OperationalError),
+        retry_backoff=True,
+        retry_backoff_max=30,
+        max_retries=5,
+    )
     def step(migration_id: int, station: str, expected_state: str) -> str | None:
         return _run(migration_id, expected_state)
 
@@ -34,11 +48,11 @@ def _step_task(name: str):
 step_tasks = {name: _step_task(name) for name in sorted(set(STEP_TASKS.values()))}
 
 
-@shared_task(name=DRIVE_BATCH_TASK)
+@shared_task(name=DRIVE_BATCH_TASK, ignore_result=True)
 def drive_batch(batch_id: int) -> int:
     return batches.batch_drive(batch_id=batch_id)
 
 
-@shared_task(name="migrations.tick")
+@shared_task(name="migrations.tick", ignore_result=True)
 def tick() -> None:
     batches.batches_tick()
