@@ -15,6 +15,7 @@ from fleet.selectors import (
     station_events_recent,
 )
 from fleet.services.inventory import registration_mark_removed
+from migrations_app.admin import MigrateStationsActionMixin
 
 # What event ingestion owns: an operator editing it would be overwritten by the next event.
 _REPORTED_FIELDS = (
@@ -71,7 +72,7 @@ class RegistrationInline(admin.TabularInline):
 
 
 @admin.register(ChargingStation)
-class ChargingStationAdmin(admin.ModelAdmin):
+class ChargingStationAdmin(MigrateStationsActionMixin, admin.ModelAdmin):
     list_display = (
         "identity",
         "csms",

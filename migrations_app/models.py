@@ -30,9 +30,9 @@ class MigrationBatch(models.Model):
         help_text="Set when the batch took every station of one CSMS.",
     )
     state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING)
-    max_in_flight = models.PositiveIntegerField(default=50)
+    max_in_flight = models.PositiveIntegerField(default=20)
     rate_per_minute = models.PositiveIntegerField(
-        default=0, help_text="Stations started per minute across all workers; 0: no limit."
+        default=60, help_text="Stations started per minute across all workers; 0: no limit."
     )
     boot_timeout_seconds = models.PositiveIntegerField(default=300)
     idle_wait_seconds = models.PositiveIntegerField(

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from django.db.models import Count, QuerySet
+import heapq
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from migrations_app.models import MigrationBatch, StationMigration
+from django.db.models import Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+
+from fleet.models import ChargingStation, CsmsBackend, Registration
+from migrations_app.models import (
+    BatchAction,
+    MigrationBatch,
+    OcppExchange,
+    StateChange,
+    StationMigration,
+)
+from migrations_app.services.firmware import firmware_gate
 
 
 def state_counts(migrations: QuerySet[StationMigration]) -> dict[str, int]:
@@ -15,3 +32,373 @@ def state_counts(migrations: QuerySet[StationMigration]) -> dict[str, int]:
 def batch_counts(batch: MigrationBatch) -> dict[str, int]:
     """Stations of the batch per state."""
     return state_counts(batch.stations.all())
+
+
+# --- the admin: previews, dashboards, exports -------------------------------------------
+
+# The order in which the dashboard lists states: how a station moves through them.
+STATE_ORDER = [value for value, _ in StationMigration.State.choices]
+# Which bar segment each state counts in.
+_SEGMENT_OF = {
+    StationMigration.State.DONE: "done",
+    StationMigration.State.FAILED: "failed",
+    StationMigration.State.SKIPPED: "skipped",
+    StationMigration.State.CANCELLED: "cancelled",
+    StationMigration.State.PENDING: "waiting",
+    StationMigration.State.WAITING_ONLINE: "waiting",
+}
+_SEGMENTS = [
+    ("done", "done"),
+    ("failed", "failed"),
+    ("skipped", "skipped"),
+    ("cancelled", "cancelled"),
+    ("in_flight", "in flight"),
+    ("waiting", "waiting to start"),
+]
+_SAMPLE = 10
+
+
+@dataclass
+class Bucket:
+    """Stations sharing a fate in a preview: how many, and the first few identities."""
+
+    label: str
+    count: int = 0
+    sample: list[str] = field(default_factory=list)
+
+    def add(self, identity: str) -> None:
+        self.count += 1
+        if len(self.sample) < _SAMPLE:
+            self.sample.append(identity)
+
+    @property
+    def more(self) -> int:
+        return self.count - len(self.sample)
+
+
+@dataclass
+class MigrationPreview:
+    """What a batch of these stations to ``target`` will do, predicted from the inventory.
+
+    The buckets are exclusive and follow the order of the pre-flight step: no CSMS (fails),
+    firmware too old (skipped), offline (queued or fails), already on the target (done
+    without a reset), the rest migrate.
+    """
+
+    total: int
+    by_source: list[tuple[str, int]]
+    no_csms: Bucket
+    firmware_skips: list[Bucket]
+    offline: Bucket
+    on_target: Bucket
+    ready: Bucket
+
+    @property
+    def firmware_skipped(self) -> int:
+        return sum(bucket.count for bucket in self.firmware_skips)
+
+
+def station_migration_preview(
+    *,
+    stations: QuerySet[ChargingStation],
+    target: CsmsBackend | None,
+    minimums: dict[str, str],
+) -> MigrationPreview:
+    gate: dict[str, str | None] = {}
+    by_source: Counter[str] = Counter()
+    skips: dict[str, Bucket] = {}
+    no_csms = Bucket("on no known CSMS: will fail pre-flight")
+    offline = Bucket("offline now")
+    on_target = Bucket("already on the target: will end as already migrated")
+    ready = Bucket("will be migrated")
+    rows = stations.order_by("identity").values_list(
+        "identity", "firmware_version", "connected", "csms_id", "csms__name"
+    )
+    for identity, firmware, connected, csms_id, csms_name in rows.iterator():
+        by_source[csms_name or "(none)"] += 1
+        if firmware not in gate:
+            gate[firmware] = firmware_gate(firmware, minimums)
+        if csms_id is None:
+            no_csms.add(identity)
+        elif gate[firmware]:
+            skips.setdefault(gate[firmware], Bucket(gate[firmware])).add(identity)  # type: ignore[arg-type]
+        elif not connected:
+            offline.add(identity)
+        elif target is not None and csms_id == target.id:
+            on_target.add(identity)
+        else:
+            ready.add(identity)
+    return MigrationPreview(
+        total=sum(by_source.values()),
+        by_source=sorted(by_source.items()),
+        no_csms=no_csms,
+        firmware_skips=sorted(skips.values(), key=lambda bucket: (-bucket.count, bucket.label)),
+        offline=offline,
+        on_target=on_target,
+        ready=ready,
+    )
+
+
+def batch_list() -> QuerySet[MigrationBatch]:
+    """Batches with their station counts (one query for the admin list)."""
+    State = StationMigration.State
+    return MigrationBatch.objects.select_related("target", "source", "created_by").annotate(
+        total=Count("stations"),
+        done=Count("stations", filter=Q(stations__state=State.DONE)),
+        failed=Count("stations", filter=Q(stations__state=State.FAILED)),
+        skipped=Count("stations", filter=Q(stations__state=State.SKIPPED)),
+        cancelled=Count("stations", filter=Q(stations__state=State.CANCELLED)),
+        waiting=Count(
+            "stations", filter=Q(stations__state__in=[State.PENDING, State.WAITING_ONLINE])
+        ),
+        first_source=Min("stations__source__name"),
+        last_source=Max("stations__source__name"),
+    )
+
+
+@dataclass(frozen=True)
+class Segment:
+    key: str
+    label: str
+    count: int
+    percent: float
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    total: int
+    counts: list[tuple[str, str, int]]  # (state, label, count) in STATE_ORDER, zeros left out
+    segments: list[Segment]  # for the bar, zeros left out
+    ended: int
+    in_flight: int
+
+    @property
+    def percent_ended(self) -> int:
+        return int(100 * self.ended / self.total) if self.total else 100
+
+    def count(self, state: str) -> int:
+        return next((n for value, _, n in self.counts if value == state), 0)
+
+
+def progress_from_counts(counts: dict[str, int]) -> BatchProgress:
+    """Progress for a bar from per-state counts (batch_counts, or batch_list's annotations)."""
+    labels = dict(StationMigration.State.choices)
+    total = sum(counts.values())
+    segment_counts: Counter[str] = Counter()
+    for state, n in counts.items():
+        segment_counts[_SEGMENT_OF.get(state, "in_flight")] += n  # type: ignore[call-overload]
+    segments = [
+        Segment(key, label, segment_counts[key], 100 * segment_counts[key] / total)
+        for key, label in _SEGMENTS
+        if segment_counts[key]
+    ]
+    ended = sum(counts.get(state, 0) for state in StationMigration.TERMINAL)
+    return BatchProgress(
+        total=total,
+        counts=[(s, labels[s], counts[s]) for s in STATE_ORDER if counts.get(s)],
+        segments=segments,
+        ended=ended,
+        in_flight=segment_counts["in_flight"],
+    )
+
+
+def batch_progress(batch: MigrationBatch) -> BatchProgress:
+    return progress_from_counts(batch_counts(batch))
+
+
+def batch_stations(
+    *, batch: MigrationBatch, state: str = "", failed_step: str = "", reason: str = ""
+) -> QuerySet[StationMigration]:
+    """The batch's stations, filtered as the dashboard asks, by station identity."""
+    migrations = batch.stations.select_related("station", "source").order_by("station__identity")
+    if state:
+        migrations = migrations.filter(state=state)
+    if failed_step:
+        migrations = migrations.filter(failed_step=failed_step)
+    if reason:
+        migrations = migrations.filter(reason__icontains=reason)
+    return migrations
+
+
+def batch_failed_steps(batch: MigrationBatch) -> list[tuple[str, int]]:
+    """(step, how many stations failed at it), most first."""
+    rows = (
+        batch.stations.exclude(failed_step="")
+        .values_list("failed_step")
+        .annotate(n=Count("id"))
+        .order_by("-n", "failed_step")
+    )
+    return list(rows)  # type: ignore[arg-type]
+
+
+def batch_actions(batch: MigrationBatch) -> list[BatchAction]:
+    return list(batch.actions.select_related("user").order_by("at", "id"))
+
+
+def batch_verified_count(batch: MigrationBatch) -> int:
+    """Stations that ended done after a verified boot: what 'migrate back' would move."""
+    return (
+        batch.stations.filter(
+            state=StationMigration.State.DONE,
+            state_changes__to_state=StationMigration.State.VERIFIED,
+        )
+        .distinct()
+        .count()
+    )
+
+
+def batch_related(batch: MigrationBatch) -> list[MigrationBatch]:
+    """The batches that migrated this one's stations back."""
+    return list(MigrationBatch.objects.filter(migrated_back_from=batch).order_by("id"))
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    at: datetime | None
+    offset_seconds: float | None  # since the first entry
+    state_change: StateChange | None = None
+    exchange: OcppExchange | None = None
+
+
+def station_migration_timeline(migration: StationMigration) -> list[TimelineEntry]:
+    """Every state change and OCPP exchange of one station migration, in time order."""
+    changes = [(change.at, 0, change.id, change) for change in migration.state_changes.all()]
+    exchanges = [
+        (exchange.sent_at or exchange.recorded_at, 1, exchange.id, exchange)
+        for exchange in migration.exchanges.all()
+    ]
+    merged = sorted(changes + exchanges, key=lambda row: row[:3])
+    start = merged[0][0] if merged else None
+    return [
+        TimelineEntry(
+            at=at,
+            offset_seconds=(at - start).total_seconds() if start else None,
+            state_change=item if kind == 0 else None,
+            exchange=item if kind == 1 else None,
+        )
+        for at, kind, _, item in merged
+    ]
+
+
+PENDING_REMOVAL_COLUMNS = [
+    "identity",
+    "serial",
+    "vendor",
+    "model",
+    "old_csms",
+    "new_csms",
+    "verified_at",
+]
+
+
+def batch_pending_removal_rows(batch: MigrationBatch) -> list[dict[str, Any]]:
+    """The batch's stations whose registration on their old CSMS awaits removal (step 6)."""
+    pending = Registration.objects.filter(
+        station=OuterRef("station"),
+        csms=OuterRef("source"),
+        state=Registration.State.PENDING_REMOVAL,
+    )
+    verified_at = StateChange.objects.filter(
+        migration=OuterRef("pk"), to_state=StationMigration.State.VERIFIED
+    ).order_by("-at")
+    rows = (
+        batch.stations.filter(Exists(pending))
+        .annotate(verified_at=Subquery(verified_at.values("at")[:1]))
+        .order_by("station__identity")
+        .values_list(
+            "station__identity",
+            "station__serial",
+            "station__vendor",
+            "station__model",
+            "source__name",
+            "verified_at",
+        )
+    )
+    return [
+        dict(zip(PENDING_REMOVAL_COLUMNS, (*row[:5], batch.target.name, row[5]), strict=True))
+        for row in rows
+    ]
+
+
+AUDIT_COLUMNS = [
+    "at",
+    "record",
+    "station",
+    "user",
+    "step",
+    "action",
+    "from_state",
+    "to_state",
+    "outcome",
+    "duration_ms",
+    "request",
+    "response",
+    "error",
+    "detail",
+]
+
+
+def batch_audit_trail(batch: MigrationBatch) -> Iterator[dict[str, Any]]:
+    """Every batch action, state change and OCPP exchange of the batch, in time order.
+
+    Streams: a large batch has hundreds of thousands of rows.
+    """
+    actions = (
+        {
+            "at": action.at,
+            "record": "batch_action",
+            "user": action.user.get_username() if action.user else "",
+            "action": action.kind,
+            "detail": action.detail,
+        }
+        for action in batch.actions.select_related("user").order_by("at", "id").iterator()
+    )
+    changes = (
+        {
+            "at": at,
+            "record": "state_change",
+            "station": identity,
+            "from_state": from_state,
+            "to_state": to_state,
+            "detail": reason,
+        }
+        for at, identity, from_state, to_state, reason in StateChange.objects.filter(
+            migration__batch=batch
+        )
+        .order_by("at", "id")
+        .values_list("at", "migration__station__identity", "from_state", "to_state", "reason")
+        .iterator()
+    )
+    exchanges = (
+        {
+            "at": exchange.at,  # type: ignore[attr-defined]
+            "record": "ocpp_exchange",
+            "station": exchange.identity,  # type: ignore[attr-defined]
+            "step": exchange.step,
+            "action": exchange.action,
+            "outcome": exchange.outcome,
+            "duration_ms": (
+                round(exchange.duration_ms, 1) if exchange.duration_ms is not None else ""
+            ),
+            "request": json.dumps(exchange.request, sort_keys=True),
+            "response": json.dumps(exchange.response, sort_keys=True)
+            if exchange.response is not None
+            else "",
+            "error": " ".join(filter(None, [exchange.error_code, exchange.error_description])),
+            "detail": f"via {exchange.csms}" if exchange.csms else "",
+        }
+        for exchange in OcppExchange.objects.filter(migration__batch=batch)
+        .annotate(at=Coalesce("sent_at", "recorded_at"), identity=F("migration__station__identity"))
+        .order_by("at", "id")
+        .iterator()
+    )
+    for row in heapq.merge(actions, changes, exchanges, key=lambda row: row["at"]):
+        yield {column: row.get(column, "") for column in AUDIT_COLUMNS}
+
+
+def batch_source_names(batch: MigrationBatch) -> list[str]:
+    """The CSMS the batch's stations came from (its source, else each station's own)."""
+    if batch.source is not None:
+        return [batch.source.name]
+    names = batch.stations.exclude(source=None).values_list("source__name", flat=True)
+    return sorted(set(names.distinct()))

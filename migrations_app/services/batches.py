@@ -36,8 +36,9 @@ class BatchError(ValueError):
 
 @dataclass(frozen=True)
 class BatchOptions:
-    max_in_flight: int = 50
-    rate_per_minute: int = 0
+    # Cautious defaults for a real fleet; the CLI and the admin form start from these.
+    max_in_flight: int = 20
+    rate_per_minute: int = 60
     boot_timeout_seconds: int = 300
     idle_wait_seconds: int = 1800
     cleanup: bool = False
@@ -81,6 +82,15 @@ def batch_create(
     if not stations:
         raise BatchError("no stations to migrate")
     with transaction.atomic():
+        busy = list(
+            StationMigration.objects.filter(station__in=stations)
+            .exclude(state__in=StationMigration.TERMINAL)
+            .values_list("station__identity", "batch_id")
+        )
+        if busy:
+            listed = ", ".join(f"{identity} (batch {batch_id})" for identity, batch_id in busy[:10])
+            more = f" and {len(busy) - 10} more" if len(busy) > 10 else ""
+            raise BatchError(f"already being migrated: {listed}{more}")
         batch = MigrationBatch.objects.create(
             target=target, source=source, created_by=created_by, **asdict(options)
         )

@@ -53,3 +53,16 @@ def test_a_target_url_ending_in_the_station_identity_is_refused(transactional_db
     migration.refresh_from_db()
     assert migration.state == State.FAILED
     assert "identity" in migration.reason
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_a_station_in_an_unfinished_batch_cannot_join_another(transactional_db):
+    from migrations_app.services.batches import BatchError
+
+    migration = _migration(source_url="ws://old/ocpp", target_url="ws://new/ocpp")
+    with pytest.raises(BatchError, match=r"already being migrated: CP-1 \(batch \d+\)"):
+        batch_create(
+            target=migration.batch.target,
+            stations=[migration.station],
+            options=BatchOptions(),
+        )

@@ -66,14 +66,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--max-in-flight",
             type=_positive,
-            default=20,
+            default=BatchOptions.max_in_flight,
             metavar="N",
             help="stations migrating at once, across all workers (default %(default)s)",
         )
         parser.add_argument(
             "--rate-per-minute",
             type=_not_negative,
-            default=60,
+            default=BatchOptions.rate_per_minute,
             metavar="R",
             help="stations started per minute, across all workers; 0 = no limit "
             "(default %(default)s)",

@@ -1,0 +1,150 @@
+"""The admin's form for starting a batch; the rules themselves live in BatchOptions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django import forms
+
+from fleet.models import CsmsBackend
+from migrations_app.models import StationMigration
+from migrations_app.services.batches import BatchOptions
+
+_DEFAULTS = BatchOptions()
+
+
+class MigrateStationsForm(forms.Form):
+    target = forms.ModelChoiceField(
+        queryset=CsmsBackend.objects.order_by("name"),
+        label="Target CSMS",
+        empty_label=None,
+        help_text="The CSMS the stations will be pointed at (its URL goes into the free "
+        "network profile).",
+    )
+    # Bounds that BatchOptions.problems() checks are left to it, so the admin, the CLI and
+    # the services agree on one set of rules; the fields only parse.
+    max_in_flight = forms.IntegerField(
+        initial=_DEFAULTS.max_in_flight,
+        label="Max in flight",
+        help_text="Stations migrating at once, across all workers.",
+    )
+    rate_per_minute = forms.IntegerField(
+        min_value=0,
+        initial=_DEFAULTS.rate_per_minute,
+        label="Starts per minute",
+        help_text="Stations started per minute, across all workers; 0: no limit.",
+    )
+    canary_size = forms.IntegerField(
+        min_value=0,
+        initial=_DEFAULTS.canary_size,
+        label="Canary size",
+        help_text="The first K stations must all verify before the rest start; 0: no canary.",
+    )
+    brake_failure_ratio = forms.FloatField(
+        required=False,
+        label="Brake: failure ratio",
+        help_text="Pause the batch when failed / ended stations exceeds this, from 0 up to "
+        "(not including) 1, e.g. 0.2 for 20%. Empty: no brake.",
+        widget=forms.NumberInput(attrs={"step": "0.01", "placeholder": "no brake"}),
+    )
+    brake_min_sample = forms.IntegerField(
+        min_value=0,
+        initial=_DEFAULTS.brake_min_sample,
+        label="Brake: minimum sample",
+        help_text="Stations that must have ended before the brake may act.",
+    )
+    boot_timeout_seconds = forms.IntegerField(
+        min_value=1,
+        initial=_DEFAULTS.boot_timeout_seconds,
+        label="Boot timeout (s)",
+        help_text="How long to wait for the BootNotification on the target after the Reset.",
+    )
+    idle_wait_seconds = forms.IntegerField(
+        min_value=0,
+        initial=_DEFAULTS.idle_wait_seconds,
+        label="Wait-for-idle limit (s)",
+        help_text="How long a station with a charging session may delay its Reset.",
+    )
+    offline_wait_seconds = forms.IntegerField(
+        min_value=0,
+        initial=_DEFAULTS.offline_wait_seconds,
+        label="Offline queue (s)",
+        help_text="Queue a station that is offline when its turn comes until it reconnects, "
+        "up to this long; 0: it fails as offline.",
+    )
+    window_start = forms.TimeField(
+        required=False,
+        label="Window start (UTC)",
+        widget=forms.TimeInput(attrs={"type": "time"}, format="%H:%M"),
+        help_text="Stations start only inside the window; it may span midnight.",
+    )
+    window_end = forms.TimeField(
+        required=False,
+        label="Window end (UTC)",
+        widget=forms.TimeInput(attrs={"type": "time"}, format="%H:%M"),
+        help_text="Empty start and end: any time.",
+    )
+    cleanup = forms.BooleanField(
+        required=False,
+        label="Clean up the old slot",
+        help_text="Blank the old CSMS's network profile once the station is verified.",
+    )
+    dry_run = forms.BooleanField(
+        required=False,
+        label="Dry run",
+        help_text="Pre-flight and read the configuration only; report what each station "
+        "would get, change nothing.",
+    )
+    allow_downgrade = forms.BooleanField(
+        required=False,
+        label="Allow wss:// to ws://",
+        help_text="Allow moving a station from a TLS connection to a plain one.",
+    )
+
+    # How the intermediate page groups the fields.
+    FIELDSETS = (
+        ("Where", ("target",)),
+        ("Pace", ("max_in_flight", "rate_per_minute")),
+        ("Safety", ("canary_size", "brake_failure_ratio", "brake_min_sample")),
+        ("Timeouts", ("boot_timeout_seconds", "idle_wait_seconds", "offline_wait_seconds")),
+        ("Maintenance window", ("window_start", "window_end")),
+        ("Options", ("cleanup", "dry_run", "allow_downgrade")),
+    )
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if not self.errors:
+            for problem in self.options().problems():
+                self.add_error(None, problem[:1].upper() + problem[1:] + ".")
+        return cleaned
+
+    def options(self) -> BatchOptions:
+        """The batch options from the cleaned data (call after is_valid)."""
+        names = [option.name for option in dataclasses.fields(BatchOptions)]
+        return BatchOptions(**{n: self.cleaned_data[n] for n in names if n in self.cleaned_data})
+
+    def fieldsets(self) -> list[tuple[str, list[forms.BoundField]]]:
+        return [(title, [self[name] for name in names]) for title, names in self.FIELDSETS]
+
+
+class BatchStationFilterForm(forms.Form):
+    """The filters of a batch dashboard's station table (GET)."""
+
+    state = forms.ChoiceField(
+        required=False, choices=[("", "any state"), *StationMigration.State.choices]
+    )
+    failed_step = forms.ChoiceField(required=False, label="failed at")
+    q = forms.CharField(
+        required=False,
+        label="reason",
+        widget=forms.TextInput(attrs={"placeholder": "reason contains…", "type": "search"}),
+    )
+
+    def __init__(self, *args: Any, failed_steps: list[tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        labels = dict(StationMigration.State.choices)
+        self.fields["failed_step"].choices = [  # type: ignore[attr-defined]
+            ("", "any step"),
+            *((step, f"{labels.get(step, step)} ({n})") for step, n in failed_steps),
+        ]
