@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         help="largest websocket frame accepted (default %(default)s)",
     )
     parser.add_argument(
+        "--ping-interval",
+        type=float,
+        default=60.0,
+        help="seconds between websocket pings that detect dead connections (default %(default)s)",
+    )
+    parser.add_argument(
         "--auth-file",
         type=Path,
         help="identity:password lines; when given, every station must authenticate (HTTP Basic)",
@@ -60,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         heartbeat_interval=args.heartbeat_interval,
         max_frame_bytes=args.max_frame_bytes,
+        ping_interval=args.ping_interval,
         passwords=passwords,
         certfile=args.certfile,
         keyfile=args.keyfile,

@@ -41,6 +41,9 @@ class GatewayConfig:
     redis_url: str
     heartbeat_interval: int = 300
     max_frame_bytes: int = 256 * 1024
+    # Websocket pings find a dead TCP connection (a station that lost power); heartbeats
+    # alone would not tell the gateway. Each ping costs CPU across 10,000 stations.
+    ping_interval: float = 60.0
     # Station identity -> password (HTTP Basic, OCPP 1.6 security profile 1/2). None: open.
     passwords: dict[str, str] | None = None
     certfile: str | None = None
@@ -215,6 +218,8 @@ async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
         max_size=config.max_frame_bytes,
         # OCPP frames are small; per-message deflate would triple memory per connection.
         compression=None,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_interval,
         ssl=_ssl_context(config),
     ) as server:
         scheme = "wss" if config.certfile else "ws"

@@ -14,13 +14,15 @@ State = StationMigration.State
 
 # Named after the seed's steps, so Flower reads like the procedure.
 STEP_TASKS: dict[str, str] = {
-    State.PREFLIGHT: "migrations.preflight",
+    # Pre-flight sends nothing: the task that runs it goes straight on to step 1.
+    State.PREFLIGHT: "migrations.read_config",
     State.READING_CONFIG: "migrations.read_config",
     State.SETTING_URL: "migrations.set_url",
     State.SETTING_PRIORITY: "migrations.set_priority",
     State.WAITING_IDLE: "migrations.wait_idle",
     State.RESETTING: "migrations.reset",
     State.AWAITING_BOOT: "migrations.verify_boot",
+    # Normally run inline by verify_boot; a re-driven station may be found here.
     State.VERIFIED: "migrations.mark_old_registration",
     State.OLD_REGISTRATION_MARKED: "migrations.mark_old_registration",
     State.CLEANUP: "migrations.cleanup",

@@ -216,7 +216,8 @@ def reset(m: StationMigration) -> Next:
         raise
     status = status_of(reply)
     if status == "Accepted":
-        return Next(State.AWAITING_BOOT, countdown=0.5, fields={"reset_accepted": True})
+        # No station reboots in under a second: the first look would only find nothing.
+        return Next(State.AWAITING_BOOT, countdown=1.0, fields={"reset_accepted": True})
     if reply.outcome in (Outcome.TIMEOUT, Outcome.DISCONNECTED):
         # The station may be rebooting already: only its boot can tell.
         return Next(State.AWAITING_BOOT, f"Reset answer lost ({describe(reply)})", countdown=0.5)
