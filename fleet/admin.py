@@ -8,6 +8,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from fleet.admin_readonly import ReadOnlyAdminMixin
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from fleet.selectors import (
     connector_status_summary,
@@ -174,19 +175,10 @@ class RegistrationAdmin(admin.ModelAdmin):
 
 
 @admin.register(StationEvent)
-class StationEventAdmin(admin.ModelAdmin):
+class StationEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("at", "station", "csms", "kind", "data", "received_at")
     list_filter = ("kind", "csms")
     search_fields = ("station__identity", "=event_id")
     list_select_related = ("station", "csms")
     date_hierarchy = "at"
     show_full_result_count = False
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

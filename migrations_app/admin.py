@@ -34,6 +34,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from fleet.admin_readonly import ReadOnlyAdminMixin
 from fleet.models import ChargingStation
 from migrations_app.forms import BatchStationFilterForm, MigrateStationsForm
 from migrations_app.models import MigrationBatch, OcppExchange, StationMigration
@@ -185,7 +186,8 @@ def _bar(progress: Any, *, small: bool = False) -> str:
 
 
 @admin.register(MigrationBatch)
-class MigrationBatchAdmin(admin.ModelAdmin):
+class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    # Batches are created by the stations' action and changed only through the controls.
     list_display = (
         "batch",
         "target",
@@ -205,16 +207,6 @@ class MigrationBatchAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[MigrationBatch]:
         return batch_list()
-
-    # Batches are created by the stations' action and changed only through the controls.
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="batch", ordering="id")
     def batch(self, batch: MigrationBatch) -> str:
@@ -513,7 +505,7 @@ def _station_row(migration: StationMigration) -> dict[str, Any]:
 
 
 @admin.register(StationMigration)
-class StationMigrationAdmin(admin.ModelAdmin):
+class StationMigrationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = (
         "station",
         "batch",
@@ -531,15 +523,6 @@ class StationMigrationAdmin(admin.ModelAdmin):
 
     class Media:
         css = {"all": ("migrations_app/admin.css",)}
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[StationMigration]:
         return (
