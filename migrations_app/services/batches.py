@@ -120,11 +120,13 @@ def batch_drive(*, batch_id: int) -> int:
     Runs under the batch's row lock (on SQLite: the database write lock), so the limits,
     the canary and the brake hold across every worker process. Returns how many it started.
     """
-    now = timezone.now()
     with transaction.atomic():
         batch = MigrationBatch.objects.select_for_update().filter(id=batch_id).first()
         if batch is None or batch.state != MigrationBatch.State.RUNNING:
             return 0
+        # Read the clock only once the lock is held: a start stamped before the wait for the
+        # lock could predate the end of a station that this drive counted as ended.
+        now = timezone.now()
         _requeue_reconnected(batch, now)
         counts = Counter(batch_counts(batch))
         pending = counts[State.PENDING]
