@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from ocpp.exceptions import GenericError
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from ocpp_gateway.client import StationOffline, send_command
 from ocpp_gateway.envelopes import EVENT_STREAM, Event, EventKind, Outcome, last_boot_key
@@ -225,3 +225,40 @@ def _gateway_pid(base: str) -> int:
         ["pgrep", "-f", f"ocpp_gateway .*--port {port}"], capture_output=True, text=True
     )
     return int(out.stdout.split()[0])
+
+
+def test_it_serves_wss_with_a_certificate(start_gateway, tmp_path, redis_client):
+    import shutil
+    import ssl
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    base = start_gateway("csms-1", "--certfile", str(cert), "--keyfile", str(key))
+    secure = base.replace("ws://", "wss://")
+    context = ssl.create_default_context(cafile=str(cert))
+
+    async def scenario():
+        async with station_on(secure, "CP1", ssl=context) as station:
+            reply = await asyncio.to_thread(
+                send_command, redis_client, "CP1", "GetConfiguration", {"key": ["x"]}, timeout=5
+            )
+            return station.id, reply
+
+    identity, reply = asyncio.run(scenario())
+    assert identity == "CP1" and reply.outcome is Outcome.RESULT
+
+    async def plain_text():
+        async with connect(f"{base}/CP2", subprotocols=["ocpp1.6"], open_timeout=3):
+            pass
+
+    with pytest.raises(InvalidMessage):  # a plain-text handshake gets no HTTP answer
+        asyncio.run(plain_text())
