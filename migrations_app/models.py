@@ -123,8 +123,11 @@ class StationMigration(models.Model):
     active_slot = models.CharField(max_length=32, blank=True)
     free_slot = models.CharField(max_length=32, blank=True)
     original_priority = models.CharField(max_length=100, blank=True)
-    # Epoch seconds on the gateway's clock, to compare with boot times it reports.
+    # Epoch seconds (the worker's clock) when the Reset was claimed; the claim that stops a
+    # second Reset. Verification does not compare it with the gateways' clocks: it looks
+    # for a boot whose id differs from the last one seen before the Reset (boot_marks).
     reset_sent_at = models.FloatField(null=True, blank=True)
+    boot_marks = models.JSONField(default=dict, blank=True)
     reset_accepted = models.BooleanField(default=False)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -136,6 +139,12 @@ class StationMigration(models.Model):
         ordering = ["batch", "station__identity"]
         constraints = [
             models.UniqueConstraint(fields=["batch", "station"], name="one_migration_per_batch"),
+            # Two live migrations of one station would each send it a Reset.
+            models.UniqueConstraint(
+                fields=["station"],
+                condition=~models.Q(state__in=["done", "failed", "skipped", "cancelled"]),
+                name="one_live_migration_per_station",
+            ),
         ]
         indexes = [
             models.Index(fields=["batch", "state"], name="migration_batch_state"),

@@ -29,15 +29,21 @@ def send_command(
     payload: dict[str, Any] | None = None,
     *,
     timeout: float,
+    csms: str = "",
 ) -> Reply:
     """Send one OCPP call (e.g. "GetConfiguration") to a station and wait for the outcome.
 
-    Raises StationOffline at once when no gateway holds the station. Otherwise returns the
-    Reply: a result payload, a CALLERROR with its code, or a timeout. The client must not
-    have a socket timeout shorter than ``timeout``.
+    Raises StationOffline at once when no gateway holds the station, and redis errors when
+    the command could not even be published. Otherwise returns the Reply: a result payload,
+    a CALLERROR with its code, or a timeout. With ``csms``, only a gateway of that CSMS
+    sends it. The client must not have a socket timeout shorter than ``timeout``.
     """
     command = Command(
-        station=station, action=action, payload=payload or {}, deadline=time.time() + timeout
+        station=station,
+        action=action,
+        payload=payload or {},
+        deadline=time.time() + timeout,
+        csms=csms,
     )
     receivers = client.publish(command_channel(station), command.to_json())
     if receivers == 0:

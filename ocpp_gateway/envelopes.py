@@ -70,6 +70,9 @@ class Command:
     payload: dict[str, Any]
     deadline: float
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # Only a gateway of this CSMS may send it ("" = whichever holds the station): a rollback
+    # meant for the source must not reach the station on the target, and the other way.
+    csms: str = ""
 
     def remaining(self, now: float | None = None) -> float:
         return self.deadline - (time.time() if now is None else now)
@@ -86,6 +89,7 @@ class Command:
             action=_require(data, "action", str, "command"),
             payload=_require(data, "payload", dict, "command"),
             deadline=float(_require(data, "deadline", (int, float), "command")),
+            csms=data.get("csms") or "",
         )
 
 
@@ -114,6 +118,9 @@ class Reply:
     # When the gateway sent the OCPP call and when the answer (or the timeout) came.
     sent_at: float | None = None
     finished_at: float | None = None
+    # Whether the call reached the station's socket. False only when the gateway knows it
+    # did not (a Reset not sent may be sent again); unknown counts as sent.
+    sent: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -135,6 +142,7 @@ class Reply:
             error_description=data.get("error_description") or "",
             sent_at=data.get("sent_at"),
             finished_at=data.get("finished_at"),
+            sent=data.get("sent") is not False,
         )
 
 

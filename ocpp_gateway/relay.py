@@ -8,6 +8,7 @@ a slow station never delays commands to another one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -81,18 +82,49 @@ class CommandRelay:
         try:
             command = Command.from_json(raw)
         except EnvelopeError as exc:
-            logger.error("dropping a malformed command: %s", exc)
+            logger.error("refusing a malformed command: %s", exc)
+            await self._refuse_malformed(raw, str(exc))
             return
-        reply = await self._execute(command)
-        if reply is None:
-            reply = Reply(
-                command_id=command.id,
-                station=command.station,
-                csms=self._csms,
-                outcome=Outcome.DISCONNECTED,
-                error_description="the station disconnected from this gateway",
-            )
+        if command.csms and command.csms != self._csms:
+            reply = self._not_here(command, f"addressed to {command.csms}, not {self._csms}")
+        else:
+            try:
+                reply = await self._execute(command) or self._not_here(
+                    command, "the station disconnected from this gateway"
+                )
+            except Exception as exc:  # never leave the caller waiting for its deadline
+                logger.exception("command %s failed in the gateway", command.id)
+                reply = self._not_here(command, f"gateway error: {exc!r}", Outcome.REJECTED)
         await self._push(reply)
+
+    def _not_here(
+        self, command: Command, why: str, outcome: Outcome = Outcome.DISCONNECTED
+    ) -> Reply:
+        """A reply for a command this gateway did not send to the station."""
+        return Reply(
+            command_id=command.id,
+            station=command.station,
+            csms=self._csms,
+            outcome=outcome,
+            error_description=why,
+            sent=False,
+        )
+
+    async def _refuse_malformed(self, raw: bytes, why: str) -> None:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return  # no id to answer to
+        if isinstance(data, dict) and isinstance(data.get("id"), str):
+            reply = Reply(
+                command_id=data["id"],
+                station=str(data.get("station", "")),
+                csms=self._csms,
+                outcome=Outcome.REJECTED,
+                error_description=f"malformed command: {why}",
+                sent=False,
+            )
+            await self._push(reply)
 
     async def _push(self, reply: Reply) -> None:
         key = reply_key(reply.command_id)

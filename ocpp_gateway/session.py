@@ -26,6 +26,7 @@ from ocpp.v16.enums import (
     DataTransferStatus,
     RegistrationStatus,
 )
+from websockets.exceptions import ConnectionClosed
 
 from ocpp_gateway.envelopes import Command, EventKind, Outcome, Reply
 from ocpp_gateway.events import EventReporter
@@ -167,26 +168,46 @@ class StationSession(ChargePoint):
 
         request_type = getattr(call, command.action, None)
         if not isinstance(request_type, type):
-            return reply(Outcome.REJECTED, error_description=f"unknown action {command.action!r}")
+            return reply(
+                Outcome.REJECTED,
+                error_description=f"unknown action {command.action!r}",
+                sent=False,
+            )
         try:
             request = request_type(**command.payload)
         except TypeError as exc:
-            return reply(Outcome.REJECTED, error_description=f"bad payload: {exc}")
+            return reply(Outcome.REJECTED, error_description=f"bad payload: {exc}", sent=False)
         remaining = command.remaining()
         if remaining <= 0:
-            return reply(Outcome.TIMEOUT, error_description="deadline passed before sending")
+            return reply(
+                Outcome.TIMEOUT, error_description="deadline passed before sending", sent=False
+            )
+        progress = _Progress()
         try:
             async with asyncio.timeout(remaining):
-                return await self._exchange(command, request, reply)
+                return await self._exchange(command, request, reply, progress)
         except TimeoutError:
-            return reply(Outcome.TIMEOUT, error_description=f"no answer within {remaining:.1f}s")
+            waited = "no answer" if progress.sent else "not sent: the station was busy"
+            return reply(
+                Outcome.TIMEOUT,
+                error_description=f"{waited} within {remaining:.1f}s",
+                sent=progress.sent,
+            )
         except OCPPError as exc:
             # Raised by validating our own request: nothing was sent.
-            return reply(Outcome.REJECTED, error_description=f"{exc.code}: {exc.description}")
-        except ConnectionError as exc:
-            return reply(Outcome.DISCONNECTED, error_description=str(exc) or "connection lost")
+            return reply(
+                Outcome.REJECTED, error_description=f"{exc.code}: {exc.description}", sent=False
+            )
+        except (ConnectionError, ConnectionClosed) as exc:
+            return reply(
+                Outcome.DISCONNECTED,
+                error_description=str(exc) or "connection lost",
+                sent=progress.sent,
+            )
 
-    async def _exchange(self, command: Command, request: Any, reply: Any) -> Reply:
+    async def _exchange(
+        self, command: Command, request: Any, reply: Any, progress: _Progress
+    ) -> Reply:
         # ChargePoint.call() turns an unknown CALLERROR code into a different exception and
         # hides CALLERRORs behind None by default; this keeps the station's exact answer.
         # It uses the library's call lock, so calls to one station still go one at a time.
@@ -197,6 +218,7 @@ class StationSession(ChargePoint):
         )
         await validate_payload(message, OCPP_VERSION)
         async with self._call_lock:
+            progress.sent = True  # from here on the frame may have reached the station
             await self._send(message.to_json())
             response = await self._get_specific_response(
                 message.unique_id, max(command.remaining(), 0.001)
@@ -218,6 +240,12 @@ class StationSession(ChargePoint):
                 error_description=str(exc.description),
             )
         return reply(Outcome.RESULT, payload=camel_to_snake_case(response.payload))
+
+
+class _Progress:
+    """How far one command got: whether its frame was handed to the socket."""
+
+    sent = False
 
 
 def _unique_id_of(raw_msg: str) -> str | None:

@@ -10,7 +10,7 @@ from datetime import time, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend
@@ -81,6 +81,13 @@ def batch_create(
     stations = sorted(stations, key=lambda station: station.identity)
     if not stations:
         raise BatchError("no stations to migrate")
+    try:
+        return _batch_create(target, stations, options, source, created_by)
+    except IntegrityError as exc:  # another batch took one of them at the same moment
+        raise BatchError(f"a station is already being migrated ({exc})") from exc
+
+
+def _batch_create(target, stations, options, source, created_by) -> MigrationBatch:
     with transaction.atomic():
         busy = list(
             StationMigration.objects.filter(station__in=stations)
@@ -263,8 +270,9 @@ def batches_tick() -> None:
     ):
         batch_drive(batch_id=batch_id)
     stale_before = timezone.now() - timedelta(seconds=settings.MIGRATION_STEP_LEASE_SECONDS)
+    # Whatever the batch's state: a paused or cancelled batch still has armed stations to
+    # finish, and the step handlers know how to hold or stop the others.
     stale = StationMigration.objects.filter(
-        batch__state=MigrationBatch.State.RUNNING,
         state__in=ACTIVE_STATES,
         updated_at__lt=stale_before,
     ).values_list("id", "station__identity", "state")[:1000]

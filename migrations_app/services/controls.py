@@ -101,10 +101,16 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
         batch = _locked(
             batch_id, {BatchState.RUNNING, BatchState.PAUSED, BatchState.FINISHED}, "retry"
         )
-        failed = batch.stations.filter(state=State.FAILED)
+        # A station that another batch is migrating now stays failed here.
+        live_elsewhere = StationMigration.objects.exclude(
+            state__in=StationMigration.TERMINAL
+        ).values("station_id")
+        failed = batch.stations.filter(state=State.FAILED).exclude(station_id__in=live_elsewhere)
         ids = list(failed.values_list("id", flat=True))
         if not ids:
-            raise ControlError(f"batch {batch_id} has no failed stations")
+            raise ControlError(
+                f"batch {batch_id} has no failed stations that are not in another live batch"
+            )
         StateChange.objects.bulk_create(
             StateChange(
                 migration_id=i,
@@ -115,7 +121,7 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
             )
             for i in ids
         )
-        failed.update(
+        StationMigration.objects.filter(id__in=ids).update(
             state=State.PENDING,
             failed_step="",
             reason="",

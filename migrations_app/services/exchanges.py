@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
+from redis import RedisError
 
 from fleet.redis import get_redis
 from migrations_app.models import OcppExchange, StationMigration
@@ -19,11 +20,18 @@ def _timestamp(epoch: float | None) -> datetime | None:
 
 
 def station_call(
-    migration: StationMigration, *, step: str, action: str, payload: dict[str, Any]
+    migration: StationMigration,
+    *,
+    step: str,
+    action: str,
+    payload: dict[str, Any],
+    via: str = "",
 ) -> Reply:
     """One OCPP call for this migration, recorded whatever happens.
 
-    Raises StationOffline (after recording it) when no gateway holds the station.
+    ``via`` names the only CSMS whose gateway may send it. Raises StationOffline when no
+    gateway holds the station and RedisError when the command could not be published
+    (both recorded first: nothing reached the station).
     """
     started = time.time()
     try:
@@ -33,15 +41,17 @@ def station_call(
             action,
             payload,
             timeout=settings.OCPP_COMMAND_TIMEOUT,
+            csms=via,
         )
-    except StationOffline:
+    except (StationOffline, RedisError) as exc:
+        offline = isinstance(exc, StationOffline)
         OcppExchange.objects.create(
             migration=migration,
             step=step,
             action=action,
             request=payload,
-            outcome="offline",
-            error_description="no gateway holds the station",
+            outcome="offline" if offline else "not_sent",
+            error_description="no gateway holds the station" if offline else f"Redis: {exc}",
             sent_at=_timestamp(started),
             duration_ms=(time.time() - started) * 1000,
         )

@@ -24,6 +24,8 @@ from ocpp_gateway.client import StationOffline
 State = StationMigration.State
 BatchState = MigrationBatch.State
 PAUSED_POLL_SECONDS = 5.0
+# Past a possible priority write: giving up on these must try to restore the station.
+ARMED_STATES = frozenset({State.SETTING_PRIORITY, State.WAITING_IDLE, State.RESETTING})
 
 # States entered after a step that did no OCPP exchange (pre-flight, the idle check, the
 # verification, the registrations): run straight on in the same task. A task is ~4 ms of
@@ -116,10 +118,17 @@ def _wait_for_station(migration: StationMigration, state: str, reason: str) -> N
     wait_until = migration.wait_until or now + timedelta(
         seconds=migration.batch.boot_timeout_seconds
     )
-    if now >= wait_until:
-        waited = migration.batch.boot_timeout_seconds
-        return fail(state, f"{reason} (for {waited}s)")
-    return Next(None, countdown=OFFLINE_RETRY_SECONDS, fields={"wait_until": wait_until})
+    if now < wait_until:
+        return Next(None, countdown=OFFLINE_RETRY_SECONDS, fields={"wait_until": wait_until})
+    waited = f"{reason} (for {migration.batch.boot_timeout_seconds}s)"
+    if state == State.CLEANUP:
+        # Cleanup is optional and the station is already verified on the target.
+        return Next(State.DONE, f"migrated, but the old slot was not blanked: {waited}")
+    if state in ARMED_STATES:
+        # The priority may already point at the target: put it back if the station
+        # can still be reached, and say so either way.
+        return fail(state, waited + restore(migration, state, priority=True))
+    return fail(state, waited)
 
 
 def _load(migration_id: int) -> StationMigration | None:

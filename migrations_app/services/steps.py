@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.utils import timezone
+from redis import RedisError
 
 from fleet.models import Registration
 from fleet.redis import get_redis
@@ -121,8 +122,25 @@ def read_config(m: StationMigration) -> Next:
         "original_priority": plan.original_priority,
     }
     if plan.active_slot_holds(m.target_url):
-        return Next(
-            State.DONE, "already migrated: the active profile holds the target URL", fields=facts
+        if reply.csms == m.batch.target.name:
+            return Next(
+                State.DONE, "already migrated: it runs on the target's profile", fields=facts
+            )
+        return fail(
+            step,
+            f"armed but not migrated: {plan.active_slot} (first in the priority) holds the "
+            f"target URL, yet the station answered through {reply.csms or 'another CSMS'}",
+            **facts,
+        )
+    source_url = m.source.url if m.source else ""
+    if source_url and plan.free_slot_holds(source_url) and not plan.active_slot_holds(source_url):
+        # After a fallback the station runs on the slot that is not first: overwriting it
+        # would leave it no working profile if the target then fails.
+        return fail(
+            step,
+            f"{plan.free_slot} holds the source URL although {plan.active_slot} is first: "
+            "the station may be running on it; refusing to overwrite it",
+            **facts,
         )
     if m.batch.dry_run:
         writes = (
@@ -168,7 +186,8 @@ def set_priority(m: StationMigration) -> Next:
         )
     )
     if status_of(reply) not in ("RebootRequired", "Accepted"):
-        restored = restore(m, step, priority=False)
+        # A lost or odd answer may still mean the station took the value: put both back.
+        restored = restore(m, step, priority=True)
         return fail(
             step, f"the station did not accept the new priority ({describe(reply)}){restored}"
         )
@@ -200,27 +219,36 @@ def reset(m: StationMigration) -> Next:
         if time.time() - m.reset_sent_at < settings.OCPP_COMMAND_TIMEOUT + 5:
             return Next(None, countdown=1.0)
         return Next(State.AWAITING_BOOT, "Reset was sent earlier; its answer was lost")
+    # The idle check ran in an earlier task on ingested status: look again, just before.
+    if busy_connectors(m):
+        return Next(State.WAITING_IDLE, "a charging session started; waiting again")
     claimed_at = time.time()
     claimed = StationMigration.objects.filter(
         id=m.id, state=State.RESETTING, reset_sent_at__isnull=True
-    ).update(reset_sent_at=claimed_at)
+    ).update(reset_sent_at=claimed_at, boot_marks=_boot_marks(m))
     if not claimed:
         return Next(None, countdown=1.0)
-    try:
-        reply = station_call(m, step=step, action="Reset", payload={"type": "Hard"})
-    except StationOffline:
-        # Nothing reached the station: the claim may be given back.
+
+    def give_back_claim() -> None:
         StationMigration.objects.filter(id=m.id, reset_sent_at=claimed_at).update(
             reset_sent_at=None
         )
+
+    try:
+        reply = station_call(m, step=step, action="Reset", payload={"type": "Hard"})
+    except (StationOffline, RedisError):
+        give_back_claim()  # nothing reached the station
         raise
+    if not reply.sent:
+        give_back_claim()
+        raise Unreachable(f"Reset not sent ({describe(reply)})")
     status = status_of(reply)
     if status == "Accepted":
         # No station reboots in under a second: the first look would only find nothing.
         return Next(State.AWAITING_BOOT, countdown=1.0, fields={"reset_accepted": True})
     if reply.outcome in (Outcome.TIMEOUT, Outcome.DISCONNECTED):
         # The station may be rebooting already: only its boot can tell.
-        return Next(State.AWAITING_BOOT, f"Reset answer lost ({describe(reply)})", countdown=0.5)
+        return Next(State.AWAITING_BOOT, f"Reset answer lost ({describe(reply)})", countdown=1.0)
     restored = restore(m, step, priority=True)
     return fail(step, f"the station refused the Reset ({describe(reply)}){restored}")
 
@@ -228,24 +256,26 @@ def reset(m: StationMigration) -> Next:
 def verify_boot(m: StationMigration) -> Next:
     step = State.AWAITING_BOOT
     assert m.reset_sent_at is not None
-    target_boot = last_boot(m.batch.target.name, m.station.identity)
-    if target_boot and target_boot["at"] > m.reset_sent_at:
-        return Next(State.VERIFIED, f"BootNotification on {m.batch.target.name}")
-    if m.source is not None:
-        source_boot = last_boot(m.source.name, m.station.identity)
-        if source_boot and source_boot["at"] > m.reset_sent_at:
-            restored = restore(m, step, priority=True)
-            return fail(
-                step,
-                f"the station fell back to {m.source.name}: it booted there instead of on "
-                f"{m.batch.target.name}{restored}",
-            )
-    elapsed = time.time() - m.reset_sent_at
-    if elapsed > m.batch.boot_timeout_seconds:
+    target, source = m.batch.target.name, m.source.name if m.source else ""
+    target_boot = _new_boot(m, target)
+    source_boot = _new_boot(m, source) if source else None
+    # A boot is new when its id differs from the last one seen before the Reset: no clocks
+    # compared across machines. Both new: the later one tells where the station is now.
+    if target_boot and not (source_boot and source_boot["at"] > target_boot["at"]):
+        return Next(State.VERIFIED, f"BootNotification on {target}")
+    if source_boot:
+        restored = restore(m, step, priority=True, via=source)
         return fail(
             step,
-            f"no BootNotification on {m.batch.target.name} within "
-            f"{m.batch.boot_timeout_seconds}s of the Reset",
+            f"the station fell back to {source}: it booted there instead of on {target}{restored}",
+        )
+    elapsed = time.time() - m.reset_sent_at
+    if elapsed > m.batch.boot_timeout_seconds:
+        restored = restore(m, step, priority=True)
+        return fail(
+            step,
+            f"no BootNotification on {target} within {m.batch.boot_timeout_seconds}s of the "
+            f"Reset{restored}",
         )
     # Poll often at first (a simulated reboot takes a second), then back off: a real
     # station takes a minute or two and a thousand of them should not flood the queue.
@@ -277,9 +307,15 @@ def after_marking(m: StationMigration) -> Next:
 
 def cleanup(m: StationMigration) -> Next:
     step = State.CLEANUP
+    # Through the target only: blanking the old slot of a station that is back on the
+    # source would cut it off.
     reply = _answer(
         station_call(
-            m, step=step, action="ChangeConfiguration", payload={"key": m.active_slot, "value": ""}
+            m,
+            step=step,
+            action="ChangeConfiguration",
+            payload={"key": m.active_slot, "value": ""},
+            via=m.batch.target.name,
         )
     )
     if status_of(reply) in ("Accepted", "RebootRequired"):
@@ -304,13 +340,37 @@ def last_boot(csms: str, identity: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def restore(m: StationMigration, step: str, *, priority: bool) -> str:
-    """Undo what the migration wrote (priority, then the free slot); say how it went."""
+def _boot_marks(m: StationMigration) -> dict[str, str]:
+    """The id of the last boot on the source and on the target, taken before the Reset."""
+    marks = {}
+    for csms in (m.batch.target.name, m.source.name if m.source else ""):
+        boot = last_boot(csms, m.station.identity) if csms else None
+        marks[csms] = boot.get("event_id", "") if boot else ""
+    return marks
+
+
+def _new_boot(m: StationMigration, csms: str) -> dict[str, Any] | None:
+    """The station's last boot on csms if it happened after the Reset, else None."""
+    boot = last_boot(csms, m.station.identity)
+    if boot is None or boot.get("event_id", "") == (m.boot_marks or {}).get(csms, ""):
+        return None
+    return boot
+
+
+def restore(m: StationMigration, step: str, *, priority: bool, via: str = "") -> str:
+    """Undo what the migration wrote (priority, then the free slot); say how it went.
+
+    Writing the original values again is harmless, so a write that may or may not have
+    happened (a lost answer) is undone too. If the priority cannot be restored, the free
+    slot keeps the new URL: a priority naming a blank profile would be worse.
+    """
     writes = []
     if priority and m.original_priority:
         writes.append((PRIORITY, m.original_priority))
     if m.free_slot and m.config_snapshot.get(m.free_slot) != m.target_url:
         writes.append((m.free_slot, m.config_snapshot.get(m.free_slot, "")))
+    if not writes:
+        return ""
     problems = []
     for key, value in writes:
         try:
@@ -319,14 +379,14 @@ def restore(m: StationMigration, step: str, *, priority: bool) -> str:
                 step=f"{step}:rollback",
                 action="ChangeConfiguration",
                 payload={"key": key, "value": value},
+                via=via,
             )
-        except StationOffline:
-            problems.append(f"{key} not restored: station offline")
-            continue
+        except (StationOffline, RedisError) as exc:
+            problems.append(f"{key} not restored: {exc}")
+            break
         if status_of(reply) not in ("Accepted", "RebootRequired"):
             problems.append(f"{key} not restored: {describe(reply)}")
-    if not writes:
-        return ""
+            break
     if problems:
         return "; ROLLBACK INCOMPLETE: " + "; ".join(problems)
     return "; " + " and ".join(key for key, _ in writes) + " restored"

@@ -126,3 +126,19 @@ def test_an_offline_station_fails_offline_within_the_boot_timeout(stack):
     assert code == 1
     assert entry["state"] == "failed" and entry["reason"].startswith("offline")
     assert took < 4 + 5
+
+
+def test_a_station_running_on_its_second_profile_is_not_overwritten(stack):
+    # Profile 1 (first in the priority) is dead, so the station fell back to profile 2,
+    # which holds the source URL: writing the target there would leave no way back.
+    dead = "ws://127.0.0.1:9/ocpp"
+    specs = [stack.station("CP-FELLBACK", url=dead, url2=stack.source_url, profile_timeout=1)]
+    with stack.fleet(specs) as fleet:
+        code, report = migrate("--to", "csms-2", "--station", "CP-FELLBACK")
+        entry = by_identity(report)["CP-FELLBACK"]
+        station = fleet["CP-FELLBACK"]
+        assert code == 1
+        assert (entry["state"], entry["step"]) == ("failed", "reading_config")
+        assert "refusing to overwrite" in entry["reason"]
+        assert untouched(station)
+        assert station.connected_url == stack.source_url
