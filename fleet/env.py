@@ -11,7 +11,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 def env_str(name: str, default: str | None = None) -> str:
     value = os.environ.get(name, default)
     if value is None:
-        raise ImproperlyConfigured(f"Set the environment variable {name}.")
+        hint = " (or DEBUG=1 for local use)" if name == "SECRET_KEY" else ""
+        raise ImproperlyConfigured(f"Set the environment variable {name}{hint}.")
     return value
 
 

@@ -16,9 +16,12 @@ from ocpp_gateway.server import GatewayConfig, load_passwords, run_gateway
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     parser = argparse.ArgumentParser(
         prog="python -m ocpp_gateway",
-        description="Serve OCPP 1.6J stations for one CSMS and relay commands from Redis.",
+        description="Serve OCPP 1.6J stations for one CSMS and relay commands from Redis "
+        "(REDIS_URL, default redis://127.0.0.1:6379/0).",
     )
-    parser.add_argument("--csms", required=True, help="name of the CSMS this gateway serves")
+    parser.add_argument(
+        "--csms", required=True, help="name of the CSMS this gateway serves (as in add_csms)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=9000, help="port (default %(default)s)")
     parser.add_argument(

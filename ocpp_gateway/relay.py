@@ -49,7 +49,12 @@ class CommandRelay:
         await self._pubsub.subscribe(command_channel(station))
 
     async def detach(self, station: str) -> None:
-        await self._pubsub.unsubscribe(command_channel(station))
+        try:
+            await self._pubsub.unsubscribe(command_channel(station))
+        except RedisError as exc:
+            # The subscription dies with the connection; a command meanwhile gets the
+            # "disconnected" answer, since the station is no longer registered.
+            logger.warning("could not unsubscribe %s (%s)", station, exc)
 
     async def run(self) -> None:
         """Receive commands until cancelled."""

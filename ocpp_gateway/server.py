@@ -180,11 +180,11 @@ class Gateway:
             pass
         finally:
             current = self.registry.unregister(identity, session)
-            if current:
-                await self.relay.detach(identity)
             # A replaced connection's end says nothing about the station: it is connected.
             data = {"code": connection.close_code, "replaced": not current}
-            self.reporter.report(EventKind.DISCONNECT, identity, data)
+            self.reporter.report(EventKind.DISCONNECT, identity, data)  # queued, never lost
+            if current:
+                await self.relay.detach(identity)
 
 
 def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:

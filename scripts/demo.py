@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -75,10 +76,13 @@ class Processes:
         return proc
 
     def stop_all(self) -> None:
-        for _, proc in reversed(self.running):
+        """Newest first, each before the next, Redis last: the gateways close their stations
+        while Redis can still take the disconnect events."""
+        if self.running:
+            print("demo: stopping")
+        for name, proc in reversed(self.running):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-        for name, proc in reversed(self.running):
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -191,6 +195,7 @@ def main() -> int:
         print(f"demo: {n} simulated stations connecting to csms-1 ...")
         wait_until(lambda: _inventory_count(env) >= n, 120, "the fleet in the inventory")
 
+        print_links(args, password, flower_password)
         print(f"demo: migrating csms-1 -> csms-2: canary of 5, then {args.rate} starts/minute")
         started = time.monotonic()
         migrate = ["manage.py", "migrate_fleet", "--to", "csms-2", "--from", "csms-1"]
@@ -204,16 +209,20 @@ def main() -> int:
         if not result.stdout.strip():
             raise SystemExit(f"demo: migrate_fleet failed (exit {result.returncode})")
         print_summary(json.loads(result.stdout), took)
-        print(f"  admin:   http://127.0.0.1:{args.web_port}/admin/  (admin / {password})")
-        print(f"  batches: http://127.0.0.1:{args.web_port}/admin/migrations_app/migrationbatch/")
-        print(f"  flower:  http://127.0.0.1:{args.flower_port}/  (admin / {flower_password})")
-        print(f"  logs:    {WORK}")
         if args.exit:
             return 0
+        print_links(args, password, flower_password)
         print("demo: up until Ctrl-C")
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
     return 0
+
+
+def print_links(args: argparse.Namespace, password: str, flower_password: str) -> None:
+    print(f"  admin:   http://127.0.0.1:{args.web_port}/admin/  (admin / {password})")
+    print(f"  batches: http://127.0.0.1:{args.web_port}/admin/migrations_app/migrationbatch/")
+    print(f"  flower:  http://127.0.0.1:{args.flower_port}/  (admin / {flower_password})")
+    print(f"  logs:    {WORK}")
 
 
 def print_summary(report: dict, took: float) -> None:
@@ -228,7 +237,7 @@ def print_summary(report: dict, took: float) -> None:
     print(f"  {'STATIONS':>8}  {'OUTCOME':<8}  {'STEP':<14}  REASON")
     print(f"  {done:>8}  {'done':<8}  {'':<14}  migrated and verified on csms-2")
     for (state, step, reason), count in sorted(rows.items(), key=lambda row: -row[1]):
-        print(f"  {count:>8}  {state:<8}  {step:<14}  {reason[:90]}")
+        print(f"  {count:>8}  {state:<8}  {step:<14}  {textwrap.shorten(reason, 110)}")
 
 
 def _inventory_count(env: dict[str, str]) -> int:
