@@ -131,11 +131,11 @@ def batch_drive(*, batch_id: int) -> int:
         batch = MigrationBatch.objects.select_for_update().filter(id=batch_id).first()
         if batch is None or batch.state != MigrationBatch.State.RUNNING:
             return 0
-        # Read the clock only once the lock is held: a start stamped before the wait for the
-        # lock could predate the end of a station that this drive counted as ended.
-        now = timezone.now()
-        _requeue_reconnected(batch, now)
+        _requeue_reconnected(batch, timezone.now())
         counts = Counter(batch_counts(batch))
+        # Read the clock after counting: a start stamped earlier could predate the end of a
+        # station that committed meanwhile and that this count saw as ended.
+        now = timezone.now()
         pending = counts[State.PENDING]
         in_flight = sum(counts[s] for s in ACTIVE_STATES)
         if pending == 0 and in_flight == 0 and counts[State.WAITING_ONLINE] == 0:
