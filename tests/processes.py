@@ -52,14 +52,21 @@ def port_open(port: int) -> bool:
 
 @contextlib.contextmanager
 def running(
-    args: list[str], *, env: dict[str, str] | None = None, log: Path | None = None
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    inherit_env: bool = True,
 ) -> Iterator[subprocess.Popen]:
-    """Run a process for the duration of the block; SIGTERM it (then SIGKILL) after."""
+    """Run a process for the duration of the block; SIGTERM it (then SIGKILL) after.
+
+    ``env`` adds to this process's environment, or with inherit_env=False is all of it.
+    """
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         args,
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {})} if inherit_env else (env or {}),
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,

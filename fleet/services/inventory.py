@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from fleet.models import CsmsBackend, Registration
+from fleet.models import ChargingStation, CsmsBackend, Registration
 from fleet.validators import csms_url_problems
 
 
@@ -37,16 +37,22 @@ def csms_backend_upsert(*, name: str, url: str) -> tuple[CsmsBackend, bool]:
     return backend, created
 
 
-def registration_mark_pending_removal(*, station_id: int, csms_id: int) -> bool:
-    """Record that the station left this CSMS for good: its account there is to be deleted.
-
-    Only an active registration moves; returns False when there was none or another caller
-    already moved it (the conditional update is the lock).
-    """
-    updated = Registration.objects.filter(
-        station_id=station_id, csms_id=csms_id, state=Registration.State.ACTIVE
-    ).update(state=Registration.State.PENDING_REMOVAL, state_changed_at=timezone.now())
-    return updated == 1
+def station_move_to_csms(*, station_id: int, source_id: int | None, target_id: int) -> None:
+    """Record a verified migration (step 6): the station is on the target now, and its
+    account on the source is to be removed (created as such if the inventory had none)."""
+    now = timezone.now()
+    if source_id is not None and source_id != target_id:
+        Registration.objects.update_or_create(
+            station_id=station_id,
+            csms_id=source_id,
+            defaults={"state": Registration.State.PENDING_REMOVAL, "state_changed_at": now},
+        )
+    Registration.objects.update_or_create(
+        station_id=station_id,
+        csms_id=target_id,
+        defaults={"state": Registration.State.ACTIVE, "state_changed_at": now},
+    )
+    ChargingStation.objects.filter(id=station_id).update(csms_id=target_id)
 
 
 def registration_mark_removed(*, registration_id: int) -> bool:

@@ -76,8 +76,9 @@ def batch_create(
     problems = csms_url_problems(target.url)
     if problems:
         raise BatchError(f"CSMS {target.name} has an unusable URL: " + " ".join(problems))
-    if options.problems():
-        raise BatchError("; ".join(options.problems()))
+    option_problems = options.problems()
+    if option_problems:
+        raise BatchError("; ".join(option_problems))
     stations = sorted(stations, key=lambda station: station.identity)
     if not stations:
         raise BatchError("no stations to migrate")
@@ -87,7 +88,13 @@ def batch_create(
         raise BatchError(f"a station is already being migrated ({exc})") from exc
 
 
-def _batch_create(target, stations, options, source, created_by) -> MigrationBatch:
+def _batch_create(
+    target: CsmsBackend,
+    stations: list[ChargingStation],
+    options: BatchOptions,
+    source: CsmsBackend | None,
+    created_by: Any,
+) -> MigrationBatch:
     with transaction.atomic():
         busy = list(
             StationMigration.objects.filter(station__in=stations)

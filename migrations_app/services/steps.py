@@ -21,8 +21,8 @@ from django.conf import settings
 from django.utils import timezone
 from redis import RedisError
 
-from fleet.models import Registration
 from fleet.redis import get_redis
+from fleet.services.inventory import station_move_to_csms
 from fleet.validators import csms_url_problems
 from migrations_app.models import StationMigration
 from migrations_app.services.exchanges import describe, station_call, status_of
@@ -283,22 +283,12 @@ def verify_boot(m: StationMigration) -> Next:
 
 
 def mark_old_registration(m: StationMigration) -> Next:
-    def move_registrations() -> None:
-        station, target, now = m.station, m.batch.target, timezone.now()
-        if m.source is not None and m.source != target:
-            Registration.objects.update_or_create(
-                station=station,
-                csms=m.source,
-                defaults={"state": Registration.State.PENDING_REMOVAL, "state_changed_at": now},
-            )
-        Registration.objects.update_or_create(
-            station=station,
-            csms=target,
-            defaults={"state": Registration.State.ACTIVE, "state_changed_at": now},
-        )
-        type(station).objects.filter(id=station.id).update(csms=target)
-
-    return Next(State.OLD_REGISTRATION_MARKED, apply=move_registrations)
+    return Next(
+        State.OLD_REGISTRATION_MARKED,
+        apply=lambda: station_move_to_csms(
+            station_id=m.station_id, source_id=m.source_id, target_id=m.batch.target_id
+        ),
+    )
 
 
 def after_marking(m: StationMigration) -> Next:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 
-from tests.processes import ROOT, stop
+from tests.processes import ROOT, running
 
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -54,19 +54,10 @@ def shell_env(**extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def started(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """Run a process with exactly this environment (as systemd does) until the block ends."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    with running(args, env=env, log=log, inherit_env=False) as proc:
         try:
             yield proc
         finally:
-            stop(proc)
             stop_group(proc.pid)
 
 

@@ -9,8 +9,6 @@ import os
 import signal
 from contextlib import ExitStack
 
-import pytest
-
 from tests.deploy.helpers import (
     DEPLOY,
     group_members,
@@ -117,10 +115,6 @@ def test_worker_and_gateway_lines_take_a_station_into_the_inventory(
         assert station.firmware_version == "4.2.85"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gunicorn") is None,
-    reason="gunicorn is not installed (not yet a dependency in pyproject.toml)",
-)
 def test_web_line_serves_the_admin_login_page(tmp_path):
     port = free_port()
     env = shell_env(

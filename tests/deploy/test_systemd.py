@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -155,8 +154,6 @@ def test_the_example_env_sets_every_setting_the_project_reads():
 @pytest.mark.parametrize("name", ["web", "worker", "beat", "flower"])
 def test_each_command_runs_with_help(name):
     """The interpreter, the module and every option before --help are accepted."""
-    if name == "web" and importlib.util.find_spec("gunicorn") is None:
-        pytest.skip("gunicorn is not installed (not yet a dependency in pyproject.toml)")
     argv, env = command(name)
 
     result = subprocess.run(
