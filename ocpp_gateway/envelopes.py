@@ -24,6 +24,14 @@ EVENT_CONSUMER_GROUP = "inventory"
 INGEST_EVENTS_TASK = "fleet.ingest_events"
 # A reply nobody collects (the caller gave up) must not stay in Redis forever.
 REPLY_TTL_SECONDS = 300
+# The stations registered on a CSMS, published by the Django side for its gateways
+# (admission): a hash identity -> JSON {"serial": str, "password_sha256": str}, where ""
+# means "any serial" / "no password"; and a meta hash {"version", "open", "published_at"}.
+# A gateway polls the meta hash and reloads the registry when the version changes; when
+# the meta hash is missing (Redis lost its data) it keeps what it had and asks for a
+# republish with PUBLISH_REGISTRY_TASK(csms).
+REGISTRY_KEY_PREFIX = "ocpp:registry:"
+PUBLISH_REGISTRY_TASK = "fleet.publish_registry"
 
 
 def command_channel(station: str) -> str:
@@ -32,6 +40,14 @@ def command_channel(station: str) -> str:
 
 def reply_key(command_id: str) -> str:
     return f"{REPLY_KEY_PREFIX}{command_id}"
+
+
+def registry_key(csms: str) -> str:
+    return f"{REGISTRY_KEY_PREFIX}{csms}"
+
+
+def registry_meta_key(csms: str) -> str:
+    return f"{REGISTRY_KEY_PREFIX}{csms}:meta"
 
 
 def last_boot_key(csms: str) -> str:
@@ -151,15 +167,19 @@ class EventKind(StrEnum):
     DISCONNECT = "disconnect"
     BOOT = "boot"
     STATUS = "status"
+    # Something that may be an attack: an impostor refused, a boot from other hardware.
+    SECURITY = "security"
 
 
 @dataclass(frozen=True)
 class Event:
     """Something a station did on a gateway. ``at`` is epoch seconds at the gateway.
 
-    ``data`` by kind: boot -> vendor, model, serial, firmware (BootNotification fields);
-    status -> connector_id, status, error_code; connect -> remote address;
-    disconnect -> close code.
+    ``data`` by kind: boot -> vendor, model, serial, charge_point_serial, charge_box_serial,
+    firmware (BootNotification fields), status (the answer the station got: Accepted,
+    Pending or Rejected) and reason (why, when not Accepted); status -> connector_id,
+    status, error_code; connect -> remote address, authenticated; disconnect -> close
+    code; security -> reason and what was seen.
     """
 
     kind: EventKind

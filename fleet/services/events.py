@@ -392,6 +392,8 @@ def _station_merge(station: ChargingStation, item: _Incoming, backend: CsmsBacke
         return _boot_merge(station, event.data, at, backend) or changed
     if event.kind is EventKind.STATUS:
         return _status_merge(station, event.data, at) or changed
+    if event.kind is EventKind.SECURITY:
+        return changed  # kept as a StationEvent for the audit; nothing to merge
     return _connection_merge(station, event, at, backend) or changed
 
 
