@@ -7,7 +7,10 @@ dataclasses name their fields); the gateway converts to camelCase on the wire.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -53,6 +56,28 @@ def registry_meta_key(csms: str) -> str:
 def last_boot_key(csms: str) -> str:
     """A hash per CSMS: station identity -> JSON of its last BootNotification."""
     return f"{LAST_BOOT_KEY_PREFIX}{csms}"
+
+
+def password_digest(password: str, salt: str | None = None) -> str:
+    """ "salt$sha256(salt + password)": what a registry entry keeps instead of the password.
+
+    A fast hash on purpose: a gateway checks it on every handshake of thousands of stations,
+    and station passwords (OCPP AuthorizationKey) are long machine-made secrets.
+    """
+    salt = salt if salt is not None else secrets.token_hex(8)
+    return f"{salt}${hashlib.sha256((salt + password).encode()).hexdigest()}"
+
+
+def password_matches(digest: str, password: str) -> bool:
+    salt, sep, _ = digest.partition("$")
+    if not sep:
+        return False
+    return hmac.compare_digest(password_digest(password, salt).encode(), digest.encode())
+
+
+def registry_entry(serial: str = "", password_sha256: str = "") -> str:
+    """One station's value in the registry hash (see REGISTRY_KEY_PREFIX)."""
+    return json.dumps({"serial": serial, "password_sha256": password_sha256})
 
 
 class EnvelopeError(ValueError):
