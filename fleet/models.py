@@ -14,6 +14,9 @@ from django.utils import timezone
 from fleet.validators import CSMS_URL_MAX_LENGTH, validate_csms_url
 from ocpp_gateway.envelopes import EventKind
 
+# OCPP 1.6 BootNotification.chargePointSerialNumber is a CiString25.
+SERIAL_NUMBER_MAX_LENGTH = 25
+
 
 class CsmsBackend(models.Model):
     """A central system stations can be pointed at. ``name`` is what its gateways report."""
@@ -29,6 +32,11 @@ class CsmsBackend(models.Model):
         max_length=CSMS_URL_MAX_LENGTH,
         validators=[validate_csms_url],
         help_text="ws:// or wss:// URL written into the stations' configuration.",
+    )
+    open_admission = models.BooleanField(
+        default=False,
+        help_text="A lab CSMS whose gateways admit any station. Otherwise only stations "
+        "registered on it (active or pending removal) are admitted.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -96,6 +104,10 @@ class Registration(models.Model):
         PENDING_REMOVAL = "pending_removal", "pending removal"
         REMOVED = "removed", "removed"
 
+    # Who the gateways of this CSMS admit: a removed account is gone there, but a station
+    # pending removal may still fall back to this CSMS until the operator deleted it.
+    ADMITTED_STATES = (State.ACTIVE, State.PENDING_REMOVAL)
+
     station = models.ForeignKey(
         ChargingStation, on_delete=models.CASCADE, related_name="registrations"
     )
@@ -104,6 +116,18 @@ class Registration(models.Model):
     )
     state = models.CharField(max_length=20, choices=State.choices, default=State.ACTIVE)
     state_changed_at = models.DateTimeField(default=timezone.now)
+    serial_number = models.CharField(
+        max_length=SERIAL_NUMBER_MAX_LENGTH,
+        blank=True,
+        help_text="The chargePointSerialNumber the station must boot with; empty: any.",
+    )
+    password_sha256 = models.CharField(
+        "password digest",
+        max_length=128,
+        blank=True,
+        editable=False,
+        help_text="salt$sha256 of the station's password (never the password); empty: none.",
+    )
 
     class Meta:
         ordering = ["station__identity", "csms__name"]

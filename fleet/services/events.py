@@ -23,6 +23,7 @@ from django.db import DataError, IntegrityError, connection, transaction
 
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from fleet.redis import get_redis
+from fleet.services.registry import registry_publish_on_commit, registry_republish_missing
 from ocpp_gateway.envelopes import (
     EVENT_CONSUMER_GROUP,
     EVENT_STREAM,
@@ -37,6 +38,8 @@ EVENT_FIELD = b"e"
 # An entry unacknowledged this long belongs to a consumer that died: a batch takes
 # milliseconds, and a worker waiting on a locked SQLite gives up after 30 s.
 RECLAIM_IDLE_MS = 60_000
+# The answer a BootNotification got when the CSMS admitted the station.
+BOOT_ACCEPTED = "Accepted"
 
 # Event text fields -> station fields, truncated to the column (OCPP's own limits are lower).
 _BOOT_FIELDS = {
@@ -82,10 +85,14 @@ def events_ingest(*, consumer: str, batch_size: int = 500) -> int:
     """
     client = get_redis()
     _group_ensure(client)
-    applied = _drain(client, lambda: _read(client, consumer, "0", batch_size))
-    applied += _reclaim(client, consumer, batch_size)
-    applied += _drain(client, lambda: _read(client, consumer, ">", batch_size))
+    seen: set[str] = set()
+    applied = _drain(client, lambda: _read(client, consumer, "0", batch_size), seen)
+    applied += _reclaim(client, consumer, batch_size, seen)
+    applied += _drain(client, lambda: _read(client, consumer, ">", batch_size), seen)
     _consumers_forget_dead(client)
+    # A gateway asks for its registry when Redis lost it; this repairs it even if no
+    # gateway asked (or its request was lost with the data).
+    registry_republish_missing(seen)
     return applied
 
 
@@ -115,14 +122,14 @@ def _read(client: redis.Redis, consumer: str, start: str, count: int) -> list[St
     return [entry for _stream, entries in reply or [] for entry in entries]
 
 
-def _drain(client: redis.Redis, fetch: Callable[[], list[StreamEntry]]) -> int:
+def _drain(client: redis.Redis, fetch: Callable[[], list[StreamEntry]], seen: set[str]) -> int:
     applied = 0
     while entries := fetch():
-        applied += _process(client, entries)
+        applied += _process(client, entries, seen)
     return applied
 
 
-def _reclaim(client: redis.Redis, consumer: str, count: int) -> int:
+def _reclaim(client: redis.Redis, consumer: str, count: int, seen: set[str]) -> int:
     applied = 0
     cursor: bytes | str = "0-0"
     while True:
@@ -133,12 +140,13 @@ def _reclaim(client: redis.Redis, consumer: str, count: int) -> int:
         cursor, entries = reply[0], reply[1]
         if entries:
             logger.info("reclaimed %d event(s) left pending by a dead consumer", len(entries))
-            applied += _process(client, entries)
+            applied += _process(client, entries, seen)
         if cursor in (b"0-0", "0-0"):
             return applied
 
 
-def _process(client: redis.Redis, entries: list[StreamEntry]) -> int:
+def _process(client: redis.Redis, entries: list[StreamEntry], seen: set[str]) -> int:
+    """Apply one batch and acknowledge it; add the CSMS names it came from to ``seen``."""
     incoming: list[_Incoming] = []
     for entry_id, fields in entries:
         raw = (fields or {}).get(EVENT_FIELD)
@@ -152,6 +160,7 @@ def _process(client: redis.Redis, entries: list[StreamEntry]) -> int:
             logger.warning(
                 "stream entry %s is not a valid event (%s); skipped", entry_id.decode(), exc
             )
+    seen.update(item.event.csms for item in incoming)
     applied = _events_apply_guarded(incoming)
     ids = [entry_id for entry_id, _ in entries]
     # Acknowledge only after the transaction committed: a crash in between re-delivers the
@@ -268,6 +277,8 @@ def _events_apply(items: list[_Incoming]) -> int:
         changed: dict[int, ChargingStation] = {}
         boots: dict[tuple[int, int], datetime] = {}
         for item in fresh:
+            if not _inventory_may_change(item.event):
+                continue
             station = stations[item.event.station]
             backend = backends[item.event.csms]
             if _station_merge(station, item, backend):
@@ -278,7 +289,10 @@ def _events_apply(items: list[_Incoming]) -> int:
         if changed:
             _stations_save(list(changed.values()))
         if boots:
-            _registrations_activate(boots)
+            admitted = _registrations_activate(boots)
+            registry_publish_on_commit(
+                backend.name for backend in backends.values() if backend.pk in admitted
+            )
         StationEvent.objects.bulk_create(
             [
                 StationEvent(
@@ -341,8 +355,9 @@ def _stations_save(stations: list[ChargingStation]) -> None:
         cursor.executemany(sql, rows)
 
 
-def _registrations_activate(boots: dict[tuple[int, int], datetime]) -> None:
-    """A boot on a CSMS means the station is registered there: make that registration active.
+def _registrations_activate(boots: dict[tuple[int, int], datetime]) -> set[int]:
+    """An accepted boot on a CSMS means the station is registered there: make that
+    registration active. Return the CSMS whose admitted set grew.
 
     Only a boot newer than the registration's last change counts: a late event from before
     a migration marked the old registration for removal must not bring it back.
@@ -354,27 +369,46 @@ def _registrations_activate(boots: dict[tuple[int, int], datetime]) -> None:
             csms_id__in={csms_id for _, csms_id in boots},
         )
     }
+    new = [key for key in boots if key not in existing]
     Registration.objects.bulk_create(
         [
             Registration(
                 station_id=station_id,
                 csms_id=csms_id,
                 state=Registration.State.ACTIVE,
-                state_changed_at=at,
+                state_changed_at=boots[station_id, csms_id],
             )
-            for (station_id, csms_id), at in boots.items()
-            if (station_id, csms_id) not in existing
+            for station_id, csms_id in new
         ],
         ignore_conflicts=True,
     )
+    grown = {csms_id for _, csms_id in new}
     for key, at in boots.items():
         reg = existing.get(key)
         if reg is None or reg.state == Registration.State.ACTIVE or reg.state_changed_at >= at:
             continue
         # Conditional on what we read: a migration changing it meanwhile wins.
-        Registration.objects.filter(
+        updated = Registration.objects.filter(
             pk=reg.pk, state=reg.state, state_changed_at=reg.state_changed_at
         ).update(state=Registration.State.ACTIVE, state_changed_at=at)
+        if updated and reg.state == Registration.State.REMOVED:
+            grown.add(reg.csms_id)
+    return grown
+
+
+def _inventory_may_change(event: Event) -> bool:
+    """Whether the event may change the inventory, or is only kept as a StationEvent.
+
+    Only a boot the CSMS accepted speaks for the station (gateways before the boot status
+    sent none): a Pending or Rejected boot may come from an impostor with the identity of a
+    real station, whose serial number must not overwrite the real one. A security event is
+    for the audit only.
+    """
+    if event.kind is EventKind.SECURITY:
+        return False
+    if event.kind is EventKind.BOOT:
+        return event.data.get("status") in (None, "", BOOT_ACCEPTED)
+    return True
 
 
 def _station_merge(station: ChargingStation, item: _Incoming, backend: CsmsBackend) -> bool:
@@ -392,8 +426,6 @@ def _station_merge(station: ChargingStation, item: _Incoming, backend: CsmsBacke
         return _boot_merge(station, event.data, at, backend) or changed
     if event.kind is EventKind.STATUS:
         return _status_merge(station, event.data, at) or changed
-    if event.kind is EventKind.SECURITY:
-        return changed  # kept as a StationEvent for the audit; nothing to merge
     return _connection_merge(station, event, at, backend) or changed
 
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
+
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend, Registration
+from fleet.services.registry import registry_publish_on_commit
 from fleet.validators import csms_url_problems
 
 
-def csms_backend_upsert(*, name: str, url: str) -> tuple[CsmsBackend, bool]:
-    """Create the backend ``name`` or change its URL; return it and whether it is new.
+def csms_backend_upsert(
+    *, name: str, url: str, open_admission: bool = False
+) -> tuple[CsmsBackend, bool]:
+    """Create the backend ``name`` or set its URL and admission; return it and whether it
+    is new. Its gateways learn the admission (and, if new, an empty registry) on commit.
 
     Raises ValidationError, having written nothing, when the name or the URL is invalid.
     """
@@ -24,6 +30,7 @@ def csms_backend_upsert(*, name: str, url: str) -> tuple[CsmsBackend, bool]:
         if backend is None:
             backend = CsmsBackend(name=name)
         backend.url = url
+        backend.open_admission = open_admission
         errors: dict[str, list[str]] = {}
         try:
             backend.full_clean(exclude=["url"])
@@ -34,25 +41,53 @@ def csms_backend_upsert(*, name: str, url: str) -> tuple[CsmsBackend, bool]:
         if errors:
             raise ValidationError(errors)
         backend.save()
+        registry_publish_on_commit([backend.name])
     return backend, created
 
 
 def station_move_to_csms(*, station_id: int, source_id: int | None, target_id: int) -> None:
     """Record a verified migration (step 6): the station is on the target now, and its
-    account on the source is to be removed (created as such if the inventory had none)."""
+    account on the source is to be removed (created as such if the inventory had none).
+
+    Usually neither admitted set changes (active and pending removal are both admitted):
+    only a registration created or brought back from removed is published.
+    """
     now = timezone.now()
-    if source_id is not None and source_id != target_id:
-        Registration.objects.update_or_create(
-            station_id=station_id,
-            csms_id=source_id,
-            defaults={"state": Registration.State.PENDING_REMOVAL, "state_changed_at": now},
+    changed: list[int] = []
+    pending = Registration.State.PENDING_REMOVAL
+    if (
+        source_id is not None
+        and source_id != target_id
+        and _registration_set_state(station_id, source_id, pending, now)
+    ):
+        changed.append(source_id)
+    if _registration_set_state(station_id, target_id, Registration.State.ACTIVE, now):
+        changed.append(target_id)
+    ChargingStation.objects.filter(id=station_id).update(csms_id=target_id)
+    if changed:
+        registry_publish_on_commit(
+            CsmsBackend.objects.filter(id__in=changed).values_list("name", flat=True)
         )
+
+
+def _registration_set_state(
+    station_id: int, csms_id: int, state: str, now: datetime.datetime
+) -> bool:
+    """Set the state; return whether the registration was not admitted before."""
+    # One UPDATE in the usual case (the registration exists and is admitted).
+    updated = (
+        Registration.objects.filter(station_id=station_id, csms_id=csms_id)
+        .exclude(state=Registration.State.REMOVED)
+        .update(state=state, state_changed_at=now)
+    )
+    if updated:
+        return False
     Registration.objects.update_or_create(
         station_id=station_id,
-        csms_id=target_id,
-        defaults={"state": Registration.State.ACTIVE, "state_changed_at": now},
+        csms_id=csms_id,
+        defaults={"state": state, "state_changed_at": now},
     )
-    ChargingStation.objects.filter(id=station_id).update(csms_id=target_id)
+    return True
 
 
 def registration_mark_removed(*, registration_id: int) -> bool:
@@ -60,4 +95,10 @@ def registration_mark_removed(*, registration_id: int) -> bool:
     updated = Registration.objects.filter(
         pk=registration_id, state=Registration.State.PENDING_REMOVAL
     ).update(state=Registration.State.REMOVED, state_changed_at=timezone.now())
+    if updated:
+        registry_publish_on_commit(
+            CsmsBackend.objects.filter(registrations__pk=registration_id).values_list(
+                "name", flat=True
+            )
+        )
     return updated == 1

@@ -280,6 +280,58 @@ class TestRegistrations:
         assert registration.state_changed_at == at(150)
 
 
+class TestBootStatus:
+    @pytest.mark.parametrize("status", ["Pending", "Rejected"])
+    def test_a_boot_not_accepted_is_kept_as_an_event_only(
+        self, alpha, beta, publish, make_event, status
+    ):
+        publish(make_event(BOOT, "CP-1", "alpha", at=0, serial="REAL-1", firmware="4.2.9"))
+        ingest()
+        before = ChargingStation.objects.values().get()
+
+        # An impostor with the identity of CP-1 and other hardware, refused by beta.
+        publish(
+            make_event(
+                BOOT,
+                "CP-1",
+                "beta",
+                at=10,
+                serial="FAKE-9",
+                firmware="9.9",
+                status=status,
+                reason="serial number differs from the registered one",
+            ),
+            make_event(EventKind.SECURITY, "CP-1", "beta", at=11, reason="impostor"),
+        )
+        assert ingest() == 2
+
+        assert ChargingStation.objects.values().get() == before
+        assert list(Registration.objects.values_list("csms__name", "state")) == [
+            ("alpha", "active")
+        ]
+        kinds = StationEvent.objects.filter(csms=beta).values_list("kind", "data__status")
+        assert sorted(kinds, key=str) == sorted([("boot", status), ("security", None)], key=str)
+
+    def test_an_accepted_boot_moves_the_station(self, alpha, beta, publish, make_event):
+        publish(
+            make_event(BOOT, "CP-1", "alpha", at=0, serial="S-1"),
+            make_event(BOOT, "CP-1", "beta", at=10, serial="S-1", status="Accepted"),
+        )
+        ingest()
+
+        cp = station()
+        assert (cp.csms, cp.last_boot_at, cp.serial) == (beta, at(10), "S-1")
+        assert Registration.objects.get(csms=beta).state == Registration.State.ACTIVE
+
+    def test_a_security_event_does_not_place_a_new_station(self, alpha, publish, make_event):
+        publish(make_event(EventKind.SECURITY, "CP-X", at=0, reason="not registered"))
+        ingest()
+
+        cp = station("CP-X")
+        assert (cp.csms, cp.last_seen_at) == (None, None)
+        assert not Registration.objects.exists()
+
+
 class TestBadInput:
     def test_an_unknown_csms_is_acknowledged_and_logged(
         self, alpha, publish, make_event, redis_client, caplog
