@@ -3,12 +3,17 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import QuerySet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.forms import ModelForm
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from fleet.admin_readonly import ReadOnlyAdminMixin
+from fleet.forms import RegistrationForm, RegistrationImportForm
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from fleet.selectors import (
     connector_status_summary,
@@ -16,6 +21,13 @@ from fleet.selectors import (
     station_events_recent,
 )
 from fleet.services.inventory import registration_mark_removed
+from fleet.services.registrations import (
+    RegistrationFileError,
+    RegistrationRowsError,
+    registrations_import,
+    registrations_parse,
+)
+from fleet.services.registry import registry_publish_on_commit
 from migrations_app.admin import MigrateStationsActionMixin
 
 # What event ingestion owns: an operator editing it would be overwritten by the next event.
@@ -41,11 +53,35 @@ def _events_link(label: str, **filters: Any) -> str:
     )
 
 
+# Per-row errors shown as messages: enough to fix a file, not a page of thousands.
+_IMPORT_ERRORS_SHOWN = 50
+
+
+def _registry_changed(csms_ids: Any) -> None:
+    registry_publish_on_commit(
+        CsmsBackend.objects.filter(id__in=set(csms_ids)).values_list("name", flat=True)
+    )
+
+
 @admin.register(CsmsBackend)
 class CsmsBackendAdmin(admin.ModelAdmin):
-    list_display = ("name", "url", "station_count", "connected_count", "updated_at")
+    list_display = (
+        "name",
+        "url",
+        "open_admission",
+        "station_count",
+        "connected_count",
+        "updated_at",
+    )
+    list_filter = ("open_admission",)
     search_fields = ("name", "url")
     readonly_fields = ("created_at", "updated_at")
+
+    def save_model(
+        self, request: HttpRequest, obj: CsmsBackend, form: ModelForm, change: bool
+    ) -> None:
+        super().save_model(request, obj, form, change)
+        registry_publish_on_commit([obj.name])
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[CsmsBackend]:
         return csms_backend_list()
@@ -145,25 +181,55 @@ class ChargingStationAdmin(MigrateStationsActionMixin, admin.ModelAdmin):
 
 @admin.register(Registration)
 class RegistrationAdmin(admin.ModelAdmin):
-    list_display = ("station", "csms", "state", "state_changed_at")
+    form = RegistrationForm
+    list_display = ("station", "csms", "state", "serial_number", "has_password", "state_changed_at")
     list_filter = ("state", "csms")
-    search_fields = ("station__identity",)
+    search_fields = ("station__identity", "serial_number")
     list_select_related = ("station", "csms")
     autocomplete_fields = ("station",)
     show_full_result_count = False
     actions = ("mark_removed",)
+    change_list_template = "admin/fleet/registration/change_list.html"
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         if obj is None:
             return ()
-        return ("station", "csms", "state", "state_changed_at")
+        return ("station", "csms", "state", "state_changed_at", "has_password")
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        fields = ["station", "csms", "state", "serial_number", "password", "clear_password"]
+        if obj is not None:
+            fields[3:3] = ["state_changed_at", "has_password"]
+        return fields
+
+    @admin.display(description="password", boolean=True)
+    def has_password(self, registration: Registration) -> bool:
+        return bool(registration.password_sha256)
+
+    # Every change of who is registered reaches the CSMS's gateways once it is committed.
+    def save_model(
+        self, request: HttpRequest, obj: Registration, form: ModelForm, change: bool
+    ) -> None:
+        super().save_model(request, obj, form, change)
+        _registry_changed([obj.csms_id])
+
+    def delete_model(self, request: HttpRequest, obj: Registration) -> None:
+        super().delete_model(request, obj)
+        _registry_changed([obj.csms_id])
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Registration]) -> None:
+        csms_ids = list(queryset.values_list("csms_id", flat=True).distinct())
+        super().delete_queryset(request, queryset)
+        _registry_changed(csms_ids)
 
     @admin.action(description="Mark as removed (the account was deleted on the CSMS)")
     def mark_removed(self, request: HttpRequest, queryset: QuerySet[Registration]) -> None:
-        moved = sum(
-            registration_mark_removed(registration_id=pk)
-            for pk in queryset.values_list("pk", flat=True)
-        )
+        # One transaction: the CSMS's gateways get one publish, not one per row.
+        with transaction.atomic():
+            moved = sum(
+                registration_mark_removed(registration_id=pk)
+                for pk in queryset.values_list("pk", flat=True)
+            )
         skipped = queryset.count() - moved
         self.message_user(request, f"{moved} registration(s) marked as removed.")
         if skipped:
@@ -172,6 +238,54 @@ class RegistrationAdmin(admin.ModelAdmin):
                 f"{skipped} skipped: only a registration pending removal can be removed.",
                 messages.WARNING,
             )
+
+    def get_urls(self) -> list[Any]:
+        return [
+            path(
+                "import/",
+                self.admin_site.admin_view(self.import_view),
+                name="fleet_registration_import",
+            ),
+            *super().get_urls(),
+        ]
+
+    def import_view(self, request: HttpRequest) -> HttpResponse:
+        """Register a CSV whitelist on a CSMS: the same service as import_registrations."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = RegistrationImportForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            backend = form.cleaned_data["csms"]
+            upload = form.cleaned_data["file"]
+            try:
+                rows = registrations_parse(upload.read())
+            except RegistrationFileError as exc:
+                self.message_user(
+                    request, f"{upload.name}: {exc}. Nothing imported.", messages.ERROR
+                )
+            except RegistrationRowsError as exc:
+                for error in exc.errors[:_IMPORT_ERRORS_SHOWN]:
+                    self.message_user(request, f"{upload.name}: {error}", messages.ERROR)
+                hidden = len(exc.errors) - _IMPORT_ERRORS_SHOWN
+                more = f" ({hidden} more not shown: manage.py import_registrations lists all)"
+                self.message_user(
+                    request,
+                    f"{len(exc.errors)} error(s) in {upload.name}; nothing imported"
+                    + (more if hidden > 0 else "")
+                    + ".",
+                    messages.ERROR,
+                )
+            else:
+                result = registrations_import(csms=backend, rows=rows)
+                self.message_user(request, result.summary(), messages.SUCCESS)
+                return HttpResponseRedirect(reverse("admin:fleet_registration_changelist"))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Import registrations",
+            "opts": self.model._meta,
+            "form": form,
+        }
+        return TemplateResponse(request, "admin/fleet/registration/import.html", context)
 
 
 @admin.register(StationEvent)

@@ -47,8 +47,10 @@ class _PublishOnCommit:
 
     def __init__(self) -> None:
         self.names: set[str] = set()
+        self.started = False
 
     def __call__(self) -> None:
+        self.started = True
         for name in sorted(self.names):
             # The change itself is committed: a Redis failure must not turn it into an
             # error for the operator or the task. The gateways keep their copy; the next
@@ -71,7 +73,7 @@ def registry_publish_on_commit(names: Iterable[str]) -> None:
         # callback dropped with a rolled-back savepoint is no longer found, so a new one
         # is registered.
         for _savepoints, callback, _robust in connection.run_on_commit:
-            if isinstance(callback, _PublishOnCommit):
+            if isinstance(callback, _PublishOnCommit) and not callback.started:
                 callback.names |= names
                 return
     callback = _PublishOnCommit()

@@ -38,6 +38,17 @@ class TestAddCsms:
         backend = CsmsBackend.objects.get()
         assert (backend.name, backend.url) == ("alpha", "wss://alpha.example.com/ocpp")
 
+    def test_open_is_an_explicit_opt_in_each_time(self, db):
+        assert "admits any station (open)" in run(
+            "add_csms", "lab", "ws://lab.example.com/ocpp", "--open"
+        )
+        assert CsmsBackend.objects.get().open_admission is True
+
+        output = run("add_csms", "lab", "ws://lab.example.com/ocpp")
+
+        assert "admits registered stations only" in output
+        assert CsmsBackend.objects.get().open_admission is False
+
     def test_it_updates_the_url(self, db):
         run("add_csms", "alpha", "wss://alpha.example.com/ocpp")
 

@@ -9,15 +9,27 @@ from fleet.services.inventory import csms_backend_upsert
 
 
 class Command(BaseCommand):
-    help = "Create a CSMS backend, or change the URL of an existing one."
+    help = (
+        "Create a CSMS backend, or change the URL of an existing one. Its gateways admit only "
+        "the stations registered on it (manage.py import_registrations), unless --open."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name", help="The name its gateways run with (--csms NAME).")
         parser.add_argument("url", help="ws:// or wss:// URL written into the stations.")
+        parser.add_argument(
+            "--open",
+            dest="open_admission",
+            action="store_true",
+            help="A lab CSMS: its gateways admit any station. Without it (also when run "
+            "again for an existing CSMS) only registered stations are admitted.",
+        )
 
-    def handle(self, *args: Any, name: str, url: str, **options: Any) -> None:
+    def handle(self, *args: Any, name: str, url: str, open_admission: bool, **options: Any) -> None:
         try:
-            backend, created = csms_backend_upsert(name=name, url=url)
+            backend, created = csms_backend_upsert(
+                name=name, url=url, open_admission=open_admission
+            )
         except ValidationError as exc:
             problems = [
                 f"{field}: {message}"
@@ -28,4 +40,7 @@ class Command(BaseCommand):
                 f"CSMS {name!r} not saved:\n  " + "\n  ".join(problems), returncode=2
             ) from exc
         verb = "Created" if created else "Updated"
-        self.stdout.write(self.style.SUCCESS(f"{verb} CSMS {backend.name}: {backend.url}"))
+        admits = "any station (open)" if backend.open_admission else "registered stations only"
+        self.stdout.write(
+            self.style.SUCCESS(f"{verb} CSMS {backend.name}: {backend.url}, admits {admits}")
+        )
