@@ -7,7 +7,7 @@ from typing import Any
 
 from django.db.models import Count, Q, QuerySet
 
-from fleet.models import ChargingStation, CsmsBackend, StationEvent
+from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 
 
 def csms_backend_get(*, name: str) -> CsmsBackend | None:
@@ -27,6 +27,13 @@ def station_list(*, csms: CsmsBackend | None = None) -> QuerySet[ChargingStation
     if csms is not None:
         stations = stations.filter(csms=csms)
     return stations
+
+
+def station_registered_on(station_id: int, csms_id: int) -> bool:
+    """Whether the station has an active registration on the CSMS."""
+    return Registration.objects.filter(
+        station_id=station_id, csms_id=csms_id, state=Registration.State.ACTIVE
+    ).exists()
 
 
 def station_get(*, identity: str) -> ChargingStation | None:

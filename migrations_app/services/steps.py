@@ -22,6 +22,7 @@ from django.utils import timezone
 from redis import RedisError
 
 from fleet.redis import get_redis
+from fleet.selectors import station_registered_on
 from fleet.services.inventory import station_move_to_csms
 from fleet.validators import csms_url_problems
 from migrations_app.models import StationMigration
@@ -93,6 +94,15 @@ def preflight(m: StationMigration) -> Next:
         return fail(step, "refused: moving from wss:// to ws:// is a security downgrade")
     if m.station.csms_id is None:
         return fail(step, "the station is on no known CSMS")
+    target = m.batch.target
+    # The seed's prerequisite: the station is whitelisted on CSMS 2 before it is moved there;
+    # the target's gateways would refuse it, and it would fall back after its reset.
+    if not target.open_admission and not station_registered_on(m.station_id, target.id):
+        return Next(
+            State.SKIPPED,
+            f"not registered on {target.name}: register it first (manage.py "
+            f"import_registrations {target.name} FILE.csv, or the admin)",
+        )
     skip_reason = firmware_gate(m.station.firmware_version, settings.MIGRATION_MIN_FIRMWARE)
     if skip_reason:
         return Next(State.SKIPPED, skip_reason)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.models import ChargingStation, CsmsBackend
+from fleet.models import ChargingStation, CsmsBackend, Registration
 from migrations_app.models import OcppExchange, StationMigration
 from migrations_app.services.batches import BatchOptions, batch_create
 from migrations_app.services.runner import run_step
@@ -12,12 +12,24 @@ from migrations_app.services.runner import run_step
 State = StationMigration.State
 
 
-def _migration(*, source_url: str, target_url: str, identity="CP-1", **options):
+def _migration(
+    *,
+    source_url: str = "ws://old/ocpp",
+    target_url: str = "ws://new/ocpp",
+    identity="CP-1",
+    registration: str | None = Registration.State.ACTIVE,
+    open_target: bool = False,
+    firmware: str = "4.2.85",
+    connected: bool = True,
+    **options,
+):
     source = CsmsBackend.objects.create(name="csms-1", url=source_url)
-    target = CsmsBackend.objects.create(name="csms-2", url=target_url)
+    target = CsmsBackend.objects.create(name="csms-2", url=target_url, open_admission=open_target)
     station = ChargingStation.objects.create(
-        identity=identity, csms=source, firmware_version="4.2.85", connected=True
+        identity=identity, csms=source, firmware_version=firmware, connected=connected
     )
+    if registration is not None:
+        Registration.objects.create(station=station, csms=target, state=registration)
     batch = batch_create(target=target, stations=[station], options=BatchOptions(**options))
     migration = batch.stations.get()
     StationMigration.objects.filter(id=migration.id).update(state=State.PREFLIGHT)
@@ -66,3 +78,35 @@ def test_a_station_in_an_unfinished_batch_cannot_join_another(transactional_db):
             stations=[migration.station],
             options=BatchOptions(),
         )
+
+
+NOT_REGISTERED = (
+    "not registered on csms-2: register it first "
+    "(manage.py import_registrations csms-2 FILE.csv, or the admin)"
+)
+
+
+@pytest.mark.usefixtures("redis_client")
+@pytest.mark.parametrize(
+    "registration",
+    [None, Registration.State.PENDING_REMOVAL, Registration.State.REMOVED],
+)
+def test_a_station_not_registered_on_the_target_is_skipped_untouched(
+    transactional_db, registration
+):
+    # Offline and on old firmware too: the registration is checked first, and nothing is
+    # sent (an offline station would otherwise be waited for).
+    migration = _migration(registration=registration, firmware="4.2.0", connected=False)
+    run_step(migration.id, State.PREFLIGHT)
+    migration.refresh_from_db()
+    assert migration.state == State.SKIPPED
+    assert migration.reason == NOT_REGISTERED
+    assert not OcppExchange.objects.exists()
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_an_open_target_takes_a_station_not_registered_on_it(transactional_db):
+    migration = _migration(registration=None, open_target=True)
+    run_step(migration.id, State.PREFLIGHT)
+    migration.refresh_from_db()
+    assert migration.state == State.READING_CONFIG
