@@ -1,5 +1,9 @@
 """A whole migration stack per test: Redis, gateways for two CSMS, a worker with its beat,
-and simulated stations over real sockets."""
+and simulated stations over real sockets.
+
+The source csms-1 is a lab CSMS that admits any station; the target csms-2 admits only the
+stations registered on it, as in the field (Stack.fleet registers them by default).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+import redis
 from django.core.management import call_command
 
 from fleet.models import ChargingStation, CsmsBackend
+from fleet.services.inventory import csms_backend_upsert
+from fleet.services.registrations import RegistrationRow, registrations_import
+from ocpp_gateway.envelopes import registry_key, registry_meta_key
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.processes import wait_for
 
 # Short enough for tests, long enough for a loaded 2-core machine.
 WORKER_ENV = {"OCPP_COMMAND_TIMEOUT": "5", "MIGRATION_STEP_LEASE_SECONDS": "8"}
+# Whether this tree's gateway takes --open (the explicit lab mode, from the gateway work).
+# A gateway without admission refuses the unknown flag, and admits every station anyway.
+GATEWAY_TAKES_OPEN = False
 
 
 @dataclass
@@ -28,14 +39,46 @@ class Stack:
     target_url: str
     start_worker: Callable
     worker: subprocess.Popen
+    redis: redis.Redis
+    target: CsmsBackend
 
     def station(self, identity: str, **overrides) -> StationSpec:
         fields = {"url": self.source_url, "profile_timeout": 3, "behaviour": Behaviour()}
         return StationSpec(identity=identity, **{**fields, **overrides})
 
+    def register_on_target(self, specs: list[StationSpec]) -> None:
+        """Register the stations on csms-2 (serial number, password) as an import would;
+        wait until its gateways can read them from the registry."""
+        target = self.target.name
+        registrations_import(
+            csms=self.target,
+            rows=[
+                RegistrationRow(line, spec.identity, spec.serial_number, spec.password or "")
+                for line, spec in enumerate(specs, start=2)
+            ],
+        )
+        identities = [spec.identity for spec in specs]
+        wait_for(
+            lambda: (
+                self.redis.exists(registry_meta_key(target))
+                and all(self.redis.hmget(registry_key(target), identities))
+            ),
+            10,
+            f"the registry of {target} to hold {len(specs)} station(s)",
+        )
+
     @contextlib.contextmanager
-    def fleet(self, specs: list[StationSpec], *, reboot_delay: float = 0.5) -> Iterator[Fleet]:
-        """Run the stations; wait until the inventory shows each of them connected."""
+    def fleet(
+        self,
+        specs: list[StationSpec],
+        *,
+        reboot_delay: float = 0.5,
+        register_on_target: bool = True,
+    ) -> Iterator[Fleet]:
+        """Run the stations (registered on the target first, unless told not to); wait
+        until the inventory shows each of them connected."""
+        if register_on_target:
+            self.register_on_target(specs)
         timing = Timing(reboot_delay=reboot_delay, retry_interval=0.2, reconnect_delay=0.3)
         with Fleet(specs, timing=timing) as fleet:
             identities = {spec.identity for spec in specs}
@@ -53,13 +96,14 @@ class Stack:
 
 
 @pytest.fixture
-def stack(start_gateway, start_worker) -> Stack:
-    source_url = start_gateway("csms-1")
+def stack(start_gateway, start_worker, redis_client) -> Stack:
+    source_url = start_gateway("csms-1", *(["--open"] if GATEWAY_TAKES_OPEN else []))
     target_url = start_gateway("csms-2")
-    CsmsBackend.objects.create(name="csms-1", url=source_url)
-    CsmsBackend.objects.create(name="csms-2", url=target_url)
+    # Through the service: each backend's registry (open flag, empty set) is published.
+    csms_backend_upsert(name="csms-1", url=source_url, open_admission=True)
+    target, _ = csms_backend_upsert(name="csms-2", url=target_url)
     worker, _ = start_worker("w1", beat=True, **WORKER_ENV)
-    return Stack(source_url, target_url, start_worker, worker)
+    return Stack(source_url, target_url, start_worker, worker, redis_client, target)
 
 
 def migrate(*args: str) -> tuple[int, dict]:
