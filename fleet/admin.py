@@ -149,6 +149,21 @@ class ChargingStationAdmin(MigrateStationsActionMixin, admin.ModelAdmin):
         ("Events", {"fields": ("recent_events",)}),
     )
 
+    # Deleting a station deletes its registrations: its CSMS's gateways must learn it.
+    def delete_model(self, request: HttpRequest, obj: ChargingStation) -> None:
+        csms_ids = list(obj.registrations.values_list("csms_id", flat=True))
+        super().delete_model(request, obj)
+        _registry_changed(csms_ids)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ChargingStation]) -> None:
+        csms_ids = list(
+            Registration.objects.filter(station__in=queryset)
+            .values_list("csms_id", flat=True)
+            .distinct()
+        )
+        super().delete_queryset(request, queryset)
+        _registry_changed(csms_ids)
+
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         # The identity is what the station calls itself: fixed once the row exists.
         fields = super().get_readonly_fields(request, obj)

@@ -6,9 +6,9 @@ republishing is always safe and a lost or stale copy is repaired by the next one
 
 Every change of an admitted set calls ``registry_publish_on_commit``: the publish runs after
 the change committed, in the process that made it, so an operator's import reaches the
-gateways without waiting for a worker. Bursts coalesce: while one process publishes a CSMS,
-the others only bump that CSMS's change counter and leave; the publisher sees the counter
-moved and publishes once more for all of them.
+gateways without waiting for a worker. Changes in one transaction publish once, and bursts
+across processes coalesce: each change counts itself, publishers take turns under a lock,
+and a publisher whose change was already read by the one before it has nothing to do.
 """
 
 from __future__ import annotations
@@ -29,13 +29,18 @@ logger = logging.getLogger(__name__)
 
 # A publish of even 100,000 stations takes well under this; a publisher that died holding
 # the lock blocks the others no longer than this.
-_LOCK_SECONDS = 30
+_LOCK_SECONDS = 10
 # HSET arguments per command inside the transaction: a bounded request size per command.
 _HSET_CHUNK = 1000
 
 
 def _changes_key(csms: str) -> str:
     return f"{registry_meta_key(csms)}:changes"
+
+
+def _published_key(csms: str) -> str:
+    """The change count read before the last publish's database read."""
+    return f"{registry_meta_key(csms)}:published"
 
 
 def _lock_key(csms: str) -> str:
@@ -82,7 +87,8 @@ def registry_publish_on_commit(names: Iterable[str]) -> None:
 
 
 def registry_publish(*, name: str) -> bool:
-    """Publish the admitted set of CSMS ``name``, or leave that to a publisher running now.
+    """Publish the admitted set of CSMS ``name``, unless a publish that read the database
+    after this call began has been written meanwhile.
 
     Returns False when there is no such CSMS (logged). Raises redis.RedisError.
     """
@@ -90,22 +96,26 @@ def registry_publish(*, name: str) -> bool:
         logger.warning("no CSMS named %r in the inventory: no registry published", name)
         return False
     client = get_redis()
-    client.incr(_changes_key(name))
-    while True:
-        lock = client.lock(_lock_key(name), timeout=_LOCK_SECONDS, blocking=False)
-        if not lock.acquire():
-            # The holder re-reads the counter after releasing, and sees this change.
-            return True
+    mine = client.incr(_changes_key(name))
+    # Waits at most as long as a dead holder's lock lives.
+    lock = client.lock(
+        _lock_key(name), timeout=_LOCK_SECONDS, sleep=0.01, blocking_timeout=_LOCK_SECONDS + 1
+    )
+    if not lock.acquire():
+        logger.error("registry of CSMS %r not published: its lock stayed taken", name)
+        return True
+    try:
+        if int(client.get(_published_key(name)) or 0) >= mine:
+            return True  # a publisher that came after this change covered it
+        seen = int(client.get(_changes_key(name)) or 0)
+        _publish_now(client, name)
+        client.set(_published_key(name), seen)
+    finally:
         try:
-            seen = client.get(_changes_key(name))
-            _publish_now(client, name)
-        finally:
-            try:
-                lock.release()
-            except LockError:
-                logger.warning("registry lock of CSMS %r expired during a publish", name)
-        if client.get(_changes_key(name)) == seen:
-            return True
+            lock.release()
+        except LockError:
+            logger.warning("registry lock of CSMS %r expired during a publish", name)
+    return True
 
 
 def _publish_now(client: redis.Redis, name: str) -> None:

@@ -71,3 +71,28 @@ def test_an_operator_marks_a_pending_registration_removed(admin_client, inventor
 
     registration.refresh_from_db()
     assert registration.state == Registration.State.REMOVED
+
+
+def test_admission_changes_in_the_admin_reach_the_registry(
+    admin_client, alpha, redis_client, django_capture_on_commit_callbacks
+):
+    from ocpp_gateway.envelopes import registry_key, registry_meta_key
+
+    station = ChargingStation.objects.create(identity="CP-1", csms=alpha)
+    Registration.objects.create(station=station, csms=alpha)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            reverse("admin:fleet_csmsbackend_change", args=[alpha.pk]),
+            {"name": "alpha", "url": alpha.url, "open_admission": "on"},
+        )
+    assert response.status_code == 302
+    assert redis_client.hget(registry_meta_key("alpha"), "open") == b"1"
+    assert redis_client.hexists(registry_key("alpha"), "CP-1")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(
+            reverse("admin:fleet_chargingstation_changelist"),
+            {"action": "delete_selected", "_selected_action": [station.pk], "post": "yes"},
+        )
+    assert not ChargingStation.objects.exists()
+    assert not redis_client.exists(registry_key("alpha"))
