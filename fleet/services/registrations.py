@@ -34,7 +34,7 @@ FILE_FORMAT_HELP = (
     "'serial' must not import stations without their serial number). An empty serial_number "
     "means any serial, an empty password no password; a column left out keeps what a "
     "registration already has. Re-importing is idempotent; a removed registration listed "
-    "again becomes active."
+    "again becomes active (one pending removal stays so: the migration's record)."
 )
 
 

@@ -19,7 +19,8 @@ class Command(BaseCommand):
     help = (
         "Register the stations of a CSV file on a CSMS (its gateways admit only registered "
         "stations), all or nothing: with any error nothing is written, every error is "
-        "printed and the exit code is 1. " + FILE_FORMAT_HELP
+        "printed and the exit code is 1; an unknown CSMS or a file that cannot be read "
+        "(missing, not UTF-8, no identity column) exits 2. " + FILE_FORMAT_HELP
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
