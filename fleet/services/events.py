@@ -40,6 +40,7 @@ EVENT_FIELD = b"e"
 RECLAIM_IDLE_MS = 60_000
 # The answer a BootNotification got when the CSMS admitted the station.
 BOOT_ACCEPTED = "Accepted"
+BOOT_REJECTED = "Rejected"
 
 # Event text fields -> station fields, truncated to the column (OCPP's own limits are lower).
 _BOOT_FIELDS = {
@@ -277,10 +278,12 @@ def _events_apply(items: list[_Incoming]) -> int:
         changed: dict[int, ChargingStation] = {}
         boots: dict[tuple[int, int], datetime] = {}
         for item in fresh:
-            if not _inventory_may_change(item.event):
-                continue
             station = stations[item.event.station]
             backend = backends[item.event.csms]
+            if not _inventory_may_change(item.event):
+                if _rejection_merge(station, item, backend):
+                    changed[station.pk] = station
+                continue
             if _station_merge(station, item, backend):
                 changed[station.pk] = station
             if item.event.kind is EventKind.BOOT:
@@ -444,6 +447,23 @@ def _boot_merge(
     return True
 
 
+def _rejection_merge(station: ChargingStation, item: _Incoming, backend: CsmsBackend) -> bool:
+    """A boot the CSMS rejected: its gateway closes that connection, which says nothing
+    about where the station is. Remember the rejection so that the connection it came on
+    is not taken for the station's (an impostor would otherwise make it look offline)."""
+    event, at = item.event, item.at
+    if event.kind is not EventKind.BOOT or event.data.get("status") != BOOT_REJECTED:
+        return False
+    entry = dict(station.connections.get(backend.name) or {})
+    previous = _parse_time(entry.get("rejected_at"))
+    if previous is not None and at <= previous:
+        return False
+    entry["rejected_at"] = at.isoformat()
+    station.connections = {**station.connections, backend.name: entry}
+    _connection_derive(station)
+    return True
+
+
 def _status_merge(station: ChargingStation, data: dict[str, Any], at: datetime) -> bool:
     try:
         connector = int(data.get("connector_id"))  # type: ignore[arg-type]
@@ -498,6 +518,10 @@ def _connection_derive(station: ChargingStation) -> None:
     for name, entry in station.connections.items():
         connected_at = _parse_time(entry.get("connected_at"))
         disconnected_at = _parse_time(entry.get("disconnected_at"))
+        rejected_at = _parse_time(entry.get("rejected_at"))
+        if rejected_at is not None and connected_at is not None and connected_at <= rejected_at:
+            # The connection that carried a rejected boot: not the station's whereabouts.
+            continue
         if disconnected_at is not None:
             disconnects.append(disconnected_at)
         if connected_at is not None and (current is None or (connected_at, name) > current):

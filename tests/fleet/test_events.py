@@ -305,12 +305,43 @@ class TestBootStatus:
         )
         assert ingest() == 2
 
-        assert ChargingStation.objects.values().get() == before
+        after = ChargingStation.objects.values().get()
+        # A rejection only marks its own connection as not the station's (see below).
+        beta_entry = after.pop("connections").pop("beta", None)
+        before.pop("connections")
+        assert after == before
+        assert beta_entry == ({"rejected_at": at(10).isoformat()} if status == "Rejected" else None)
         assert list(Registration.objects.values_list("csms__name", "state")) == [
             ("alpha", "active")
         ]
         kinds = StationEvent.objects.filter(csms=beta).values_list("kind", "data__status")
         assert sorted(kinds, key=str) == sorted([("boot", status), ("security", None)], key=str)
+
+    @pytest.mark.parametrize("order", ["in order", "reversed"])
+    def test_a_rejected_connection_does_not_make_the_station_look_offline(
+        self, alpha, beta, publish, make_event, order
+    ):
+        events = [
+            make_event(CONNECT, "CP-1", "alpha", at=0),
+            make_event(BOOT, "CP-1", "alpha", at=1),
+            # An impostor on beta: admitted by identity, rejected at its boot, closed.
+            make_event(CONNECT, "CP-1", "beta", at=10),
+            make_event(BOOT, "CP-1", "beta", at=11, status="Rejected", serial="FAKE"),
+            make_event(DISCONNECT, "CP-1", "beta", at=12, code=1008),
+        ]
+        if order == "reversed":
+            events.reverse()
+        for event in events:
+            publish(event)
+            ingest()
+
+        cp = station()
+        assert (cp.connected, cp.connection_changed_at, cp.csms) == (True, at(0), alpha)
+
+        # The station itself connecting to beta later counts again.
+        publish(make_event(CONNECT, "CP-1", "beta", at=20))
+        ingest()
+        assert (station().connected, station().connection_changed_at) == (True, at(20))
 
     def test_an_accepted_boot_moves_the_station(self, alpha, beta, publish, make_event):
         publish(
