@@ -130,7 +130,11 @@ def celery_worker(start_worker) -> Path:
 
 @pytest.fixture
 def start_gateway(redis_client, redis_url, tmp_path):
-    """Start `python -m ocpp_gateway --csms NAME` on a free port; returns its ws base URL."""
+    """Start `python -m ocpp_gateway --csms NAME *extra` on a free port; returns its ws base URL.
+
+    The gateway admits only the stations registered on its CSMS (the registry in Redis):
+    a test that is not about admission passes "--open".
+    """
     from contextlib import ExitStack
 
     from tests.processes import port_open
