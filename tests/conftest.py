@@ -133,7 +133,8 @@ def start_gateway(redis_client, redis_url, tmp_path):
     """Start `python -m ocpp_gateway --csms NAME *extra` on a free port; returns its ws base URL.
 
     The gateway admits only the stations registered on its CSMS (the registry in Redis):
-    a test that is not about admission passes "--open".
+    a test that is not about admission passes "--open". ``redis`` replaces this test's
+    Redis URL (e.g. a server with a password).
     """
     from contextlib import ExitStack
 
@@ -141,7 +142,7 @@ def start_gateway(redis_client, redis_url, tmp_path):
 
     with ExitStack() as stack:
 
-        def start(csms: str, *extra: str) -> str:
+        def start(csms: str, *extra: str, redis: str | None = None) -> str:
             port = free_port()
             log = tmp_path / f"gateway-{csms}.log"
             args = python(
@@ -155,7 +156,7 @@ def start_gateway(redis_client, redis_url, tmp_path):
                 str(port),
                 *extra,
             )
-            stack.enter_context(running(args, env={"REDIS_URL": redis_url}, log=log))
+            stack.enter_context(running(args, env={"REDIS_URL": redis or redis_url}, log=log))
             wait_for(lambda: port_open(port), 15, f"gateway {csms} to listen")
             return f"ws://127.0.0.1:{port}/ocpp"
 
