@@ -150,16 +150,21 @@ class EventReporter:
 
     async def _nudge_loop(self) -> None:
         assert self._nudge is not None
+        backoff = 1.0
         while True:
             await self._needs_nudge.wait()
             self._needs_nudge.clear()
             try:
                 # Celery's publish blocks on the broker: keep it off the event loop.
                 await asyncio.to_thread(self._nudge)
-            except Exception:
-                logger.exception("could not nudge the event consumer; will retry")
+            except Exception as exc:
+                # Redis is away (the usual cause): one line per attempt, not a traceback.
+                logger.warning("could not nudge the event consumer (%s); retrying", exc)
                 self._needs_nudge.set()
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 1.0
             await asyncio.sleep(self._nudge_interval)
 
 

@@ -123,7 +123,7 @@ class CommandRelay:
             except (RedisError, OSError) as exc:
                 logger.warning("could not update %d subscriptions (%s)", len(missing), exc)
                 continue
-            if missing and len(missing) > 1:
+            if len(missing) >= 100:  # after a reconnect, not one station at a time
                 logger.info("subscribed %d stations' command channels", len(missing))
 
     async def close(self) -> None:

@@ -134,7 +134,7 @@ def start_gateway(redis_client, redis_url, tmp_path):
 
     The gateway admits only the stations registered on its CSMS (the registry in Redis):
     a test that is not about admission passes "--open". ``redis`` replaces this test's
-    Redis URL (e.g. a server with a password).
+    Redis URL (e.g. a server with a password); ``port`` restarts a killed gateway in place.
     """
     from contextlib import ExitStack
 
@@ -142,8 +142,8 @@ def start_gateway(redis_client, redis_url, tmp_path):
 
     with ExitStack() as stack:
 
-        def start(csms: str, *extra: str, redis: str | None = None) -> str:
-            port = free_port()
+        def start(csms: str, *extra: str, redis: str | None = None, port: int | None = None) -> str:
+            port = port or free_port()
             log = tmp_path / f"gateway-{csms}.log"
             args = python(
                 "-m",
