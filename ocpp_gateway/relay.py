@@ -103,7 +103,7 @@ class CommandRelay:
 
     async def _reconcile(self) -> None:
         while True:
-            # Also every second: an UNSUBSCRIBE confirmed after a re-attach drops a channel.
+            # Also every second, in case a change slipped between two checks.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._changed.wait()
@@ -111,10 +111,12 @@ class CommandRelay:
             connection = self._pubsub.connection
             if not self.connected or connection is None or not connection.is_connected:
                 continue  # _receive reconnects; redis-py must not reconnect from two tasks
-            known = {_text(channel) for channel in self._pubsub.channels}
+            # A channel being unsubscribed counts as gone: a station that reconnected at
+            # once is subscribed again, after the UNSUBSCRIBE (Redis keeps the order).
             leaving = {_text(channel) for channel in self._pubsub.pending_unsubscribe_channels}
-            missing = sorted(self._wanted - known)
-            extra = sorted(known - self._wanted - leaving)
+            subscribed = {_text(channel) for channel in self._pubsub.channels} - leaving
+            missing = sorted(self._wanted - subscribed)
+            extra = sorted(subscribed - self._wanted)
             try:
                 for chunk in _chunks(missing):
                     await self._pubsub.subscribe(*chunk)

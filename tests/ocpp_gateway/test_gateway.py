@@ -277,3 +277,19 @@ def test_it_serves_wss_with_a_certificate(start_gateway, tmp_path, redis_client)
 
     with pytest.raises(InvalidMessage):  # a plain-text handshake gets no HTTP answer
         asyncio.run(plain_text())
+
+
+def test_a_station_that_reconnects_at_once_gets_commands_at_once(start_gateway, redis_client):
+    base = start_gateway("csms-1", "--open")
+
+    async def scenario():
+        for _ in range(5):  # the UNSUBSCRIBE of the closed connection races the SUBSCRIBE
+            async with station_on(base, "CP1"):
+                pass
+            async with station_on(base, "CP1"):
+                reply = await asyncio.to_thread(
+                    send_command, redis_client, "CP1", "GetConfiguration", timeout=5
+                )
+                assert reply.outcome is Outcome.RESULT
+
+    asyncio.run(scenario())
