@@ -73,7 +73,8 @@ class Registry:
         self._open = False
         self._version: str | None = None
         self._last_request = -REPUBLISH_INTERVAL
-        self.redis_ok = False
+        # None until the first poll: a Redis that is down at start is logged too.
+        self.redis_ok: bool | None = None
 
     # --- what the handshake and the handlers ask (in memory, never Redis) ---------------
 
@@ -131,7 +132,7 @@ class Registry:
                 raw = await self._redis.hgetall(registry_key(self._csms))
                 self._load(version, meta, raw)
         except (RedisError, OSError) as exc:
-            if self.redis_ok:
+            if self.redis_ok is not False:
                 logger.warning(
                     "registry of %s not refreshed (%s); keeping %s",
                     self._csms,

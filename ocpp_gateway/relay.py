@@ -60,7 +60,8 @@ class CommandRelay:
         self._own_channel = f"ocpp:gateway:{csms}:{uuid.uuid4()}"
         self._wanted: set[str] = {self._own_channel}
         self._changed = asyncio.Event()
-        self.connected = False
+        # None until the first attempt: a Redis that is down at start is logged too.
+        self.connected: bool | None = None
 
     def attach(self, station: str) -> None:
         self._wanted.add(command_channel(station))
@@ -89,7 +90,7 @@ class CommandRelay:
                 )
             except (RedisError, OSError) as exc:
                 # The next get_message reconnects and redis-py re-subscribes what it knows.
-                if self.connected:
+                if self.connected is not False:
                     logger.warning("command channel lost (%s); reconnecting", exc)
                 self.connected = False
                 await asyncio.sleep(0.5)

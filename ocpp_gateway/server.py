@@ -349,6 +349,8 @@ async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
     try:
         async with asyncio.timeout(10):
             await gateway.reporter.flush()
+    except TimeoutError:
+        logger.error("%d events not written before shutdown (Redis away)", gateway.reporter.backlog)
     except Exception:
         logger.exception("%d events not written before shutdown", gateway.reporter.backlog)
     for task in background:
