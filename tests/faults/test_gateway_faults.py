@@ -20,7 +20,7 @@ from ocpp_gateway.simulator import Fleet, StationSpec, Timing
 from tests.ocpp_gateway.redis_server import redis_server
 from tests.ocpp_gateway.registry import publish_registry, stream_events
 from tests.ocpp_gateway.test_gateway import health
-from tests.processes import free_port, wait_for
+from tests.processes import free_port, port_open, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +94,8 @@ def test_redis_killed_and_restarted_empty_keeps_every_station(start_gateway, tmp
                         assert station.online, station
                         assert station.events("disconnected") == [], station.identity
                         assert len(station.events("connected")) == 1, station.identity
+                    # Stopped while Redis is up: its shutdown flush has nothing to wait for.
+                    _signal_gateway(base_port(base), signal.SIGTERM)
     client.close()
 
 
@@ -112,7 +114,7 @@ def test_each_gateway_killed_and_restarted_gets_its_stations_back(
         fleet.wait_until(lambda: all(s.online for s in fleet), 20, "every station online")
         for csms in ("csms-1", "csms-2"):
             mine = [i for i in STATIONS if homes[i] == csms]
-            _kill_gateway(ports[csms])
+            _signal_gateway(ports[csms], signal.SIGKILL)
             fleet.wait_until(
                 lambda mine=mine: all(fleet[i].events("disconnected") for i in mine),
                 10,
@@ -132,10 +134,16 @@ def test_each_gateway_killed_and_restarted_gets_its_stations_back(
             assert station.connected_url == urls[homes[station.identity]], station
 
 
-def _kill_gateway(port: int) -> None:
+def base_port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1].split("/")[0])
+
+
+def _signal_gateway(port: int, signum: int) -> None:
+    """Signal the gateway on port and wait until it is gone."""
     found = subprocess.run(
         ["pgrep", "-f", f"ocpp_gateway .*--port {port}"], capture_output=True, text=True
     )
     pids = [int(pid) for pid in found.stdout.split()]
     assert len(pids) == 1, f"expected one gateway on port {port}, found {pids}"
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(pids[0], signum)
+    wait_for(lambda: not port_open(port), 15, f"the gateway on port {port} to exit")

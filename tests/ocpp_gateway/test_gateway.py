@@ -184,6 +184,7 @@ def test_a_reconnecting_station_replaces_its_dead_connection(start_gateway, redi
                     send_command, redis_client, "CP1", "GetConfiguration", timeout=5
                 )
                 assert reply.outcome is Outcome.RESULT
+            first._connection.transport.abort()  # what is left of the dead one
             # The stale connection's end must not unsubscribe the live one; now it is gone.
             await asyncio.sleep(0)
 
