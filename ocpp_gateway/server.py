@@ -304,7 +304,6 @@ def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
 
 async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
     """Serve until stop is set, then close every connection (1001) and flush events."""
-    # A blocking pool waits for a free connection instead of failing under a burst.
     # A blocking pool waits for a free connection instead of failing under a burst; short
     # timeouts, so a Redis that went away only delays the background loops that use it.
     pool = aioredis.BlockingConnectionPool.from_url(

@@ -116,6 +116,30 @@ def test_while_the_registry_is_unknown_boots_are_pending_then_accepted(start_gat
     assert boots[1].data["charge_point_serial"] == "SN-1"
 
 
+def test_a_station_admitted_before_the_registry_but_not_in_it_is_rejected_and_closed(
+    start_gateway, redis_client
+):
+    base = start_gateway("csms-2", "--registry-refresh", "0.5")
+
+    async def scenario():
+        async with station_on(base, "CP1") as station:
+            assert station.boot_result.status == "Pending"
+            publish_registry(redis_client, "csms-2", {"CP2": ""})
+            await asyncio.to_thread(
+                wait_for, lambda: health(base)["admission"] == "registered", 5, "the registry"
+            )
+            result = await station.call(
+                call.BootNotification(charge_point_vendor="TestVendor", charge_point_model="T1")
+            )
+            await asyncio.wait_for(station._connection.wait_closed(), 5)
+            return result.status, station._connection.close_code
+
+    assert asyncio.run(scenario()) == ("Rejected", 1008)
+    boots = [e for e in stream_events(redis_client) if e.kind is EventKind.BOOT]
+    assert boots[-1].data["reason"] == "station CP1 is not registered on csms-2"
+    assert _refusal(base, "CP1").response.status_code == 403
+
+
 def test_a_boot_from_other_hardware_is_rejected_reported_closed_and_held_off(
     start_gateway, redis_client
 ):
