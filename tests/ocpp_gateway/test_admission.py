@@ -75,6 +75,25 @@ def test_an_unregistered_station_is_refused_and_falls_back_to_its_other_profile(
         assert not fleet["CP-X"].events("boot_not_accepted")
 
 
+def test_a_station_rejected_for_its_serial_falls_back_to_its_other_profile(
+    start_gateway, redis_client
+):
+    publish_registry(redis_client, "csms-2", {"CP-1": "SN-REAL"})
+    target = start_gateway("csms-2")
+    source = start_gateway("csms-1", "--open")
+    spec = StationSpec("CP-1", url=target, url2=source, serial_number="SN-OTHER", profile_timeout=1)
+    with Fleet([spec], timing=FAST) as fleet:
+        station = fleet["CP-1"]
+        fleet.wait_until(
+            lambda: station.online and station.connected_url == source,
+            15,
+            "the rejected station back on its other profile (the source)",
+        )
+        rejected = station.events("boot_not_accepted")
+        assert [(e["url"], e["status"]) for e in rejected] == [(target, "Rejected")]
+        assert station.events("fell_back")[-1]["to_url"] == source
+
+
 def test_a_registered_station_is_admitted_and_a_new_one_within_seconds(start_gateway, redis_client):
     publish_registry(redis_client, "csms-2", {"CP1": ""})
     base = start_gateway("csms-2")
