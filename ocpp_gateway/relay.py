@@ -8,7 +8,6 @@ a slow station never delays commands to another one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -59,16 +58,21 @@ class CommandRelay:
         # A channel of our own keeps the pubsub connection open while no station is held.
         self._own_channel = f"ocpp:gateway:{csms}:{uuid.uuid4()}"
         self._wanted: set[str] = {self._own_channel}
+        # Channels to check at the next reconcile; all of them after a reconnect.
+        self._dirty: set[str] = set()
+        self._check_all = False
         self._changed = asyncio.Event()
         # None until the first attempt: a Redis that is down at start is logged too.
         self.connected: bool | None = None
 
     def attach(self, station: str) -> None:
         self._wanted.add(command_channel(station))
+        self._dirty.add(command_channel(station))
         self._changed.set()
 
     def detach(self, station: str) -> None:
         self._wanted.discard(command_channel(station))
+        self._dirty.add(command_channel(station))
         self._changed.set()
 
     async def run(self) -> None:
@@ -97,6 +101,7 @@ class CommandRelay:
                 continue
             if not self.connected:
                 self.connected = True
+                self._check_all = True
                 self._changed.set()
             if message is None or message["type"] != "message":
                 continue
@@ -104,27 +109,39 @@ class CommandRelay:
 
     async def _reconcile(self) -> None:
         while True:
-            # Also every second, in case a change slipped between two checks.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._changed.wait()
+            await self._changed.wait()
             self._changed.clear()
             connection = self._pubsub.connection
             if not self.connected or connection is None or not connection.is_connected:
-                continue  # _receive reconnects; redis-py must not reconnect from two tasks
-            # A channel being unsubscribed counts as gone: a station that reconnected at
-            # once is subscribed again, after the UNSUBSCRIBE (Redis keeps the order).
-            leaving = {_text(channel) for channel in self._pubsub.pending_unsubscribe_channels}
-            subscribed = {_text(channel) for channel in self._pubsub.channels} - leaving
-            missing = sorted(self._wanted - subscribed)
-            extra = sorted(subscribed - self._wanted)
+                continue  # _receive reconnects, then sets _changed again
+            if self._check_all:  # after a reconnect: whatever redis-py knows or forgot
+                candidates = self._wanted | {_text(c) for c in self._pubsub.channels}
+            else:
+                candidates = self._dirty
+            self._dirty, self._check_all = set(), False
+            missing, extra = [], []
+            for channel in candidates:
+                key = channel.encode()
+                # A channel being unsubscribed counts as gone: a station that reconnected at
+                # once is subscribed again, after the UNSUBSCRIBE (Redis keeps the order).
+                subscribed = (
+                    key in self._pubsub.channels
+                    and key not in self._pubsub.pending_unsubscribe_channels
+                )
+                if channel in self._wanted and not subscribed:
+                    missing.append(channel)
+                elif channel not in self._wanted and subscribed:
+                    extra.append(channel)
             try:
                 for chunk in _chunks(missing):
                     await self._pubsub.subscribe(*chunk)
                 for chunk in _chunks(extra):
                     await self._pubsub.unsubscribe(*chunk)
             except (RedisError, OSError) as exc:
-                logger.warning("could not update %d subscriptions (%s)", len(missing), exc)
+                logger.warning("could not update %d subscriptions (%s)", len(candidates), exc)
+                self._dirty |= candidates
+                await asyncio.sleep(0.5)
+                self._changed.set()
                 continue
             if len(missing) >= 100:  # after a reconnect, not one station at a time
                 logger.info("subscribed %d stations' command channels", len(missing))

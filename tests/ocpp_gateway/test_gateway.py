@@ -294,3 +294,16 @@ def test_a_station_that_reconnects_at_once_gets_commands_at_once(start_gateway, 
                 assert reply.outcome is Outcome.RESULT
 
     asyncio.run(scenario())
+
+
+def test_the_command_line_refuses_an_unknown_action_and_bad_timings(monkeypatch, capsys):
+    from ocpp_gateway.__main__ import parse_args
+
+    monkeypatch.setenv("OCPP_GATEWAY_ALLOWED_ACTIONS", "ClearCache")
+    config = parse_args(["--csms", "c", "--allow-action", "UnlockConnector", "--open"])
+    assert {"ClearCache", "UnlockConnector", "Reset"} <= config.allowed_actions
+    assert config.open_admission and config.rejected_hold == 60 and config.registry_refresh == 2
+    for argv in (["--allow-action", "Nope"], ["--registry-refresh", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--csms", "c", *argv])
+    assert "'Nope' is not an OCPP 1.6 action" in capsys.readouterr().err
