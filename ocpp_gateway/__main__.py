@@ -10,6 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
+from ocpp.v16 import call
+
+from ocpp_gateway.envelopes import RELAYED_ACTIONS
 from ocpp_gateway.server import GatewayConfig, load_passwords, run_gateway
 
 
@@ -47,6 +50,33 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         type=Path,
         help="identity:password lines; when given, every station must authenticate (HTTP Basic)",
     )
+    parser.add_argument(
+        "--open",
+        action="store_true",
+        help="admit any station identity (a lab CSMS); by default only the stations "
+        "registered on the CSMS (the registry the Django side publishes in Redis)",
+    )
+    parser.add_argument(
+        "--registry-refresh",
+        type=float,
+        default=2.0,
+        help="seconds between checks for a new registry version (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rejected-hold",
+        type=float,
+        default=60.0,
+        help="after a Rejected BootNotification, refuse that station's connections this many "
+        "seconds, so it falls back to its other network profile (default %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-action",
+        action="append",
+        default=[],
+        metavar="ACTION",
+        help="also relay this OCPP action (repeatable; also OCPP_GATEWAY_ALLOWED_ACTIONS, "
+        f"comma separated); always relayed: {', '.join(RELAYED_ACTIONS)}",
+    )
     parser.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     parser.add_argument("--keyfile", help="TLS private key (PEM)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
@@ -62,6 +92,14 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         passwords = load_passwords(args.auth_file) if args.auth_file else None
     except (OSError, ValueError) as exc:
         parser.error(f"--auth-file: {exc}")
+    if args.registry_refresh <= 0 or args.rejected_hold < 0:
+        parser.error("--registry-refresh must be > 0 and --rejected-hold >= 0")
+    extra = [*args.allow_action, *os.environ.get("OCPP_GATEWAY_ALLOWED_ACTIONS", "").split(",")]
+    allowed = set(RELAYED_ACTIONS)
+    for action in filter(None, (name.strip() for name in extra)):
+        if not isinstance(getattr(call, action, None), type):
+            parser.error(f"--allow-action: {action!r} is not an OCPP 1.6 action")
+        allowed.add(action)
     return GatewayConfig(
         csms=args.csms,
         host=args.host,
@@ -73,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         passwords=passwords,
         certfile=args.certfile,
         keyfile=args.keyfile,
+        open_admission=args.open,
+        registry_refresh=args.registry_refresh,
+        rejected_hold=args.rejected_hold,
+        allowed_actions=frozenset(allowed),
     )
 
 

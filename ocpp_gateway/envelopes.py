@@ -25,6 +25,14 @@ EVENT_STREAM = "ocpp:events"
 EVENT_CONSUMER_GROUP = "inventory"
 # The Celery task the gateway nudges when it has appended events (see fleet.tasks).
 INGEST_EVENTS_TASK = "fleet.ingest_events"
+# The actions the product sends to stations; a gateway relays only these (plus what its
+# operator adds with --allow-action / OCPP_GATEWAY_ALLOWED_ACTIONS).
+RELAYED_ACTIONS = (
+    "GetConfiguration",
+    "ChangeConfiguration",
+    "Reset",
+    "GetInstalledCertificateIds",
+)
 # A reply nobody collects (the caller gave up) must not stay in Redis forever.
 REPLY_TTL_SECONDS = 300
 # The stations registered on a CSMS, published by the Django side for its gateways

@@ -3,13 +3,16 @@
 Events are queued in memory and written in batches (XADD), so the event loop never waits on
 Redis and 1000 stations booting at once cost a handful of round trips. After each write the
 Django side is nudged (a Celery task) at most once per interval; if the nudge or Redis fails,
-the work is retried, never dropped: the stream keeps events until a consumer acknowledges them.
+the work is retried: the stream keeps events until a consumer acknowledges them. While Redis
+is away the queue is bounded: routine events (status, connect, disconnect) go first, boots
+and security events only when nothing else is left to drop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import time
@@ -24,8 +27,12 @@ from ocpp_gateway.envelopes import EVENT_STREAM, INGEST_EVENTS_TASK, Event, Even
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 500
-# A backlog this large means Redis has been away for a while: say so, keep everything.
+# A backlog this large means Redis has been away for a while: say so.
 BACKLOG_WARNING = 50_000
+# About 10 events per station of a 10,000-station gateway; ~50 MB at most.
+MAX_BACKLOG = 100_000
+# The kinds the Django side can do without: a later event or a reconnect supersedes them.
+ROUTINE_KINDS = frozenset({EventKind.STATUS, EventKind.CONNECT, EventKind.DISCONNECT})
 
 
 class EventReporter:
@@ -36,6 +43,7 @@ class EventReporter:
         nudge: Callable[[], None] | None = None,
         *,
         nudge_interval: float = 0.25,
+        max_backlog: int = MAX_BACKLOG,
     ) -> None:
         self._redis = redis
         self._csms = csms
@@ -46,15 +54,45 @@ class EventReporter:
         self._needs_nudge = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._max_backlog = max_backlog
         self.written = 0
+        self.dropped = 0
+        # Taken out of the queue while being written, so dropping never shifts it.
+        self._in_flight = 0
 
     def report(self, kind: EventKind, station: str, data: dict[str, Any]) -> None:
         event = Event(kind=kind, station=station, csms=self._csms, at=time.time(), data=data)
+        if len(self._queue) + self._in_flight >= self._max_backlog:
+            self._drop()
         self._queue.append(event)
         self._idle.clear()
         self._has_events.set()
         if len(self._queue) == BACKLOG_WARNING:
             logger.warning("%d events waiting for Redis", BACKLOG_WARNING)
+
+    def _drop(self) -> None:
+        """Make room: the oldest tenth of routine events, else the oldest events at all."""
+        want = max(1, self._max_backlog // 10)
+        kept: collections.deque[Event] = collections.deque()
+        dropped: collections.Counter[str] = collections.Counter()
+        count = 0
+        for event in self._queue:
+            if count < want and event.kind in ROUTINE_KINDS:
+                dropped[event.kind] += 1
+                count += 1
+            else:
+                kept.append(event)
+        while count < want and kept:
+            dropped[kept.popleft().kind] += 1
+            count += 1
+        self._queue = kept
+        self.dropped += count
+        logger.error(
+            "event backlog full (%d, Redis away): dropped the oldest %s (%d dropped in all)",
+            self._max_backlog,
+            ", ".join(f"{n} {kind}" for kind, n in sorted(dropped.items())),
+            self.dropped,
+        )
 
     async def run(self) -> None:
         """Write queued events until cancelled."""
@@ -75,21 +113,24 @@ class EventReporter:
 
     @property
     def backlog(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + self._in_flight
 
     async def _write_pending(self) -> None:
         backoff = 0.1
         while self._queue:
-            batch = [self._queue[i] for i in range(min(BATCH_SIZE, len(self._queue)))]
+            batch = [self._queue.popleft() for _ in range(min(BATCH_SIZE, len(self._queue)))]
+            self._in_flight = len(batch)
             try:
                 await self._write(batch)
-            except RedisError as exc:
-                logger.warning("Redis refused %d events (%s); retrying", len(batch), exc)
+            except (RedisError, OSError) as exc:
+                self._queue.extendleft(reversed(batch))
+                self._in_flight = 0
+                if backoff == 0.1:
+                    logger.warning("Redis refused %d events (%s); retrying", len(batch), exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 continue
-            for _ in batch:
-                self._queue.popleft()
+            self._in_flight = 0
             self.written += len(batch)
             self._needs_nudge.set()
             backoff = 0.1
@@ -109,27 +150,39 @@ class EventReporter:
 
     async def _nudge_loop(self) -> None:
         assert self._nudge is not None
+        backoff = 1.0
         while True:
             await self._needs_nudge.wait()
             self._needs_nudge.clear()
             try:
                 # Celery's publish blocks on the broker: keep it off the event loop.
                 await asyncio.to_thread(self._nudge)
-            except Exception:
-                logger.exception("could not nudge the event consumer; will retry")
+            except Exception as exc:
+                # Redis is away (the usual cause): one line per attempt, not a traceback.
+                logger.warning("could not nudge the event consumer (%s); retrying", exc)
                 self._needs_nudge.set()
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 1.0
             await asyncio.sleep(self._nudge_interval)
 
 
-def celery_nudger(broker_url: str) -> Callable[[], None]:
-    """Send the ingestion task by name: the gateway needs Celery's client, not Django."""
+TaskSender = Callable[..., None]
+
+
+def celery_sender(broker_url: str) -> TaskSender:
+    """send(task_name, *args): tasks by name, so the gateway needs Celery's client, not Django."""
     from celery import Celery
 
     app = Celery("ocpp_gateway", broker=broker_url)
     app.conf.broker_connection_retry_on_startup = True
 
-    def nudge() -> None:
-        app.send_task(INGEST_EVENTS_TASK)
+    def send(task: str, *args: Any) -> None:
+        app.send_task(task, args=list(args))
 
-    return nudge
+    return send
+
+
+def ingest_nudger(send: TaskSender) -> Callable[[], None]:
+    return functools.partial(send, INGEST_EVENTS_TASK)

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ocpp_gateway.envelopes import (
+    RELAYED_ACTIONS,
     REPLY_TTL_SECONDS,
     Command,
     EnvelopeError,
@@ -33,44 +34,117 @@ Executor = Callable[[Command], Awaitable[Reply | None]]
 
 
 class CommandRelay:
-    def __init__(self, redis: aioredis.Redis, csms: str, execute: Executor) -> None:
+    """Keeps the pubsub subscriptions equal to the stations held, whatever Redis does.
+
+    attach/detach only change the wanted set: a station's connection never waits for
+    Redis. A reconciler subscribes what is missing once the pubsub connection is up. redis-py
+    re-subscribes its known channels on reconnect (also to a restarted, empty Redis) but
+    forgets a channel whose SUBSCRIBE failed; the reconciler covers that.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        csms: str,
+        execute: Executor,
+        allowed_actions: frozenset[str] = frozenset(RELAYED_ACTIONS),
+    ) -> None:
         self._redis = redis
         self._csms = csms
         self._execute = execute
+        self._allowed = allowed_actions
         self._pubsub = redis.pubsub()
         self._tasks: set[asyncio.Task] = set()
         # A channel of our own keeps the pubsub connection open while no station is held.
         self._own_channel = f"ocpp:gateway:{csms}:{uuid.uuid4()}"
+        self._wanted: set[str] = {self._own_channel}
+        # Channels to check at the next reconcile; all of them after a reconnect.
+        self._dirty: set[str] = set()
+        self._check_all = False
+        self._changed = asyncio.Event()
+        # None until the first attempt: a Redis that is down at start is logged too.
+        self.connected: bool | None = None
 
-    async def start(self) -> None:
-        await self._pubsub.subscribe(self._own_channel)
+    def attach(self, station: str) -> None:
+        self._wanted.add(command_channel(station))
+        self._dirty.add(command_channel(station))
+        self._changed.set()
 
-    async def attach(self, station: str) -> None:
-        await self._pubsub.subscribe(command_channel(station))
-
-    async def detach(self, station: str) -> None:
-        try:
-            await self._pubsub.unsubscribe(command_channel(station))
-        except RedisError as exc:
-            # The subscription dies with the connection; a command meanwhile gets the
-            # "disconnected" answer, since the station is no longer registered.
-            logger.warning("could not unsubscribe %s (%s)", station, exc)
+    def detach(self, station: str) -> None:
+        self._wanted.discard(command_channel(station))
+        self._dirty.add(command_channel(station))
+        self._changed.set()
 
     async def run(self) -> None:
-        """Receive commands until cancelled."""
+        """Receive commands and keep the subscriptions current, until cancelled."""
+        reconciler = asyncio.create_task(self._reconcile())
+        try:
+            await self._receive()
+        finally:
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
+
+    async def _receive(self) -> None:
         while True:
             try:
+                if self._pubsub.connection is None:
+                    await self._pubsub.subscribe(self._own_channel)  # connects
                 message = await self._pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=1.0
                 )
-            except RedisError as exc:
-                # redis-py reconnects and re-subscribes on the next call.
-                logger.warning("command channel lost (%s); reconnecting", exc)
+            except (RedisError, OSError) as exc:
+                # The next get_message reconnects and redis-py re-subscribes what it knows.
+                if self.connected is not False:
+                    logger.warning("command channel lost (%s); reconnecting", exc)
+                self.connected = False
                 await asyncio.sleep(0.5)
                 continue
+            if not self.connected:
+                self.connected = True
+                self._check_all = True
+                self._changed.set()
             if message is None or message["type"] != "message":
                 continue
             self._spawn(self._handle(message["data"]))
+
+    async def _reconcile(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            connection = self._pubsub.connection
+            if not self.connected or connection is None or not connection.is_connected:
+                continue  # _receive reconnects, then sets _changed again
+            if self._check_all:  # after a reconnect: whatever redis-py knows or forgot
+                candidates = self._wanted | {_text(c) for c in self._pubsub.channels}
+            else:
+                candidates = self._dirty
+            self._dirty, self._check_all = set(), False
+            missing, extra = [], []
+            for channel in candidates:
+                key = channel.encode()
+                # A channel being unsubscribed counts as gone: a station that reconnected at
+                # once is subscribed again, after the UNSUBSCRIBE (Redis keeps the order).
+                subscribed = (
+                    key in self._pubsub.channels
+                    and key not in self._pubsub.pending_unsubscribe_channels
+                )
+                if channel in self._wanted and not subscribed:
+                    missing.append(channel)
+                elif channel not in self._wanted and subscribed:
+                    extra.append(channel)
+            try:
+                for chunk in _chunks(missing):
+                    await self._pubsub.subscribe(*chunk)
+                for chunk in _chunks(extra):
+                    await self._pubsub.unsubscribe(*chunk)
+            except (RedisError, OSError) as exc:
+                logger.warning("could not update %d subscriptions (%s)", len(candidates), exc)
+                self._dirty |= candidates
+                await asyncio.sleep(0.5)
+                self._changed.set()
+                continue
+            if len(missing) >= 100:  # after a reconnect, not one station at a time
+                logger.info("subscribed %d stations' command channels", len(missing))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -92,6 +166,12 @@ class CommandRelay:
             return
         if command.csms and command.csms != self._csms:
             reply = self._not_here(command, f"addressed to {command.csms}, not {self._csms}")
+        elif command.action not in self._allowed:
+            why = (
+                f"action {command.action} is not allowed by this gateway"
+                " (add it with --allow-action)"
+            )
+            reply = self._not_here(command, why, Outcome.REJECTED)
         else:
             try:
                 reply = await self._execute(command) or self._not_here(
@@ -144,3 +224,11 @@ class CommandRelay:
                 logger.warning("could not push reply %s (%s)", reply.command_id, exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
         logger.error("gave up pushing reply %s; the caller will time out", reply.command_id)
+
+
+def _text(channel: bytes | str) -> str:
+    return channel.decode() if isinstance(channel, bytes) else channel
+
+
+def _chunks(channels: list[str], size: int = 1000) -> list[list[str]]:
+    return [channels[i : i + size] for i in range(0, len(channels), size)]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import functools
 import hmac
 import json
 import logging
 import ssl
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import unquote
@@ -21,8 +25,16 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ocpp_gateway.connections import ConnectionRegistry
-from ocpp_gateway.envelopes import Command, EventKind, Reply
-from ocpp_gateway.events import EventReporter, celery_nudger
+from ocpp_gateway.envelopes import (
+    PUBLISH_REGISTRY_TASK,
+    RELAYED_ACTIONS,
+    Command,
+    EventKind,
+    Reply,
+    password_matches,
+)
+from ocpp_gateway.events import EventReporter, celery_sender, ingest_nudger
+from ocpp_gateway.registry import Registry
 from ocpp_gateway.relay import CommandRelay
 from ocpp_gateway.session import StationSession
 
@@ -31,6 +43,9 @@ logger = logging.getLogger(__name__)
 SUBPROTOCOL = "ocpp1.6"
 HEALTH_PATH = "/health"
 MAX_IDENTITY_LENGTH = 64
+# How long the station holding an identity has to answer a ping before a newcomer without
+# credentials may take the identity over (the old connection is then dead).
+LIVENESS_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,13 @@ class GatewayConfig:
     keyfile: str | None = None
     # Send the ingestion nudge through Celery; off only in tests of the gateway alone.
     nudge_consumer: bool = True
+    # Admit any identity (a lab CSMS); otherwise only those in the published registry.
+    open_admission: bool = False
+    registry_refresh: float = 2.0
+    # After a Rejected boot, refuse the identity's handshakes this long (seconds), so the
+    # station's own profile fallback takes it back to its previous CSMS.
+    rejected_hold: float = 60.0
+    allowed_actions: frozenset[str] = field(default=frozenset(RELAYED_ACTIONS))
 
 
 def load_passwords(path: Path) -> dict[str, str]:
@@ -102,21 +124,38 @@ class Gateway:
     def __init__(self, config: GatewayConfig, redis: aioredis.Redis) -> None:
         self.config = config
         self.redis = redis
-        self.registry: ConnectionRegistry[StationSession] = ConnectionRegistry()
-        nudge = celery_nudger(config.redis_url) if config.nudge_consumer else None
-        self.reporter = EventReporter(redis, config.csms, nudge)
-        self.relay = CommandRelay(redis, config.csms, self._execute)
+        self.sessions: ConnectionRegistry[StationSession] = ConnectionRegistry()
+        send = celery_sender(config.redis_url) if config.nudge_consumer else None
+        self.reporter = EventReporter(redis, config.csms, ingest_nudger(send) if send else None)
+        self.registry = Registry(
+            redis,
+            config.csms,
+            refresh=config.registry_refresh,
+            open_admission=config.open_admission,
+            request_publish=functools.partial(send, PUBLISH_REGISTRY_TASK, config.csms)
+            if send
+            else None,
+        )
+        self.relay = CommandRelay(redis, config.csms, self._execute, config.allowed_actions)
         self._background: set[asyncio.Task] = set()
+        # Identity -> monotonic time until which its handshakes are refused (boot Rejected).
+        self._held: dict[str, float] = {}
+        # Handshake -> whether it passed a password check (None: none was required).
+        self._authenticated: weakref.WeakKeyDictionary[ServerConnection, bool | None] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def _execute(self, command: Command) -> Reply | None:
-        session = self.registry.get(command.station)
+        session = self.sessions.get(command.station)
         if session is None:
             return None
         return await session.run_command(command)
 
-    # --- handshake -----------------------------------------------------------------------
+    # --- handshake: in memory only, never Redis ---------------------------------------------
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         if request.path == HEALTH_PATH and "Upgrade" not in request.headers:
             return self._health(connection)
         identity = station_identity(request.path)
@@ -126,65 +165,132 @@ class Gateway:
             return connection.respond(
                 HTTPStatus.BAD_REQUEST, f"The {SUBPROTOCOL} subprotocol is required.\n"
             )
-        if self.config.passwords is not None and not self._authorised(identity, request):
+        csms = self.config.csms
+        if self._is_held(identity):
+            logger.warning("refused %s: its boot was rejected, held off", identity)
+            return connection.respond(
+                HTTPStatus.FORBIDDEN, f"Station {identity} was rejected by CSMS {csms}.\n"
+            )
+        if self.registry.admits(identity) is False:
+            logger.warning("refused %s: not registered on CSMS %s", identity, csms)
+            return connection.respond(
+                HTTPStatus.FORBIDDEN, f"Station {identity} is not registered on CSMS {csms}.\n"
+            )
+        authenticated = self._check_credentials(identity, request)
+        if authenticated is False:
             logger.warning("refused %s: bad or missing credentials", identity)
             response = connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized.\n")
             response.headers["WWW-Authenticate"] = 'Basic realm="OCPP", charset="UTF-8"'
             return response
+        live = self.sessions.get(identity)
+        if live is not None and not authenticated and await live.answers_ping(LIVENESS_TIMEOUT):
+            address = _address(connection)
+            logger.warning("refused %s from %s: the station is connected", identity, address)
+            self.reporter.report(
+                EventKind.SECURITY,
+                identity,
+                {
+                    "reason": "second connection refused while the station is connected",
+                    "address": address,
+                },
+            )
+            return connection.respond(
+                HTTPStatus.CONFLICT, f"Station {identity} is already connected.\n"
+            )
+        self._authenticated[connection] = authenticated
         return None
 
-    def _authorised(self, identity: str, request: Request) -> bool:
-        credentials = _basic_credentials(request.headers)
+    def _is_held(self, identity: str) -> bool:
+        until = self._held.get(identity)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._held[identity]
+        return False
+
+    def _hold(self, identity: str) -> None:
+        self._held[identity] = time.monotonic() + self.config.rejected_hold
+
+    def _check_credentials(self, identity: str, request: Request) -> bool | None:
+        """True: the right password; False: refuse; None: this station needs none."""
         expected = (self.config.passwords or {}).get(identity)
-        if credentials is None or expected is None:
+        entry = self.registry.entry(identity)
+        digest = entry.password_sha256 if entry else ""
+        if expected is None and not digest:
+            # With --auth-file every station must authenticate, as it always did.
+            return None if self.config.passwords is None else False
+        credentials = _basic_credentials(request.headers)
+        if credentials is None:
             return False
         user, password = credentials
         # Compare both, always, in constant time: no timing hint about which one was wrong.
         user_ok = hmac.compare_digest(user.encode(), identity.encode())
-        password_ok = hmac.compare_digest(password.encode(), expected.encode())
+        if expected is not None:  # the file's password wins over the registry's
+            password_ok = hmac.compare_digest(password.encode(), expected.encode())
+        else:
+            password_ok = password_matches(digest, password)
         return user_ok and password_ok
 
     def _health(self, connection: ServerConnection) -> Response:
         body = json.dumps(
-            {"status": "ok", "csms": self.config.csms, "stations": len(self.registry)}
+            {
+                "status": "ok",
+                "csms": self.config.csms,
+                "stations": len(self.sessions),
+                "admission": self.registry.admission.value,
+                "registered": self.registry.registered,
+                "redis": "ok" if self.relay.connected and self.registry.redis_ok else "down",
+                "event_backlog": self.reporter.backlog,
+            }
         )
         response = connection.respond(HTTPStatus.OK, body + "\n")
         del response.headers["Content-Type"]  # respond() set text/plain
         response.headers["Content-Type"] = "application/json"
         return response
 
-    # --- one connection ------------------------------------------------------------------
+    # --- one connection: no Redis round trip on this path ------------------------------------
 
     async def handle(self, connection: ServerConnection) -> None:
         identity = station_identity(connection.request.path)
         assert identity is not None  # process_request refused anything else
+        address = _address(connection)
         session = StationSession(
             identity,
             connection,
             csms=self.config.csms,
             reporter=self.reporter,
             heartbeat_interval=self.config.heartbeat_interval,
+            registry=self.registry,
+            on_rejected=self._hold,
+            address=address,
         )
-        stale = self.registry.register(identity, session)
+        stale = self.sessions.register(identity, session)
         if stale is not None:
             logger.info("%s reconnected; closing its stale connection", identity)
             closing = asyncio.create_task(stale.close("replaced by a new connection"))
             self._background.add(closing)
             closing.add_done_callback(self._background.discard)
-        address = connection.remote_address[0] if connection.remote_address else ""
-        self.reporter.report(EventKind.CONNECT, identity, {"address": address})
+        authenticated = self._authenticated.pop(connection, None)
+        self.reporter.report(
+            EventKind.CONNECT, identity, {"address": address, "authenticated": bool(authenticated)}
+        )
+        self.relay.attach(identity)
         try:
-            await self.relay.attach(identity)
             await session.start()
         except ConnectionClosed:
             pass
         finally:
-            current = self.registry.unregister(identity, session)
+            current = self.sessions.unregister(identity, session)
             # A replaced connection's end says nothing about the station: it is connected.
             data = {"code": connection.close_code, "replaced": not current}
             self.reporter.report(EventKind.DISCONNECT, identity, data)  # queued, never lost
             if current:
-                await self.relay.detach(identity)
+                self.relay.detach(identity)
+
+
+def _address(connection: ServerConnection) -> str:
+    return connection.remote_address[0] if connection.remote_address else ""
 
 
 def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
@@ -198,16 +304,25 @@ def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
 
 async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
     """Serve until stop is set, then close every connection (1001) and flush events."""
-    # A blocking pool waits for a free connection instead of failing under a burst.
+    # A blocking pool waits for a free connection instead of failing under a burst; short
+    # timeouts, so a Redis that went away only delays the background loops that use it.
     pool = aioredis.BlockingConnectionPool.from_url(
-        config.redis_url, max_connections=64, timeout=10
+        config.redis_url,
+        max_connections=64,
+        timeout=2,
+        socket_connect_timeout=2,
+        socket_timeout=5,
     )
     redis = aioredis.Redis(connection_pool=pool)
     gateway = Gateway(config, redis)
-    await gateway.relay.start()
+    # Load the registry before listening when Redis answers: no needless Pending at start.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(3):
+            await gateway.registry.refresh()
     background = [
         asyncio.create_task(gateway.reporter.run()),
         asyncio.create_task(gateway.relay.run()),
+        asyncio.create_task(gateway.registry.run()),
     ]
     async with serve(
         gateway.handle,
@@ -227,12 +342,14 @@ async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
             "gateway %s listening on %s://%s:%d/", config.csms, scheme, config.host, config.port
         )
         await stop.wait()
-        logger.info("shutting down: closing %d station connections", len(gateway.registry))
+        logger.info("shutting down: closing %d station connections", len(gateway.sessions))
         server.close(close_connections=True)  # close code 1001, going away
         await server.wait_closed()
     try:
         async with asyncio.timeout(10):
             await gateway.reporter.flush()
+    except TimeoutError:
+        logger.error("%d events not written before shutdown (Redis away)", gateway.reporter.backlog)
     except Exception:
         logger.exception("%d events not written before shutdown", gateway.reporter.backlog)
     for task in background:

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from ocpp.charge_point import (
 )
 from ocpp.exceptions import OCPPError
 from ocpp.messages import Call, CallError, MessageType, unpack, validate_payload
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import (
     Action,
@@ -30,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ocpp_gateway.envelopes import Command, EventKind, Outcome, Reply
 from ocpp_gateway.events import EventReporter
+from ocpp_gateway.registry import OTHER_HARDWARE, BootStatus, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ OCPP_VERSION = "1.6"
 # Transaction ids must be unique per central system; seeding from the clock keeps them
 # unique across gateway restarts without shared state.
 _transaction_ids = itertools.count(int(time.time()) % 1_000_000_000)
+# Boot retry interval while the registry is unknown: it is usually loaded within seconds.
+PENDING_INTERVAL = 5
+# Policy violation: the close code a station gets after its boot was Rejected.
+CLOSE_REJECTED = 1008
 
 
 def _now_iso() -> str:
@@ -54,14 +60,35 @@ class StationSession(ChargePoint):
         csms: str,
         reporter: EventReporter,
         heartbeat_interval: int,
+        registry: Registry,
+        on_rejected: Callable[[str], None],
+        address: str = "",
     ) -> None:
         super().__init__(identity, connection)
         self.csms = csms
         self._reporter = reporter
         self._heartbeat_interval = heartbeat_interval
+        self._registry = registry
+        self._on_rejected = on_rejected
+        self._address = address
+        # The answer to the last BootNotification on this connection; None: no boot yet
+        # (a station reconnecting after a network drop does not boot again).
+        self.boot_status: BootStatus | None = None
+        self._rejection = ""
+        self._closing: asyncio.Task | None = None
 
     async def close(self, reason: str) -> None:
         await self._connection.close(1000, reason)
+
+    async def answers_ping(self, within: float) -> bool:
+        """Whether the station's connection is alive: it answers a websocket ping in time."""
+        try:
+            pong = await self._connection.ping()
+            async with asyncio.timeout(within):
+                await pong
+        except (TimeoutError, ConnectionClosed, ConnectionError):
+            return False
+        return True
 
     # --- inbound: what the station sends -------------------------------------------------
 
@@ -83,23 +110,55 @@ class StationSession(ChargePoint):
     def on_boot_notification(
         self, charge_point_vendor: str, charge_point_model: str, **kwargs: Any
     ) -> call_result.BootNotification:
+        charge_point_serial = kwargs.get("charge_point_serial_number") or ""
+        charge_box_serial = kwargs.get("charge_box_serial_number") or ""
+        verdict = self._registry.boot_verdict(self.id, (charge_point_serial, charge_box_serial))
+        self.boot_status = verdict.status
+        self._rejection = verdict.reason if verdict.status is BootStatus.REJECTED else ""
+        if verdict.reason == OTHER_HARDWARE:
+            entry = self._registry.entry(self.id)
+            self._reporter.report(
+                EventKind.SECURITY,
+                self.id,
+                {
+                    "reason": OTHER_HARDWARE,
+                    "expected_serial": entry.serial if entry else "",
+                    "serial": charge_point_serial or charge_box_serial,
+                    "address": self._address,
+                },
+            )
         self._reporter.report(
             EventKind.BOOT,
             self.id,
             {
                 "vendor": charge_point_vendor,
                 "model": charge_point_model,
-                "serial": kwargs.get("charge_point_serial_number")
-                or kwargs.get("charge_box_serial_number")
-                or "",
+                "serial": charge_point_serial or charge_box_serial,
+                "charge_point_serial": charge_point_serial,
+                "charge_box_serial": charge_box_serial,
                 "firmware": kwargs.get("firmware_version") or "",
+                "status": verdict.status.value,
+                "reason": verdict.reason,
             },
         )
+        if verdict.status is not BootStatus.ACCEPTED:
+            logger.warning("%s: boot %s (%s)", self.id, verdict.status.value, verdict.reason)
+        interval = PENDING_INTERVAL if verdict.status is BootStatus.PENDING else 0
         return call_result.BootNotification(
             current_time=_now_iso(),
-            interval=self._heartbeat_interval,
-            status=RegistrationStatus.accepted,
+            interval=interval or self._heartbeat_interval,
+            status=RegistrationStatus(verdict.status.value),
         )
+
+    @after(Action.boot_notification)
+    def after_boot_notification(self, **_: Any) -> None:
+        # A station retries a Rejected boot on the same socket forever: closing (and the
+        # gateway holding the identity off) lets its profile fallback take it elsewhere.
+        if self._rejection and self._closing is None:
+            self._on_rejected(self.id)
+            self._closing = asyncio.create_task(
+                self._connection.close(CLOSE_REJECTED, _close_reason(self._rejection))
+            )
 
     @on(Action.heartbeat)
     def on_heartbeat(self) -> call_result.Heartbeat:
@@ -166,6 +225,10 @@ class StationSession(ChargePoint):
                 **fields,
             )
 
+        if self.boot_status is BootStatus.REJECTED:
+            return reply(
+                Outcome.REJECTED, error_description="station not accepted by this CSMS", sent=False
+            )
         request_type = getattr(call, command.action, None)
         if not isinstance(request_type, type):
             return reply(
@@ -246,6 +309,11 @@ class _Progress:
     """How far one command got: whether its frame was handed to the socket."""
 
     sent = False
+
+
+def _close_reason(why: str) -> str:
+    # A websocket close reason is at most 123 bytes.
+    return f"boot rejected: {why}".encode()[:123].decode(errors="ignore")
 
 
 def _unique_id_of(raw_msg: str) -> str | None:

@@ -130,15 +130,20 @@ def celery_worker(start_worker) -> Path:
 
 @pytest.fixture
 def start_gateway(redis_client, redis_url, tmp_path):
-    """Start `python -m ocpp_gateway --csms NAME` on a free port; returns its ws base URL."""
+    """Start `python -m ocpp_gateway --csms NAME *extra` on a free port; returns its ws base URL.
+
+    The gateway admits only the stations registered on its CSMS (the registry in Redis):
+    a test that is not about admission passes "--open". ``redis`` replaces this test's
+    Redis URL (e.g. a server with a password); ``port`` restarts a killed gateway in place.
+    """
     from contextlib import ExitStack
 
     from tests.processes import port_open
 
     with ExitStack() as stack:
 
-        def start(csms: str, *extra: str) -> str:
-            port = free_port()
+        def start(csms: str, *extra: str, redis: str | None = None, port: int | None = None) -> str:
+            port = port or free_port()
             log = tmp_path / f"gateway-{csms}.log"
             args = python(
                 "-m",
@@ -151,7 +156,7 @@ def start_gateway(redis_client, redis_url, tmp_path):
                 str(port),
                 *extra,
             )
-            stack.enter_context(running(args, env={"REDIS_URL": redis_url}, log=log))
+            stack.enter_context(running(args, env={"REDIS_URL": redis or redis_url}, log=log))
             wait_for(lambda: port_open(port), 15, f"gateway {csms} to listen")
             return f"ws://127.0.0.1:{port}/ocpp"
 

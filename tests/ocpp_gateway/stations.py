@@ -17,6 +17,7 @@ class ScriptedStation(ChargePoint):
 
     change_configuration_error: Exception | None = None
     silent: bool = False
+    boot_result: call_result.BootNotification | None = None
 
     @on("GetConfiguration")
     async def on_get_configuration(self, key: list[str] | None = None, **_: Any):
@@ -36,7 +37,12 @@ class ScriptedStation(ChargePoint):
 
 @contextlib.asynccontextmanager
 async def station_on(
-    base_url: str, identity: str, *, boot: bool = True, **connect_kwargs: Any
+    base_url: str,
+    identity: str,
+    *,
+    boot: bool = True,
+    serial: str | None = None,
+    **connect_kwargs: Any,
 ) -> AsyncIterator[ScriptedStation]:
     connect_kwargs.setdefault("subprotocols", ["ocpp1.6"])
     async with connect(f"{base_url}/{identity}", **connect_kwargs) as ws:
@@ -44,11 +50,12 @@ async def station_on(
         runner = asyncio.create_task(station.start())
         try:
             if boot:
-                await station.call(
+                station.boot_result = await station.call(
                     call.BootNotification(
                         charge_point_vendor="TestVendor",
                         charge_point_model="T1",
                         firmware_version="4.2.85",
+                        charge_point_serial_number=serial,
                     )
                 )
             yield station

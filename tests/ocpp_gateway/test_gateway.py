@@ -24,16 +24,28 @@ def http_base(ws_url: str) -> str:
     return ws_url.replace("ws://", "http://").rsplit("/", 1)[0]
 
 
+def health(ws_url: str) -> dict:
+    with urllib.request.urlopen(f"{http_base(ws_url)}/health", timeout=5) as response:
+        return json.load(response)
+
+
 def test_it_answers_the_health_check(start_gateway):
-    base = start_gateway("csms-1")
-    with urllib.request.urlopen(f"{http_base(base)}/health", timeout=5) as response:
-        body = json.load(response)
-    assert body == {"status": "ok", "csms": "csms-1", "stations": 0}
+    base = start_gateway("csms-1", "--open")
+    body = wait_for(lambda: (b := health(base))["redis"] == "ok" and b, 5, "redis ok in /health")
+    assert body == {
+        "status": "ok",
+        "csms": "csms-1",
+        "stations": 0,
+        "admission": "open",
+        "registered": 0,
+        "redis": "ok",
+        "event_backlog": 0,
+    }
 
 
 @pytest.mark.parametrize("subprotocols", [["ocpp2.0.1"], None])
 def test_it_refuses_a_connection_without_the_ocpp16_subprotocol(start_gateway, subprotocols):
-    base = start_gateway("csms-1")
+    base = start_gateway("csms-1", "--open")
 
     async def attempt():
         async with connect(f"{base}/CP1", subprotocols=subprotocols):
@@ -54,7 +66,7 @@ def test_with_auth_it_refuses_wrong_credentials_before_the_upgrade(
 ):
     auth_file = tmp_path / "passwords"
     auth_file.write_text("# identity:password\nCP1:s3cret-key-0001\n")
-    base = start_gateway("csms-1", "--auth-file", str(auth_file))
+    base = start_gateway("csms-1", "--open", "--auth-file", str(auth_file))
 
     async def attempt(identity, headers):
         async with station_on(base, identity, additional_headers=headers) as station:
@@ -74,7 +86,7 @@ def test_with_auth_it_refuses_wrong_credentials_before_the_upgrade(
 
 
 def test_a_boot_is_reported_durably_and_kept_as_the_last_boot(start_gateway, redis_client):
-    base = start_gateway("csms-1")
+    base = start_gateway("csms-1", "--open")
 
     async def boot_and_leave():
         async with station_on(base, "CP1"):
@@ -95,7 +107,7 @@ def test_a_boot_is_reported_durably_and_kept_as_the_last_boot(start_gateway, red
 def test_commands_reach_the_station_and_errors_come_back_with_their_code(
     start_gateway, redis_client
 ):
-    base = start_gateway("csms-1")
+    base = start_gateway("csms-1", "--open")
 
     async def scenario():
         async with station_on(base, "CP1") as station:
@@ -120,17 +132,20 @@ def test_commands_reach_the_station_and_errors_come_back_with_their_code(
             assert reply.error_code == "GenericError"
             assert reply.error_description == "firmware says no"
 
-            reply = await asyncio.to_thread(
-                send_command, redis_client, "CP1", "NoSuchAction", {}, timeout=5
-            )
-            assert reply.outcome is Outcome.REJECTED
-            assert "unknown action" in reply.error_description
+            for action in ["NoSuchAction", "ClearCache"]:  # ClearCache: OCPP, not allowed
+                reply = await asyncio.to_thread(
+                    send_command, redis_client, "CP1", action, {}, timeout=5
+                )
+                assert reply.outcome is Outcome.REJECTED and reply.sent is False
+                assert reply.error_description == (
+                    f"action {action} is not allowed by this gateway (add it with --allow-action)"
+                )
 
     asyncio.run(scenario())
 
 
 def test_a_command_to_a_station_no_gateway_holds_fails_at_once(start_gateway, redis_client):
-    start_gateway("csms-1")
+    start_gateway("csms-1", "--open")
     started = time.monotonic()
     with pytest.raises(StationOffline):
         send_command(redis_client, "NOBODY", "GetConfiguration", timeout=30)
@@ -140,7 +155,7 @@ def test_a_command_to_a_station_no_gateway_holds_fails_at_once(start_gateway, re
 def test_a_station_that_never_answers_yields_a_timeout_within_the_deadline(
     start_gateway, redis_client
 ):
-    base = start_gateway("csms-1")
+    base = start_gateway("csms-1", "--open")
 
     async def scenario():
         async with station_on(base, "CP1") as station:
@@ -157,18 +172,19 @@ def test_a_station_that_never_answers_yields_a_timeout_within_the_deadline(
     assert 1.4 <= took < 1.5 + 1.0
 
 
-def test_a_reconnecting_station_replaces_its_stale_connection(start_gateway, redis_client):
-    base = start_gateway("csms-1")
+def test_a_reconnecting_station_replaces_its_dead_connection(start_gateway, redis_client):
+    base = start_gateway("csms-1", "--open")
 
     async def scenario():
         async with station_on(base, "CP1") as first:
+            # Power lost: the old socket answers nothing, not even a ping.
+            first._connection.transport.pause_reading()
             async with station_on(base, "CP1", boot=False):
-                # The gateway closes the old socket; its reader stops.
-                await asyncio.wait_for(first._connection.wait_closed(), 5)
                 reply = await asyncio.to_thread(
                     send_command, redis_client, "CP1", "GetConfiguration", timeout=5
                 )
                 assert reply.outcome is Outcome.RESULT
+            first._connection.transport.abort()  # what is left of the dead one
             # The stale connection's end must not unsubscribe the live one; now it is gone.
             await asyncio.sleep(0)
 
@@ -177,7 +193,7 @@ def test_a_reconnecting_station_replaces_its_stale_connection(start_gateway, red
 
 
 def test_a_malformed_frame_gets_a_callerror(start_gateway):
-    base = start_gateway("csms-1")
+    base = start_gateway("csms-1", "--open")
 
     async def scenario():
         async with connect(f"{base}/CP1", subprotocols=["ocpp1.6"]) as ws:
@@ -190,7 +206,7 @@ def test_a_malformed_frame_gets_a_callerror(start_gateway):
 
 
 def test_an_oversized_frame_closes_the_connection(start_gateway):
-    base = start_gateway("csms-1", "--max-frame-bytes", "1024")
+    base = start_gateway("csms-1", "--open", "--max-frame-bytes", "1024")
 
     async def scenario():
         async with connect(f"{base}/CP1", subprotocols=["ocpp1.6"]) as ws:
@@ -203,7 +219,7 @@ def test_an_oversized_frame_closes_the_connection(start_gateway):
 
 
 def test_sigterm_closes_station_connections_with_going_away(start_gateway, redis_client):
-    base = start_gateway("csms-1")
+    base = start_gateway("csms-1", "--open")
 
     async def scenario():
         async with station_on(base, "CP1") as station:
@@ -242,7 +258,7 @@ def test_it_serves_wss_with_a_certificate(start_gateway, tmp_path, redis_client)
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
-    base = start_gateway("csms-1", "--certfile", str(cert), "--keyfile", str(key))
+    base = start_gateway("csms-1", "--open", "--certfile", str(cert), "--keyfile", str(key))
     secure = base.replace("ws://", "wss://")
     context = ssl.create_default_context(cafile=str(cert))
 
@@ -262,3 +278,32 @@ def test_it_serves_wss_with_a_certificate(start_gateway, tmp_path, redis_client)
 
     with pytest.raises(InvalidMessage):  # a plain-text handshake gets no HTTP answer
         asyncio.run(plain_text())
+
+
+def test_a_station_that_reconnects_at_once_gets_commands_at_once(start_gateway, redis_client):
+    base = start_gateway("csms-1", "--open")
+
+    async def scenario():
+        for _ in range(5):  # the UNSUBSCRIBE of the closed connection races the SUBSCRIBE
+            async with station_on(base, "CP1"):
+                pass
+            async with station_on(base, "CP1"):
+                reply = await asyncio.to_thread(
+                    send_command, redis_client, "CP1", "GetConfiguration", timeout=5
+                )
+                assert reply.outcome is Outcome.RESULT
+
+    asyncio.run(scenario())
+
+
+def test_the_command_line_refuses_an_unknown_action_and_bad_timings(monkeypatch, capsys):
+    from ocpp_gateway.__main__ import parse_args
+
+    monkeypatch.setenv("OCPP_GATEWAY_ALLOWED_ACTIONS", "ClearCache")
+    config = parse_args(["--csms", "c", "--allow-action", "UnlockConnector", "--open"])
+    assert {"ClearCache", "UnlockConnector", "Reset"} <= config.allowed_actions
+    assert config.open_admission and config.rejected_hold == 60 and config.registry_refresh == 2
+    for argv in (["--allow-action", "Nope"], ["--registry-refresh", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--csms", "c", *argv])
+    assert "'Nope' is not an OCPP 1.6 action" in capsys.readouterr().err

@@ -23,7 +23,7 @@ FAST = Timing(reboot_delay=0.3, retry_interval=0.2, reconnect_delay=0.3)
 def test_a_booting_station_appears_in_the_inventory_through_a_real_worker(
     start_gateway, celery_worker
 ):
-    url = start_gateway("csms-1")
+    url = start_gateway("csms-1", "--open")
     CsmsBackend.objects.create(name="csms-1", url=url)
     spec = StationSpec("CP-NEW", url=url, firmware="4.2.85", vendor="Acme", model="AC22")
     with Fleet([spec], timing=FAST):
@@ -44,7 +44,7 @@ def test_a_booting_station_appears_in_the_inventory_through_a_real_worker(
 def test_the_bridge_reads_the_network_keys_and_a_whitespace_value_is_rejected(
     start_gateway, redis_client
 ):
-    url = start_gateway("csms-1")
+    url = start_gateway("csms-1", "--open")
     with Fleet([StationSpec("CP-1", url=url)], timing=FAST) as fleet:
         fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
         reply = send_command(
@@ -70,7 +70,7 @@ def test_the_bridge_reads_the_network_keys_and_a_whitespace_value_is_rejected(
 def test_a_hundred_stations_answer_in_parallel_each_with_its_own_answer(
     start_gateway, redis_client
 ):
-    url = start_gateway("csms-1")
+    url = start_gateway("csms-1", "--open")
     # Each station holds a URL of its own in profile 2, so a crossed reply would show.
     specs = [
         StationSpec(f"CP-{i:03}", url=url, url2=f"ws://127.0.0.1:9/slot-{i:03}") for i in range(100)
@@ -98,7 +98,7 @@ def test_a_hundred_stations_answer_in_parallel_each_with_its_own_answer(
 def test_after_priority_change_and_reset_the_station_boots_on_the_new_csms(
     start_gateway, redis_client
 ):
-    old, new = start_gateway("csms-1"), start_gateway("csms-2")
+    old, new = start_gateway("csms-1", "--open"), start_gateway("csms-2", "--open")
     with Fleet([StationSpec("CP-1", url=old)], timing=FAST) as fleet:
         fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
         _point_at(redis_client, "CP-1", new)
@@ -107,7 +107,7 @@ def test_after_priority_change_and_reset_the_station_boots_on_the_new_csms(
 
 
 def test_with_the_new_csms_unreachable_the_station_falls_back(start_gateway, redis_client):
-    old = start_gateway("csms-1")
+    old = start_gateway("csms-1", "--open")
     nowhere = f"ws://127.0.0.1:{free_port()}/ocpp"
     spec = StationSpec("CP-1", url=old, profile_timeout=1)
     with Fleet([spec], timing=FAST) as fleet:

@@ -1,0 +1,50 @@
+"""Publish a CSMS's admission registry the way the Django side does: the Redis hashes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import redis
+
+from ocpp_gateway.envelopes import (
+    EVENT_STREAM,
+    Event,
+    password_digest,
+    registry_entry,
+    registry_key,
+    registry_meta_key,
+)
+
+
+def publish_registry(
+    client: redis.Redis,
+    csms: str,
+    serials: Mapping[str, str],
+    *,
+    passwords: Mapping[str, str] | None = None,
+    open_admission: bool = False,
+) -> None:
+    """Register identity -> serial ("" = any) on csms, with optional passwords."""
+    passwords = passwords or {}
+    entries = {
+        identity: registry_entry(
+            serial, password_digest(passwords[identity]) if identity in passwords else ""
+        )
+        for identity, serial in serials.items()
+    }
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(registry_key(csms))
+    if entries:
+        pipe.hset(registry_key(csms), mapping=entries)
+    meta = {
+        "version": str(time.time_ns()),
+        "open": "1" if open_admission else "0",
+        "published_at": str(time.time()),
+    }
+    pipe.hset(registry_meta_key(csms), mapping=meta)
+    pipe.execute()
+
+
+def stream_events(client: redis.Redis) -> list[Event]:
+    return [Event.from_json(fields[b"e"]) for _, fields in client.xrange(EVENT_STREAM)]
