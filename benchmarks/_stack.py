@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ocpp_gateway.simulator.spec import StationSpec  # noqa: E402
 from tests.processes import (  # noqa: E402 - importable once ROOT is on the path
     free_port,
     port_open,
@@ -262,15 +263,31 @@ class Stack:
             Path(f"{self.database}{suffix}").unlink(missing_ok=True)
         self.manage("migrate", "--verbosity", "0")
 
-    def gateway(self, csms: str, *extra: str) -> Gateway:
-        """`python -m ocpp_gateway --csms NAME`, registered first with `add_csms`."""
+    def gateway(self, csms: str, *extra: str, open_admission: bool = False) -> Gateway:
+        """`python -m ocpp_gateway --csms NAME`, registered first with `add_csms`.
+
+        ``open_admission``: a lab CSMS that admits any station (`--open` on both);
+        otherwise only stations registered on it (see `register`).
+        """
         port = free_port()
         url = f"ws://127.0.0.1:{port}/ocpp"
-        self.manage("add_csms", csms, url)
-        args = python("-m", "ocpp_gateway", "--csms", csms, "--port", str(port), *extra)
+        lab = ["--open"] if open_admission else []
+        self.manage("add_csms", csms, url, *lab)
+        args = python("-m", "ocpp_gateway", "--csms", csms, "--port", str(port), *lab, *extra)
         proc = self.start(f"gateway-{csms}", args)
         wait_for(lambda: gateway_stations(port) >= 0, 20, f"gateway {csms} to answer /health")
         return Gateway(csms, port, url, proc)
+
+    def register(self, csms: str, identities: list[str]) -> None:
+        """Register stations on a CSMS as an operator would: `import_registrations` of a CSV
+        with the simulator's serial numbers."""
+        path = self.workdir / f"registrations-{csms}.csv"
+        rows = [
+            f"{identity},{StationSpec(identity=identity, url='ws://x').serial_number}"
+            for identity in identities
+        ]
+        path.write_text("identity,serial_number\n" + "\n".join(rows) + "\n")
+        self.manage("import_registrations", csms, str(path))
 
     def worker(self, name: str = "worker", *, concurrency: int = 2) -> subprocess.Popen:
         """`celery -A fleet worker --beat` with `concurrency` prefork children."""

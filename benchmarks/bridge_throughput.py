@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.redis()
         stack.fresh_database()
         django_setup(stack.database, stack.redis_url)
-        gateway = stack.gateway("csms-1")
+        gateway = stack.gateway("csms-1", open_admission=True)
         stack.manage("add_csms", "csms-2", f"ws://127.0.0.1:{free_port()}/ocpp")
         journal = stack.workdir / "journal.jsonl"
         simulator = stack.simulator(

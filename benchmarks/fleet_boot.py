@@ -111,7 +111,7 @@ def measure_gateway(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         stack.redis()
         stack.fresh_database()
         django_setup(stack.database, stack.redis_url)
-        gateway = stack.gateway("csms-1")
+        gateway = stack.gateway("csms-1", open_admission=True)
         worker = stack.worker()
         time.sleep(args.settle)
         rss_idle = rss_kib(gateway.proc.pid)

@@ -47,6 +47,7 @@ from benchmarks._stack import (
     wait_for,
     worker_task_totals,
 )
+from ocpp_gateway.simulator.spec import identity_for
 
 
 def bare_baseline(n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -70,8 +71,9 @@ def product_run(workdir: Path, n: int, args: argparse.Namespace) -> dict[str, An
         stack.redis()
         stack.fresh_database()
         django_setup(stack.database, stack.redis_url)
-        source = stack.gateway("csms-1")
+        source = stack.gateway("csms-1", open_admission=True)
         target = stack.gateway("csms-2")
+        stack.register("csms-2", [identity_for("SIM-", i, n) for i in range(1, n + 1)])
         worker = stack.worker(concurrency=args.concurrency)
         simulator = stack.simulator(
             "fleet", source.url, n, "--reboot-delay", str(args.reboot_delay)

@@ -22,8 +22,12 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from ocpp_gateway.simulator.spec import StationSpec, identity_for
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "var" / "demo"
+# The station left out of csms-2's registrations (after the canary wave).
+UNREGISTERED = 23
 
 
 def free_port() -> int:
@@ -165,11 +169,13 @@ def main() -> int:
         ]
         manage({**env, "DJANGO_SUPERUSER_PASSWORD": password}, *superuser)
         port1, port2 = free_port(), free_port()
-        for name, port in (("csms-1", port1), ("csms-2", port2)):
-            manage(env, "add_csms", name, f"ws://127.0.0.1:{port}/ocpp")
-            processes.start(
-                f"gateway-{name}", py, "-m", "ocpp_gateway", "--csms", name, "--port", str(port)
-            )
+        # csms-1 stands in for the operator's current CSMS, which already knows its fleet: a
+        # lab CSMS that admits any station (--open). csms-2 admits registered stations only.
+        print("demo: csms-1 admits any station (--open, a lab); csms-2 only registered ones")
+        for name, port, admission in (("csms-1", port1, ["--open"]), ("csms-2", port2, [])):
+            manage(env, "add_csms", name, f"ws://127.0.0.1:{port}/ocpp", *admission)
+            gateway = ["-m", "ocpp_gateway", "--csms", name, "--port", str(port), *admission]
+            processes.start(f"gateway-{name}", py, *gateway)
         worker = ["-m", "celery", "-A", "fleet", "worker", "--beat", "--concurrency", "2"]
         worker += ["--loglevel", "WARNING", "--schedule", str(WORK / "beat-schedule")]
         processes.start("worker", py, *worker)
@@ -182,9 +188,10 @@ def main() -> int:
         wait_until(lambda: port_open(port1) and port_open(port2), 20, "the gateways")
 
         n = args.stations
+        register_on_csms_2(env, n)
         # A realistic mix: most on current firmware, some too old, and a few awkward ones
         # (placed after the canary wave): one refuses the new URL, one cannot reach CSMS 2
-        # and falls back, one is charging for 20 s.
+        # and falls back, one is charging for 20 s, one was left out of the registrations.
         fleet = ["-m", "ocpp_gateway.simulator", "--url", f"ws://127.0.0.1:{port1}/ocpp"]
         fleet += ["--count", str(n), "--prefix", "DEMO-", "--reboot-delay", "1"]
         fleet += ["--firmware-mix", "4.2.85:80,3.5.54:10,4.2.9:6,3.5.9:4"]
@@ -216,6 +223,18 @@ def main() -> int:
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
     return 0
+
+
+def register_on_csms_2(env: dict[str, str], n: int) -> None:
+    """What the seed asks before step 1: the stations registered on the new CSMS (all but
+    one, to show the skip), with their serial numbers, as an operator's CSV import."""
+    identities = [identity_for("DEMO-", i, n) for i in range(1, n + 1)]
+    del identities[UNREGISTERED - 1]
+    rows = [f"{i},{StationSpec(identity=i, url='ws://x').serial_number}" for i in identities]
+    path = WORK / "csms-2-registrations.csv"
+    path.write_text("identity,serial_number\n" + "\n".join(rows) + "\n")
+    print(f"demo: registering {len(rows)} stations on csms-2 (import_registrations)")
+    manage(env, "import_registrations", "csms-2", str(path))
 
 
 def print_links(args: argparse.Namespace, password: str, flower_password: str) -> None:

@@ -64,11 +64,11 @@ def test_gateway_lines_serve_health_and_stop_on_sigterm(redis_client, redis_url,
         }
         for name, port in ports.items():
             document = wait_for(lambda port=port: health(port), 15, f"{name} /health")
-            assert document == {
-                "status": "ok",
-                "csms": name.removeprefix("gateway-"),
-                "stations": 0,
-            }
+            assert document["status"] == "ok"
+            assert document["csms"] == name.removeprefix("gateway-")
+            assert document["stations"] == 0
+            # Registered-only by default, and nothing registered has been published yet.
+            assert document["admission"] == "unknown"
 
         # SIGTERM to the process group, as honcho and foreman stop a process.
         for proc in procs.values():
@@ -84,13 +84,15 @@ def test_gateway_lines_serve_health_and_stop_on_sigterm(redis_client, redis_url,
 def test_worker_and_gateway_lines_take_a_station_into_the_inventory(
     transactional_db, redis_client, redis_url, tmp_path
 ):
-    from fleet.models import ChargingStation, CsmsBackend
+    from fleet.models import ChargingStation
+    from fleet.services.inventory import csms_backend_upsert
     from tests.conftest import process_env
     from tests.ocpp_gateway.stations import station_on
 
     processes = read_procfile()
     port = free_port()
-    CsmsBackend.objects.create(name="csms-1", url=f"ws://127.0.0.1:{port}/ocpp")
+    # A lab CSMS: its gateway admits the unregistered station this test boots.
+    csms_backend_upsert(name="csms-1", url=f"ws://127.0.0.1:{port}/ocpp", open_admission=True)
     env = shell_env(**process_env(redis_url), GATEWAY_CSMS_1_PORT=str(port), WORKER_CONCURRENCY="1")
     worker_log = tmp_path / "worker.log"
     with (

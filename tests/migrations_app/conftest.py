@@ -28,9 +28,6 @@ from tests.processes import wait_for
 
 # Short enough for tests, long enough for a loaded 2-core machine.
 WORKER_ENV = {"OCPP_COMMAND_TIMEOUT": "5", "MIGRATION_STEP_LEASE_SECONDS": "8"}
-# Whether this tree's gateway takes --open (the explicit lab mode, from the gateway work).
-# A gateway without admission refuses the unknown flag, and admits every station anyway.
-GATEWAY_TAKES_OPEN = False
 
 
 @dataclass
@@ -97,7 +94,7 @@ class Stack:
 
 @pytest.fixture
 def stack(start_gateway, start_worker, redis_client) -> Stack:
-    source_url = start_gateway("csms-1", *(["--open"] if GATEWAY_TAKES_OPEN else []))
+    source_url = start_gateway("csms-1", "--open")
     target_url = start_gateway("csms-2")
     # Through the service: each backend's registry (open flag, empty set) is published.
     csms_backend_upsert(name="csms-1", url=source_url, open_admission=True)
