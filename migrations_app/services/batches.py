@@ -34,7 +34,8 @@ DRIVE_SAFETY_SECONDS = 15.0
 OFFLINE_POLL_SECONDS = 5.0
 
 
-# A station untouched this long after Redis lost its data has lost its step task.
+# On a recovery, a station untouched this long has lost its step task (steps run in
+# milliseconds, a waiting one touches its station every few seconds).
 RECOVER_GRACE_SECONDS = 3.0
 
 
@@ -378,10 +379,12 @@ def redrive_stale(migrations, stale_seconds: float | None = None) -> int:
 
 
 def batches_recover() -> None:
-    """After Redis lost its data (queued and scheduled tasks with it): re-drive everything.
+    """After Redis lost its data, or a worker died with the tasks it held: re-drive.
 
-    Steps that were queued are sent again from the database, without waiting for the
-    lease; a step still running somewhere makes the re-sent one a harmless repeat.
+    Every station that went quiet has its step sent again from the database, without
+    waiting for the lease, and every live batch is driven (which reschedules its own next
+    drive). A step still running elsewhere makes the re-sent one a harmless repeat (a
+    waiting step's second poll ends at its next state change; Reset is claimed).
     """
     live = MigrationBatch.objects.exclude(state=MigrationBatch.State.FINISHED)
     redrive_stale(

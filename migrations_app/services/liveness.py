@@ -1,10 +1,10 @@
 """Who is alive in the stack: workers, the beat, gateways, the broker (all read from Redis).
 
-Workers: a thread in each worker's main process refreshes a short-TTL key and records the
-migration tasks the worker holds (reserved, running, or waiting for their countdown), so a
-worker killed outright (SIGKILL, a lost machine) is known gone within WORKER_TTL_SECONDS and
-its tasks are sent again by any live worker, instead of waiting for the step lease. Nothing
-is added per step: the record is rewritten on the heartbeat, from the worker's memory.
+Workers: a thread in each worker's main process refreshes a short-TTL key, so a worker
+killed outright (SIGKILL, a lost machine) is known gone within WORKER_TTL_SECONDS; a live
+worker then asks for a recovery, which re-drives the stations whose step went quiet,
+instead of waiting for the step lease. Nothing is added per step (no DB write, no Redis
+round trip): the database already says which stations stopped moving.
 
 The beat: every tick refreshes a key; its absence is reported (the workers drive batches
 themselves, the beat is a safety net).
@@ -15,11 +15,10 @@ PUBSUB CHANNELS call tells whether any gateway of a CSMS is up.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from redis import RedisError
 
@@ -31,8 +30,6 @@ WORKER_HEARTBEAT_SECONDS = 2.0
 # Three missed heartbeats: a loaded worker is not declared dead for one slow beat.
 WORKER_TTL_SECONDS = 6
 BEAT_TTL_SECONDS = 10
-# The held-tasks record outlives the worker's liveness key long enough to be reaped.
-HELD_TTL_SECONDS = 600
 
 WORKERS_KEY = "engine:workers"
 BEAT_KEY = "engine:beat"
@@ -43,10 +40,6 @@ RECOVER_TASK = "migrations.recover"
 
 def alive_key(hostname: str) -> str:
     return f"engine:worker:{hostname}"
-
-
-def held_key(hostname: str) -> str:
-    return f"engine:held:{hostname}"
 
 
 def gateway_channels(csms: str) -> str:
@@ -104,64 +97,29 @@ def beat_alive() -> None:
 # --- the worker's side -----------------------------------------------------------------
 
 
-def held_tasks() -> list[dict[str, Any]]:
-    """The migration tasks this worker process holds in memory (main process only)."""
-    from celery.worker import state
-
-    for _ in range(3):
-        try:
-            requests = {
-                *state.reserved_requests,
-                *state.active_requests,
-                *getattr(state, "scheduled_requests", ()),
-            }
-            break
-        except RuntimeError:  # the event loop changed a set while it was copied
-            continue
-    else:
-        return []
-    return [
-        {"name": r.name, "args": list(r.args)}
-        for r in requests
-        if r.name and r.name.startswith(TASK_PREFIX)
-    ]
-
-
-def heartbeat(hostname: str, held: list[dict[str, Any]]) -> None:
+def heartbeat(hostname: str) -> None:
     client = get_redis()
     pipe = client.pipeline(transaction=False)
     pipe.set(alive_key(hostname), "1", ex=WORKER_TTL_SECONDS)
     pipe.sadd(WORKERS_KEY, hostname)
-    pipe.set(held_key(hostname), json.dumps(held), ex=HELD_TTL_SECONDS)
     pipe.execute()
 
 
-def reap_dead_workers(send_task) -> int:
-    """Send again the tasks of every worker whose liveness key expired; returns how many.
+def reap_dead_workers() -> list[str]:
+    """The workers whose liveness key expired, each claimed by exactly one caller.
 
-    SREM claims a dead worker: when several live workers notice it at once, exactly one
-    re-sends its tasks. A re-sent step that finds its station moved on does nothing.
+    SREM claims a dead worker: when several live workers notice it at once, one of them
+    gets it (and asks for a recovery).
     """
     client = get_redis()
     hosts = [h.decode() for h in client.smembers(WORKERS_KEY)]
     if not hosts:
-        return 0
+        return []
     pipe = client.pipeline(transaction=False)
     for host in hosts:
         pipe.exists(alive_key(host))
     dead = [host for host, up in zip(hosts, pipe.execute(), strict=True) if not up]
-    sent = 0
-    for host in dead:
-        if not client.srem(WORKERS_KEY, host):
-            continue  # another worker claimed it
-        raw = client.get(held_key(host))
-        client.delete(held_key(host))
-        tasks = json.loads(raw) if raw else []
-        for task in tasks:
-            send_task(task["name"], args=task["args"])
-        sent += len(tasks)
-        logger.warning("worker %s is gone: %d of its migration tasks sent again", host, sent)
-    return sent
+    return [host for host in dead if client.srem(WORKERS_KEY, host)]
 
 
 def broker_data_lost() -> bool:
@@ -178,14 +136,19 @@ def forget_worker(hostname: str) -> None:
     client = get_redis()
     pipe = client.pipeline(transaction=False)
     pipe.srem(WORKERS_KEY, hostname)
-    pipe.delete(alive_key(hostname), held_key(hostname))
+    pipe.delete(alive_key(hostname))
     pipe.execute()
 
 
 class WorkerHeartbeat(threading.Thread):
-    """Runs in a worker's main process: liveness, held tasks, and reaping dead peers."""
+    """Runs in a worker's main process: its liveness, and noticing dead peers.
 
-    def __init__(self, hostname: str, send_task) -> None:
+    A dead worker's tasks (running, prefetched, or waiting for their countdown) stay
+    unacknowledged in Redis until the visibility timeout: a recovery re-drives its
+    stations from the database at once instead.
+    """
+
+    def __init__(self, hostname: str, send_task: Callable[[str], object]) -> None:
         super().__init__(name="engine-heartbeat", daemon=True)
         self.hostname = hostname
         self.send_task = send_task
@@ -194,10 +157,14 @@ class WorkerHeartbeat(threading.Thread):
     def run(self) -> None:
         while True:
             try:
-                heartbeat(self.hostname, held_tasks())
+                heartbeat(self.hostname)
                 if broker_data_lost():
+                    logger.warning("Redis lost its data: re-driving every batch")
                     self.send_task(RECOVER_TASK)
-                reap_dead_workers(self.send_task)
+                dead = reap_dead_workers()
+                if dead:
+                    logger.warning("worker(s) %s gone: re-driving their stations", dead)
+                    self.send_task(RECOVER_TASK)
             except Exception:  # a Redis outage: try again on the next beat, never die
                 logger.warning("worker heartbeat failed", exc_info=True)
             if self.stopped.wait(WORKER_HEARTBEAT_SECONDS):

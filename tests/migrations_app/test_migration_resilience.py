@@ -72,7 +72,7 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
             python(
                 "manage.py", "migrate_fleet", "--to", "csms-2", "--from", "csms-1",
                 "--max-in-flight", str(max_in_flight), "--rate-per-minute", "0",
-                "--boot-timeout", "60", "--wait", "--json",
+                "--boot-timeout", "60", "--no-brake", "--wait", "--json",
             ),
             cwd=ROOT, env={**os.environ, **process_env(redis_url)},
             capture_output=True, text=True, timeout=300,
