@@ -81,7 +81,7 @@ def step_raised(migration_id: int, expected_state: str, error: BaseException) ->
     if not attempts:
         return None  # it moved on meanwhile
     if attempts < settings.MIGRATION_STEP_MAX_ATTEMPTS:
-        return min(2.0**attempts, 30.0)
+        return min(2.0 ** (attempts - 1), 30.0)
     migration = _load(migration_id)
     if migration is None or migration.state != expected_state:
         return None
