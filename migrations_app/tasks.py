@@ -70,8 +70,17 @@ def _step_task(name: str):
 # One task per step of the procedure (migrations.read_config, migrations.set_url, ...).
 step_tasks = {name: _step_task(name) for name in sorted(set(STEP_TASKS.values()))}
 
-# Drives, ticks and recoveries read and write a few rows: a minute is plenty.
-_HOUSEKEEPING = {"ignore_result": True, "soft_time_limit": 60, "time_limit": 90}
+# Drives, ticks and recoveries read and write a few rows: a minute is plenty. A drive lost
+# to an outage would end the batch's own schedule: retried like a step.
+_HOUSEKEEPING = {
+    "ignore_result": True,
+    "soft_time_limit": 60,
+    "time_limit": 90,
+    "autoretry_for": OUTAGES,
+    "retry_backoff": True,
+    "retry_backoff_max": 30,
+    "max_retries": 5,
+}
 
 
 @shared_task(name=DRIVE_BATCH_TASK, **_HOUSEKEEPING)

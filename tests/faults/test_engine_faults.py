@@ -9,21 +9,28 @@ ended with a reason, every reported outcome equal to where the station really is
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import celery
+import psycopg
 import pytest
 import redis
 
 from fleet.models import CsmsBackend
 from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services.controls import batch_cancel
+from ocpp_gateway.simulator.fleet import Fleet
+from ocpp_gateway.simulator.spec import Timing
 from tests.conftest import process_env
 from tests.faults.ground_truth import differences, resets_sent_twice
 from tests.migrations_app.conftest import WORKER_ENV, Stack
@@ -33,6 +40,7 @@ from tests.processes import (
     port_open,
     python,
     redis_server_binary,
+    running,
     stop,
     wait_for,
 )
@@ -284,3 +292,132 @@ def test_wait_with_no_worker_at_all_gives_up_within_its_bound_naming_what_is_mis
     assert took < 30
     assert "no worker" in err and "no beat" in err and "1 pending" in err
     assert MigrationBatch.objects.get().stations.get().state == State.PENDING
+
+
+# --- PostgreSQL restarted mid-batch ------------------------------------------------------
+
+PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster of this test's own (never the machine's service)."""
+
+    def __init__(self) -> None:
+        if not PG_BINS or not shutil.which("runuser"):
+            pytest.skip("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin (or runuser)")
+        if os.geteuid() != 0:
+            pytest.skip("running PostgreSQL as the postgres user needs root (runuser)")
+        self.bin = Path(PG_BINS[-1])
+        self.dir = Path(tempfile.mkdtemp(prefix="engine-pg-"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.port = free_port()
+        data = str(self.dir / "data")
+        self._as_postgres([str(self.bin / "initdb"), "-D", data, "-A", "trust", "-U", "postgres"])
+        self.server = Server(
+            [
+                "runuser", "-u", "postgres", "--", str(self.bin / "postgres"),
+                "-D", str(self.dir / "data"), "-p", str(self.port), "-k", str(self.dir),
+                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+            ],
+            self.dir / "postgres.log", self._answers, "PostgreSQL to accept connections",
+        )  # fmt: skip
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/csms"
+
+    def _as_postgres(self, args: list[str]) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True)
+
+    def _answers(self) -> bool:
+        try:
+            with psycopg.connect(self.dsn("postgres"), connect_timeout=1):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def dsn(self, db: str = "csms") -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={db}"
+
+    def start(self) -> None:
+        self.server.start()
+
+    def restart(self, down: float) -> None:
+        """A fast shutdown (what a service restart does), a pause, and up again."""
+        assert self.server.proc is not None
+        os.killpg(self.server.proc.pid, signal.SIGINT)
+        self.server.proc.wait(30)
+        time.sleep(down)
+        self.server.start()
+
+    def query(self, sql: str) -> list[tuple]:
+        try:
+            with psycopg.connect(self.dsn(), connect_timeout=2) as conn:
+                return conn.execute(sql).fetchall()
+        except psycopg.OperationalError:
+            return []
+
+    def close(self) -> None:
+        self.server.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    server.start()
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE csms")
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_postgresql_restarted_mid_batch(private_postgres, start_gateway, redis_url, tmp_path):
+    pg = private_postgres
+    env = {
+        **os.environ, **WORKER_ENV, "REDIS_URL": redis_url, "DATABASE_URL": pg.url,
+        "DJANGO_SETTINGS_MODULE": "fleet.settings", "DEBUG": "1",
+    }  # fmt: skip
+    manage = functools.partial(subprocess.run, cwd=ROOT, env=env, check=True, capture_output=True)
+    manage(python("manage.py", "migrate", "--no-input"))
+    source_url, target_url = start_gateway("csms-1"), start_gateway("csms-2")
+    manage(python("manage.py", "add_csms", "csms-1", source_url))
+    manage(python("manage.py", "add_csms", "csms-2", target_url))
+    log = tmp_path / "worker-pg.log"
+    worker_args = python(
+        "-m", "celery", "-A", "fleet", "worker", "--concurrency", "2", "--loglevel", "INFO",
+        "--without-mingle", "--without-gossip", "--hostname", f"pg-{os.getpid()}@%h",
+    )  # fmt: skip
+    stack = Stack(source_url, target_url, None, None)  # type: ignore[arg-type]
+    specs = [stack.station(f"CP-PG{i:02}") for i in range(10)]
+    timing = Timing(reboot_delay=1.5, retry_interval=0.2, reconnect_delay=0.3)
+    with running(worker_args, env=env, log=log), Fleet(specs, timing=timing) as fleet:
+        wait_for(lambda: b"ready." in log.read_bytes(), 30, "the worker to be ready")
+        wait_for(
+            lambda: (
+                pg.query(
+                    "SELECT count(*) FROM fleet_chargingstation "
+                    "WHERE connected AND firmware_version <> ''"
+                )
+                == [(10,)]
+            ),
+            60,
+            "every station in the inventory",
+        )
+        cli = Cli(
+            redis_url, "--to", "csms-2", "--from", "csms-1", "--max-in-flight", "5",
+            "--rate-per-minute", "0", "--boot-timeout", "60", DATABASE_URL=pg.url,
+        )  # fmt: skip
+        wait_for(
+            lambda: (pg.query(
+                "SELECT count(*) FROM migrations_app_stationmigration "
+                "WHERE state IN ('resetting', 'awaiting_boot', 'setting_priority')"
+            ) or [(0,)])[0][0] >= 2,
+            60,
+            "stations mid-migration",
+        )  # fmt: skip
+        pg.restart(down=3)
+        code, report, err, _ = cli.result(timeout=240)
+        assert report, err
+        assert code == 0, report
+        judged(report, fleet, stack)
+        assert {e["state"] for e in report["stations"]} == {"done"}
+    assert pg.query("SELECT state FROM migrations_app_migrationbatch") == [("finished",)]

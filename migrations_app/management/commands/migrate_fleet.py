@@ -17,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Max
 
 from fleet.models import ChargingStation, CsmsBackend
@@ -270,8 +271,15 @@ class Command(BaseCommand):
         last_print = 0.0
         progress = _Progress(batch)
         while True:
-            batch.refresh_from_db(fields=["state", "pause_reason"])
-            counts = batch_counts(batch)
+            try:
+                batch.refresh_from_db(fields=["state", "pause_reason"])
+                counts = batch_counts(batch)
+            except (OperationalError, InterfaceError) as exc:
+                # A restarted database: reconnect on the next look, within the bound.
+                connection.close()
+                progress.database_down(exc)
+                time.sleep(POLL_SECONDS)
+                continue
             line = _progress_line(counts)
             if batch.state == MigrationBatch.State.PAUSED:
                 line += f" | PAUSED: {batch.pause_reason}"
@@ -285,7 +293,11 @@ class Command(BaseCommand):
             ended = sum(counts.get(s, 0) for s in StationMigration.TERMINAL)
             if batch.state == MigrationBatch.State.FINISHED or ended == sum(counts.values()):
                 break
-            progress.check(counts, batch.state)
+            try:
+                progress.check(counts, batch.state)
+            except (OperationalError, InterfaceError) as exc:
+                connection.close()
+                progress.database_down(exc)
             time.sleep(POLL_SECONDS)
         if tty:
             self.stderr.write("")
@@ -315,6 +327,11 @@ class _Progress:
         self.moved_at = time.monotonic()
         self.health_at = 0.0
         self.health: StackHealth | None = None
+
+    def database_down(self, error: Exception) -> None:
+        """The database did not answer: not progress; past the bound, give up saying so."""
+        if time.monotonic() - self.moved_at >= self.bound:
+            raise Stalled(f"the database did not answer for {self.bound:.0f}s ({error})")
 
     def check(self, counts: dict[str, int], state: str) -> None:
         now = time.monotonic()
