@@ -50,11 +50,12 @@ class MigrateStationsForm(forms.Form):
         widget=forms.NumberInput(attrs={"step": "0.01", "placeholder": "no brake"}),
     )
     brake_first_failed = forms.IntegerField(
+        required=False,
         min_value=0,
         initial=_DEFAULTS.brake_first_failed,
         label="Brake: first failures",
         help_text="Pause the batch when the first N ended stations all failed (a target "
-        "that is down); 0: off.",
+        "that is down); 0 or empty: off.",
     )
     brake_min_sample = forms.IntegerField(
         min_value=0,
@@ -122,6 +123,9 @@ class MigrateStationsForm(forms.Form):
         ("Maintenance window", ("window_start", "window_end")),
         ("Options", ("cleanup", "dry_run", "allow_downgrade")),
     )
+
+    def clean_brake_first_failed(self) -> int:
+        return self.cleaned_data["brake_first_failed"] or 0  # empty: off
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
