@@ -271,3 +271,14 @@ def test_the_batch_page_says_when_no_worker_and_no_beat_run(admin_client, redis_
     text = page.content.decode()
     assert 'id="stack-warnings"' in text
     assert "no worker" in text and "no beat" in text
+
+
+def test_a_batch_keeps_one_scheduled_drive_whatever_asks_for_it(redis_client):
+    from migrations_app.services.dispatch import drive_key, drive_ran, schedule_drive
+
+    assert schedule_drive(4242, 20)
+    assert not schedule_drive(4242, 25)  # one is already due before then
+    assert schedule_drive(4242, 5)  # an earlier slot: sent
+    assert 0 < redis_client.ttl(drive_key(4242)) <= 15
+    drive_ran(4242)
+    assert schedule_drive(4242, 25)
