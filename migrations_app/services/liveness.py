@@ -34,7 +34,6 @@ BEAT_TTL_SECONDS = 10
 WORKERS_KEY = "engine:workers"
 BEAT_KEY = "engine:beat"
 EPOCH_KEY = "engine:epoch"
-TASK_PREFIX = "migrations."
 RECOVER_TASK = "migrations.recover"
 
 
@@ -165,8 +164,8 @@ class WorkerHeartbeat(threading.Thread):
                 if dead:
                     logger.warning("worker(s) %s gone: re-driving their stations", dead)
                     self.send_task(RECOVER_TASK)
-            except Exception:  # a Redis outage: try again on the next beat, never die
-                logger.warning("worker heartbeat failed", exc_info=True)
+            except Exception as exc:  # a Redis outage: try again on the next beat, never die
+                logger.warning("worker heartbeat failed: %s", exc)
             if self.stopped.wait(WORKER_HEARTBEAT_SECONDS):
                 return
 
