@@ -171,7 +171,7 @@ def set_url(m: StationMigration) -> Next:
         )
     )
     # RebootRequired: the value is stored and takes effect at the next boot, which the
-    # Reset provides; the vendor firmware answers it for the network profile keys.
+    # Reset provides (a firmware may answer it for any network profile key).
     if status_of(reply) not in ("Accepted", "RebootRequired"):
         return fail(step, f"the station did not accept the new URL ({describe(reply)})")
     return Next(State.SETTING_PRIORITY)
