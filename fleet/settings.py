@@ -136,24 +136,39 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Celery closes the database connection after every task unless told to reuse it, and a
-# new SQLite connection with its PRAGMAs cost ~2 ms a task. Django's CONN_MAX_AGE and health
-# checks still retire an old or broken connection.
+# new SQLite connection with its PRAGMAs cost ~2 ms a task. A connection that failed (a
+# restarted PostgreSQL) or outlived CONN_MAX_AGE is closed around each task instead
+# (fleet.celery.retire_broken_connections), so the next task reconnects.
 CELERY_DB_REUSE_MAX = 1000
 # Step tasks spend much of their time waiting for a station's answer: two prefork children
 # per core keep the cores busy (measured: 1000-station batch 59 s with 2, 53 s with 4).
 CELERY_WORKER_CONCURRENCY = int(env_float("CELERY_WORKER_CONCURRENCY", 2 * (os.cpu_count() or 1)))
 
+# Countdowns stay far below the visibility timeout (a scheduled drive waits at most 30 s):
+# a message held by a worker longer than this is delivered again. Said here, not assumed.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+
 # --- The command bridge -----------------------------------------------------------------
 # Default deadline of one OCPP command, publish to reply.
 OCPP_COMMAND_TIMEOUT = env_float("OCPP_COMMAND_TIMEOUT", 30.0)
+# A step sends at most three commands (its own, then a two-write rollback), each up to its
+# deadline plus the reply grace: past that, the step task is interrupted (hard limit +15 s).
+MIGRATION_STEP_SOFT_TIME_LIMIT = 3 * (OCPP_COMMAND_TIMEOUT + 1) + 10
 
 # --- Migrations -------------------------------------------------------------------------
 # First firmware of each version line that has the network profile keys (vendor document).
 MIGRATION_MIN_FIRMWARE = {"4.2": "4.2.85", "3.5": "3.5.54"}
 # A station whose step has not moved for this long has its step sent again (lost task).
 MIGRATION_STEP_LEASE_SECONDS = env_float("MIGRATION_STEP_LEASE_SECONDS", 90.0)
+# A step that raises an unexpected error is tried this many times, then the station fails
+# with the error as its reason (not re-driven forever).
+MIGRATION_STEP_MAX_ATTEMPTS = int(env_float("MIGRATION_STEP_MAX_ATTEMPTS", 5))
+# migrate_fleet --wait gives up (exit 3) after this long with no progress and no live
+# worker: nothing can move the batch. Longer than a worker's restart.
+MIGRATION_WAIT_STALL_SECONDS = env_float("MIGRATION_WAIT_STALL_SECONDS", 60.0)
 
 CELERY_BEAT_SCHEDULE = {
+    # A safety net: batches drive themselves and workers re-send a dead worker's tasks.
     # Starts rate-limited stations when they are due and re-drives lost steps.
     "migrations-tick": {"task": "migrations.tick", "schedule": 1.0},
     # Gateways nudge ingestion when they write events; this sweep picks up what a dead

@@ -43,10 +43,19 @@ class MigrateStationsForm(forms.Form):
     )
     brake_failure_ratio = forms.FloatField(
         required=False,
+        initial=_DEFAULTS.brake_failure_ratio,
         label="Brake: failure ratio",
         help_text="Pause the batch when failed / ended stations exceeds this, from 0 up to "
-        "(not including) 1, e.g. 0.2 for 20%. Empty: no brake.",
+        "(not including) 1, e.g. 0.2 for 20%. Empty: no ratio brake.",
         widget=forms.NumberInput(attrs={"step": "0.01", "placeholder": "no brake"}),
+    )
+    brake_first_failed = forms.IntegerField(
+        required=False,
+        min_value=0,
+        initial=_DEFAULTS.brake_first_failed,
+        label="Brake: first failures",
+        help_text="Pause the batch when the first N ended stations all failed (a target "
+        "that is down); 0 or empty: off.",
     )
     brake_min_sample = forms.IntegerField(
         min_value=0,
@@ -106,11 +115,17 @@ class MigrateStationsForm(forms.Form):
     FIELDSETS = (
         ("Where", ("target",)),
         ("Pace", ("max_in_flight", "rate_per_minute")),
-        ("Safety", ("canary_size", "brake_failure_ratio", "brake_min_sample")),
+        (
+            "Safety",
+            ("canary_size", "brake_failure_ratio", "brake_min_sample", "brake_first_failed"),
+        ),
         ("Timeouts", ("boot_timeout_seconds", "idle_wait_seconds", "offline_wait_seconds")),
         ("Maintenance window", ("window_start", "window_end")),
         ("Options", ("cleanup", "dry_run", "allow_downgrade")),
     )
+
+    def clean_brake_first_failed(self) -> int:
+        return self.cleaned_data["brake_first_failed"] or 0  # empty: off
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}

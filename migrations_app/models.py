@@ -50,10 +50,14 @@ class MigrationBatch(models.Model):
     brake_failure_ratio = models.FloatField(
         null=True,
         blank=True,
+        default=0.5,
         help_text="Pause when failed / (done + failed) exceeds this (0-1); empty: no brake.",
     )
     brake_min_sample = models.PositiveIntegerField(
         default=10, help_text="Stations that must have ended before the brake may act."
+    )
+    brake_first_failed = models.PositiveIntegerField(
+        default=5, help_text="Pause when the first N ended stations all failed; 0: off."
     )
     window_start = models.TimeField(
         null=True, blank=True, help_text="Maintenance window start (UTC); empty: any time."
@@ -134,6 +138,8 @@ class StationMigration(models.Model):
     updated_at = models.DateTimeField(default=timezone.now)
     # When the current wait (offline, busy, boot) gave up; None while not waiting.
     wait_until = models.DateTimeField(null=True, blank=True)
+    # Times the current step raised an unexpected error; back to 0 at each state change.
+    attempts = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         ordering = ["batch", "station__identity"]

@@ -22,6 +22,7 @@ from migrations_app.models import (
     StationMigration,
 )
 from migrations_app.services.firmware import firmware_gate
+from migrations_app.services.liveness import stack_health
 
 
 def state_counts(migrations: QuerySet[StationMigration]) -> dict[str, int]:
@@ -402,3 +403,10 @@ def batch_source_names(batch: MigrationBatch) -> list[str]:
         return [batch.source.name]
     names = batch.stations.exclude(source=None).values_list("source__name", flat=True)
     return sorted(set(names.distinct()))
+
+
+def batch_stack_warnings(batch: MigrationBatch) -> list[str]:
+    """What the stack lacks to carry this batch on (broker, worker, beat); [] when ended."""
+    if batch.state == MigrationBatch.State.FINISHED:
+        return []
+    return stack_health().missing()

@@ -7,17 +7,36 @@ redelivered or re-driven task is harmless.
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
-from django.db import OperationalError
+from celery.signals import worker_ready, worker_shutdown
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from redis import RedisError
 
-from migrations_app.services import batches
+from fleet.celery import app
+from migrations_app.services import batches, liveness
 from migrations_app.services.dispatch import DRIVE_BATCH_TASK, STEP_TASKS, enqueue_step
-from migrations_app.services.runner import run_step
+from migrations_app.services.runner import run_step, step_raised
+
+logger = logging.getLogger(__name__)
+
+# The broker or the database is away: not the step's fault, retried without counting.
+OUTAGES = (RedisError, OperationalError, InterfaceError)
 
 
-def _run(migration_id: int, expected_state: str) -> str | None:
-    followup = run_step(migration_id, expected_state)
+def _run(migration_id: int, station: str, expected_state: str) -> str | None:
+    try:
+        followup = run_step(migration_id, expected_state)
+    except OUTAGES:
+        raise
+    except Exception as exc:  # a bug or a time limit: bounded attempts, then failed
+        logger.exception("step %s of migration %s raised", expected_state, migration_id)
+        countdown = step_raised(migration_id, expected_state, exc)
+        if countdown is not None:
+            enqueue_step(migration_id, station, expected_state, countdown)
+        return None
     if followup is None:
         return None
     enqueue_step(followup.migration_id, followup.station, followup.state, followup.countdown)
@@ -29,17 +48,21 @@ def _run(migration_id: int, expected_state: str) -> str | None:
 # history; a task that raises is still stored (CELERY_TASK_STORE_ERRORS_EVEN_IF_IGNORED).
 def _step_task(name: str):
     # A Redis or database hiccup retries the step soon (every step is safe to repeat);
-    # past the retries, the tick's lease re-drives the station.
+    # past the retries, the batch's drive re-sends the station's step after the lease.
+    # A step sends at most three commands (its own and a two-write rollback): the time
+    # limits let them all run to their deadline, and stop a step that hangs anyway.
     @shared_task(
         name=name,
         ignore_result=True,
-        autoretry_for=(RedisError, OperationalError),
+        autoretry_for=OUTAGES,
         retry_backoff=True,
         retry_backoff_max=30,
         max_retries=5,
+        soft_time_limit=settings.MIGRATION_STEP_SOFT_TIME_LIMIT,
+        time_limit=settings.MIGRATION_STEP_SOFT_TIME_LIMIT + 15,
     )
     def step(migration_id: int, station: str, expected_state: str) -> str | None:
-        return _run(migration_id, expected_state)
+        return _run(migration_id, station, expected_state)
 
     return step
 
@@ -47,12 +70,47 @@ def _step_task(name: str):
 # One task per step of the procedure (migrations.read_config, migrations.set_url, ...).
 step_tasks = {name: _step_task(name) for name in sorted(set(STEP_TASKS.values()))}
 
+# Drives, ticks and recoveries read and write a few rows: a minute is plenty. A drive lost
+# to an outage would end the batch's own schedule: retried like a step.
+_HOUSEKEEPING = {
+    "ignore_result": True,
+    "soft_time_limit": 60,
+    "time_limit": 90,
+    "autoretry_for": OUTAGES,
+    "retry_backoff": True,
+    "retry_backoff_max": 30,
+    "max_retries": 5,
+}
 
-@shared_task(name=DRIVE_BATCH_TASK, ignore_result=True)
-def drive_batch(batch_id: int) -> int:
-    return batches.batch_drive(batch_id=batch_id)
+
+@shared_task(name=DRIVE_BATCH_TASK, **_HOUSEKEEPING)
+def drive_batch(batch_id: int, scheduled: bool = False) -> int:
+    return batches.batch_drive(batch_id=batch_id, scheduled=scheduled)
 
 
-@shared_task(name="migrations.tick", ignore_result=True)
+@shared_task(name="migrations.tick", **_HOUSEKEEPING)
 def tick() -> None:
+    liveness.beat_alive()
     batches.batches_tick()
+
+
+@shared_task(name=liveness.RECOVER_TASK, **_HOUSEKEEPING)
+def recover() -> None:
+    batches.batches_recover()
+
+
+_heartbeat: liveness.WorkerHeartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(sender, **kwargs) -> None:
+    """In the worker's main process: tell the others this worker lives, and what it holds."""
+    global _heartbeat
+    _heartbeat = liveness.WorkerHeartbeat(sender.hostname, app.send_task)
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

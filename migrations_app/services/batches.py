@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import time, timedelta
+from datetime import datetime, time, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -17,7 +17,7 @@ from fleet.models import ChargingStation, CsmsBackend
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
 from migrations_app.selectors import batch_counts, state_counts
-from migrations_app.services.dispatch import enqueue_drive, enqueue_step
+from migrations_app.services.dispatch import drive_ran, enqueue_drive, enqueue_step, schedule_drive
 from migrations_app.services.transitions import transition
 
 State = StationMigration.State
@@ -28,6 +28,20 @@ ACTIVE_STATES = [
     for s in State.values
     if s not in StationMigration.TERMINAL and s not in (State.PENDING, State.WAITING_ONLINE)
 ]
+# While a batch has stations in flight it drives itself at least this often (lost steps,
+# reconnected offline stations), so the beat is a safety net and not a requirement.
+DRIVE_SAFETY_SECONDS = 15.0
+OFFLINE_POLL_SECONDS = 5.0
+
+
+# On a recovery, a station untouched this long has lost its step task (steps run in
+# milliseconds, a waiting one touches its station every few seconds).
+RECOVER_GRACE_SECONDS = 3.0
+
+
+def dt_combine(now: datetime, at: time) -> datetime:
+    """Today's `at` (UTC) in now's timezone."""
+    return now.replace(hour=at.hour, minute=at.minute, second=at.second, microsecond=0)
 
 
 class BatchError(ValueError):
@@ -45,8 +59,12 @@ class BatchOptions:
     dry_run: bool = False
     allow_downgrade: bool = False
     canary_size: int = 0
-    brake_failure_ratio: float | None = None
+    # On by default: a target that is down must not get every station in flight reset
+    # into it. Pause when the first few ended stations all failed, or when more than half
+    # of a sample failed.
+    brake_failure_ratio: float | None = 0.5
     brake_min_sample: int = 10
+    brake_first_failed: int = 5
     window_start: time | None = None
     window_end: time | None = None
     offline_wait_seconds: int = 0
@@ -55,6 +73,8 @@ class BatchOptions:
         problems = []
         if self.max_in_flight < 1:
             problems.append("max in flight must be at least 1")
+        if self.brake_first_failed < 0:
+            problems.append("the brake's first-failures count must not be negative")
         if self.brake_failure_ratio is not None and not 0 <= self.brake_failure_ratio < 1:
             problems.append("the brake's failure ratio must be from 0 up to (not including) 1")
         if (self.window_start is None) != (self.window_end is None):
@@ -128,57 +148,93 @@ def _batch_create(
     return batch
 
 
-def batch_drive(*, batch_id: int) -> int:
+def batch_drive(*, batch_id: int, scheduled: bool = False) -> int:
     """Start as many pending stations as the batch's controls allow; finish it when all end.
 
     Runs under the batch's row lock (on SQLite: the database write lock), so the limits,
-    the canary and the brake hold across every worker process. Returns how many it started.
+    the canary and the brake hold across every worker process. Then the batch schedules
+    its own next drive (the next free rate slot, the window opening, an offline deadline,
+    or the safety interval), so workers alone carry a batch to its end. A scheduled drive
+    (``scheduled``) also re-drives the batch's stations whose step was lost. Returns how
+    many stations it started.
     """
+    if scheduled:
+        drive_ran(batch_id)
     with transaction.atomic():
         batch = MigrationBatch.objects.select_for_update().filter(id=batch_id).first()
-        if batch is None or batch.state != MigrationBatch.State.RUNNING:
+        if batch is None:
             return 0
-        _requeue_reconnected(batch, timezone.now())
-        counts = Counter(batch_counts(batch))
-        # Read the clock after counting: a start stamped earlier could predate the end of a
-        # station that committed meanwhile and that this count saw as ended.
-        now = timezone.now()
-        pending = counts[State.PENDING]
-        in_flight = sum(counts[s] for s in ACTIVE_STATES)
-        if pending == 0 and in_flight == 0 and counts[State.WAITING_ONLINE] == 0:
-            batch.state = MigrationBatch.State.FINISHED
-            batch.finished_at = now
-            batch.save(update_fields=["state", "finished_at"])
-            return 0
-        halt = _canary_verdict(batch) or _brake_verdict(batch)
-        if halt:
-            _auto_pause(batch, halt)
-            return 0
-        if not pending or not in_window(batch, now.time()):
-            return 0
-        room = min(pending, batch.max_in_flight - in_flight)
-        if batch.rate_per_minute:
-            room = min(room, _rate_room(batch, now))
-        if room <= 0:
-            return 0
-        candidates = batch.stations.filter(state=State.PENDING)
-        if batch.canary_size and candidates.filter(canary=True).exists():
-            candidates = candidates.filter(canary=True)
-        elif (
-            batch.stations.filter(canary=True).exclude(state__in=StationMigration.TERMINAL).exists()
-        ):
-            return 0  # the rest wait until every canary station has ended
-        chosen = list(candidates.order_by("id").values_list("id", "station__identity")[:room])
-        ids = [migration_id for migration_id, _ in chosen]
-        StationMigration.objects.filter(id__in=ids, state=State.PENDING).update(
-            state=State.PREFLIGHT, started_at=now, updated_at=now
-        )
-        StateChange.objects.bulk_create(
-            StateChange(migration_id=i, from_state=State.PENDING, to_state=State.PREFLIGHT, at=now)
-            for i in ids
-        )
-        for migration_id, identity in chosen:
-            enqueue_step(migration_id, identity, State.PREFLIGHT)
+        started, wait = _drive_locked(batch)
+        if scheduled:
+            redrive_stale(batch.stations.all())
+        if wait is not None:
+            transaction.on_commit(lambda: schedule_drive(batch_id, wait))
+    return started
+
+
+def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
+    """(stations started, seconds until the next drive is needed or None)."""
+    if batch.state == MigrationBatch.State.FINISHED:
+        return 0, None
+    if batch.state != MigrationBatch.State.RUNNING:
+        # Paused or cancelled: armed stations still finish, and need their safety net.
+        active = batch.stations.filter(state__in=ACTIVE_STATES).exists()
+        return 0, DRIVE_SAFETY_SECONDS if active else None
+    _requeue_reconnected(batch, timezone.now())
+    counts = Counter(batch_counts(batch))
+    # Read the clock after counting: a start stamped earlier could predate the end of a
+    # station that committed meanwhile and that this count saw as ended.
+    now = timezone.now()
+    pending = counts[State.PENDING]
+    in_flight = sum(counts[s] for s in ACTIVE_STATES)
+    offline = counts[State.WAITING_ONLINE]
+    if pending == 0 and in_flight == 0 and offline == 0:
+        batch.state = MigrationBatch.State.FINISHED
+        batch.finished_at = now
+        batch.save(update_fields=["state", "finished_at"])
+        return 0, None
+    waits = [DRIVE_SAFETY_SECONDS]
+    if offline:
+        waits.append(OFFLINE_POLL_SECONDS)
+    halt = _canary_verdict(batch) or _brake_verdict(batch)
+    if halt:
+        _auto_pause(batch, halt)
+        return 0, min(waits) if in_flight else None
+    if not pending:
+        return 0, min(waits)
+    if not in_window(batch, now.time()):
+        waits.append(_until_window_opens(batch, now))
+        return 0, min(waits)
+    started = _start_pending(batch, pending, in_flight, now)
+    if batch.rate_per_minute and pending > started:
+        rate_wait = _rate_wait(batch, now)
+        if rate_wait is not None:
+            waits.append(rate_wait)
+    return started, min(waits)
+
+
+def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now) -> int:
+    room = min(pending, batch.max_in_flight - in_flight)
+    if batch.rate_per_minute:
+        room = min(room, _rate_room(batch, now))
+    if room <= 0:
+        return 0
+    candidates = batch.stations.filter(state=State.PENDING)
+    if batch.canary_size and candidates.filter(canary=True).exists():
+        candidates = candidates.filter(canary=True)
+    elif batch.stations.filter(canary=True).exclude(state__in=StationMigration.TERMINAL).exists():
+        return 0  # the rest wait until every canary station has ended
+    chosen = list(candidates.order_by("id").values_list("id", "station__identity")[:room])
+    ids = [migration_id for migration_id, _ in chosen]
+    StationMigration.objects.filter(id__in=ids, state=State.PENDING).update(
+        state=State.PREFLIGHT, started_at=now, updated_at=now
+    )
+    StateChange.objects.bulk_create(
+        StateChange(migration_id=i, from_state=State.PENDING, to_state=State.PREFLIGHT, at=now)
+        for i in ids
+    )
+    for migration_id, identity in chosen:
+        enqueue_step(migration_id, identity, State.PREFLIGHT)
     return len(chosen)
 
 
@@ -219,6 +275,15 @@ def _canary_verdict(batch: MigrationBatch) -> str:
 
 
 def _brake_verdict(batch: MigrationBatch) -> str:
+    first = batch.brake_first_failed
+    if first:
+        states = list(
+            _ended_since_resume(batch)
+            .order_by("finished_at", "id")
+            .values_list("state", flat=True)[:first]
+        )
+        if len(states) == first and set(states) == {State.FAILED}:
+            return f"brake: the first {first} ended stations all failed"
     if batch.brake_failure_ratio is None:
         return ""
     counts = Counter(state_counts(_ended_since_resume(batch)))
@@ -265,32 +330,83 @@ def _rate_room(batch: MigrationBatch, now) -> int:
     return min(batch.rate_per_minute - last_minute, per_tenth - last_tenth)
 
 
-def batches_tick() -> None:
-    """The periodic re-drive: start due stations, and re-send steps whose task was lost.
+def _rate_wait(batch: MigrationBatch, now) -> float | None:
+    """Seconds until the rate limit lets one more station start; None if it does now."""
+    started = batch.stations.exclude(started_at=None)
+    per_tenth = math.ceil(batch.rate_per_minute / 6)
+    frees = []
+    for span, limit in ((60, batch.rate_per_minute), (10, per_tenth)):
+        recent = list(
+            started.filter(started_at__gt=now - timedelta(seconds=span))
+            .order_by("started_at")
+            .values_list("started_at", flat=True)
+        )
+        if len(recent) >= limit:
+            # The start that leaves the window first frees a slot.
+            frees.append((recent[len(recent) - limit] - now).total_seconds() + span)
+    return max(frees) + 0.05 if frees else None
+
+
+def _until_window_opens(batch: MigrationBatch, now) -> float:
+    start = dt_combine(now, batch.window_start)
+    if start <= now:
+        start += timedelta(days=1)
+    return (start - now).total_seconds()
+
+
+def redrive_stale(migrations, stale_seconds: float | None = None) -> int:
+    """Re-send the step of stations whose state has not moved for longer than the lease.
 
     A step task can vanish with a worker killed outright; the database is the source of
-    truth, so a station whose state has not moved for longer than the lease gets its step
-    sent again (every step is safe to run twice).
+    truth, so its step is sent again (every step is safe to run twice). The re-drive is
+    claimed (updated_at) so that the next look does not send it again at once.
     """
-    for batch_id in MigrationBatch.objects.filter(state=MigrationBatch.State.RUNNING).values_list(
-        "id", flat=True
-    ):
-        batch_drive(batch_id=batch_id)
-    stale_before = timezone.now() - timedelta(seconds=settings.MIGRATION_STEP_LEASE_SECONDS)
-    # Whatever the batch's state: a paused or cancelled batch still has armed stations to
-    # finish, and the step handlers know how to hold or stop the others.
-    stale = StationMigration.objects.filter(
-        state__in=ACTIVE_STATES,
-        updated_at__lt=stale_before,
-    ).values_list("id", "station__identity", "state")[:1000]
+    lease = settings.MIGRATION_STEP_LEASE_SECONDS if stale_seconds is None else stale_seconds
+    stale_before = timezone.now() - timedelta(seconds=lease)
+    stale = migrations.filter(state__in=ACTIVE_STATES, updated_at__lt=stale_before).values_list(
+        "id", "station__identity", "state"
+    )[:1000]
+    sent = 0
     for migration_id, identity, state in stale:
         with transaction.atomic():
-            # Claim the re-drive so that the next tick does not send it again at once.
             claimed = StationMigration.objects.filter(
                 id=migration_id, state=state, updated_at__lt=stale_before
             ).update(updated_at=timezone.now())
             if claimed:
                 enqueue_step(migration_id, identity, state)
+                sent += 1
+    return sent
+
+
+def batches_recover() -> None:
+    """After Redis lost its data, or a worker died with the tasks it held: re-drive.
+
+    Every station that went quiet has its step sent again from the database, without
+    waiting for the lease, and every live batch is driven (which reschedules its own next
+    drive). A step still running elsewhere makes the re-sent one a harmless repeat (a
+    waiting step's second poll ends at its next state change; Reset is claimed).
+    """
+    live = MigrationBatch.objects.exclude(state=MigrationBatch.State.FINISHED)
+    redrive_stale(
+        StationMigration.objects.filter(batch__in=live), stale_seconds=RECOVER_GRACE_SECONDS
+    )
+    for batch_id in live.values_list("id", flat=True):
+        batch_drive(batch_id=batch_id)
+
+
+def batches_tick() -> None:
+    """The beat's safety net: start due stations, and re-send steps whose task was lost.
+
+    The batches drive themselves (batch_drive schedules its next run); this also covers a
+    batch whose scheduled drive was lost with the broker's data.
+    """
+    for batch_id in MigrationBatch.objects.filter(state=MigrationBatch.State.RUNNING).values_list(
+        "id", flat=True
+    ):
+        batch_drive(batch_id=batch_id)
+    # Whatever the batch's state: a paused or cancelled batch still has armed stations to
+    # finish, and the step handlers know how to hold or stop the others.
+    redrive_stale(StationMigration.objects.all())
 
 
 def batch_report(batch: MigrationBatch) -> dict[str, Any]:

@@ -5,10 +5,17 @@ Tasks are sent by name so that services never import the task module (tasks call
 
 from __future__ import annotations
 
+import logging
+import time
+
 from django.db import transaction
+from redis import RedisError
 
 from fleet.celery import app
+from fleet.redis import get_redis
 from migrations_app.models import StationMigration
+
+logger = logging.getLogger(__name__)
 
 State = StationMigration.State
 
@@ -28,6 +35,9 @@ STEP_TASKS: dict[str, str] = {
     State.CLEANUP: "migrations.cleanup",
 }
 DRIVE_BATCH_TASK = "migrations.drive_batch"
+# A countdown held by a worker is redelivered by Redis after the visibility timeout (1 h)
+# and would then run twice: a scheduled drive never waits longer than this.
+MAX_DRIVE_COUNTDOWN = 30.0
 
 
 def enqueue_step(migration_id: int, station: str, state: str, countdown: float = 0) -> None:
@@ -40,3 +50,44 @@ def enqueue_step(migration_id: int, station: str, state: str, countdown: float =
 
 def enqueue_drive(batch_id: int) -> None:
     transaction.on_commit(lambda: app.send_task(DRIVE_BATCH_TASK, args=[batch_id]))
+
+
+def drive_key(batch_id: int) -> str:
+    return f"engine:drive:{batch_id}"
+
+
+def schedule_drive(batch_id: int, countdown: float) -> bool:
+    """Drive the batch again in `countdown` seconds, unless a drive is already due by then.
+
+    One scheduled drive per batch, whatever the number of stations and workers: the due
+    time is kept in Redis, and only an earlier due time sends another. Returns whether it
+    sent one.
+    """
+    countdown = max(0.0, min(countdown, MAX_DRIVE_COUNTDOWN))
+    due = time.time() + countdown
+    key = drive_key(batch_id)
+    client = get_redis()
+    try:
+        # The key outlives its due time a little: a drive lost with its worker is
+        # forgotten soon and the next caller schedules a new one.
+        ttl = int(countdown) + 10
+        if not client.set(key, due, nx=True, ex=ttl):
+            current = float(client.get(key) or 0)
+            if current <= due + 0.5:
+                return False
+            client.set(key, due, ex=ttl)
+    except RedisError:
+        logger.warning("could not schedule batch %s's next drive", batch_id, exc_info=True)
+        return False
+    app.send_task(
+        DRIVE_BATCH_TASK, args=[batch_id], kwargs={"scheduled": True}, countdown=countdown
+    )
+    return True
+
+
+def drive_ran(batch_id: int) -> None:
+    """A scheduled drive is running: the next one may be scheduled."""
+    try:
+        get_redis().delete(drive_key(batch_id))
+    except RedisError:
+        logger.warning("could not clear batch %s's drive schedule", batch_id, exc_info=True)

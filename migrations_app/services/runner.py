@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
 from migrations_app.models import MigrationBatch, StationMigration
@@ -18,7 +19,7 @@ from migrations_app.services.steps import (
     fail,
     restore,
 )
-from migrations_app.services.transitions import touch, transition
+from migrations_app.services.transitions import count_attempt, touch, transition
 from ocpp_gateway.client import StationOffline
 
 State = StationMigration.State
@@ -59,25 +60,58 @@ def run_step(migration_id: int, expected_state: str) -> Followup | None:
         if outcome.state is None:
             touch(migration.id, state, **outcome.fields)
             return Followup(migration.id, migration.station.identity, state, outcome.countdown)
-        moved = transition(
-            migration.id,
-            state,
-            outcome.state,
-            reason=outcome.reason,
-            apply=outcome.apply,
-            **outcome.fields,
-        )
-        if not moved:
+        if not _move(migration, state, outcome):
             return None
         if outcome.state in StationMigration.TERMINAL or outcome.state == State.WAITING_ONLINE:
-            # Its in-flight slot is free: start the next station now, not at the next tick.
-            batches.batch_drive(batch_id=migration.batch_id)
             return None
         if outcome.state in INLINE_STATES and outcome.countdown == 0:
             migration.refresh_from_db()  # keeps the station, batch and CSMS already loaded
             state = outcome.state
             continue
         return Followup(migration.id, migration.station.identity, outcome.state, outcome.countdown)
+
+
+def step_raised(migration_id: int, expected_state: str, error: BaseException) -> float | None:
+    """A step raised an unexpected error (a bug, a time limit): retry it, a bounded number
+    of times, then fail the station with the error as its reason.
+
+    Returns the countdown before the next attempt, or None when there is none to make.
+    """
+    attempts = count_attempt(migration_id, expected_state)
+    if not attempts:
+        return None  # it moved on meanwhile
+    if attempts < settings.MIGRATION_STEP_MAX_ATTEMPTS:
+        return min(2.0 ** (attempts - 1), 30.0)
+    migration = _load(migration_id)
+    if migration is None or migration.state != expected_state:
+        return None
+    reason = f"the step raised {type(error).__name__}: {error} ({attempts} attempts)"
+    if expected_state in ARMED_STATES:
+        try:
+            reason += restore(migration, expected_state, priority=True)
+        except Exception as exc:  # the same bug may be in the rollback path
+            reason += f"; ROLLBACK INCOMPLETE: the rollback raised {type(exc).__name__}: {exc}"
+    _move(migration, expected_state, fail(expected_state, reason))
+    return None
+
+
+def _move(migration: StationMigration, state: str, outcome: Next) -> bool:
+    """Apply a handler's outcome: the one place a step moves a station (and fails one)."""
+    assert outcome.state is not None
+    moved = transition(
+        migration.id,
+        state,
+        outcome.state,
+        reason=outcome.reason,
+        apply=outcome.apply,
+        **outcome.fields,
+    )
+    if moved and (
+        outcome.state in StationMigration.TERMINAL or outcome.state == State.WAITING_ONLINE
+    ):
+        # Its in-flight slot is free: start the next station now, not at the next tick.
+        batches.batch_drive(batch_id=migration.batch_id)
+    return moved
 
 
 def _run_handler(migration: StationMigration, state: str) -> Next:

@@ -28,6 +28,7 @@ from fleet.validators import csms_url_problems
 from migrations_app.models import StationMigration
 from migrations_app.services.exchanges import describe, station_call, status_of
 from migrations_app.services.firmware import firmware_gate
+from migrations_app.services.liveness import gateway_up
 from migrations_app.services.plan import (
     NETWORK_KEYS,
     PRIORITY,
@@ -179,7 +180,9 @@ def set_url(m: StationMigration) -> Next:
             payload={"key": m.free_slot, "value": m.target_url},
         )
     )
-    if status_of(reply) != "Accepted":
+    # RebootRequired: the value is stored and takes effect at the next boot, which the
+    # Reset provides (a firmware may answer it for any network profile key).
+    if status_of(reply) not in ("Accepted", "RebootRequired"):
         return fail(step, f"the station did not accept the new URL ({describe(reply)})")
     return Next(State.SETTING_PRIORITY)
 
@@ -232,6 +235,10 @@ def reset(m: StationMigration) -> Next:
     # The idle check ran in an earlier task on ingested status: look again, just before.
     if busy_connectors(m):
         return Next(State.WAITING_IDLE, "a charging session started; waiting again")
+    # A Reset into a dead target would leave the station on neither CSMS until its profile
+    # timeout: hold it (the runner retries, bounded by the boot timeout, then restores).
+    if not gateway_up(m.batch.target.name):
+        raise Unreachable(f"no gateway of {m.batch.target.name} is up")
     claimed_at = time.time()
     claimed = StationMigration.objects.filter(
         id=m.id, state=State.RESETTING, reset_sent_at__isnull=True

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from migrations_app.models import StateChange, StationMigration
@@ -30,7 +31,12 @@ def transition(
     """
     now = timezone.now()
     # Each waiting state sets its own deadline; leaving a state ends its wait.
-    changes: dict[str, Any] = {"state": to_state, "updated_at": now, "wait_until": None}
+    changes: dict[str, Any] = {
+        "state": to_state,
+        "updated_at": now,
+        "wait_until": None,
+        "attempts": 0,
+    }
     changes.update(fields)
     if to_state in StationMigration.TERMINAL:
         changes.setdefault("finished_at", now)
@@ -57,3 +63,14 @@ def touch(migration_id: int, state: str, **fields: Any) -> bool:
             updated_at=timezone.now(), **fields
         )
     )
+
+
+def count_attempt(migration_id: int, state: str) -> int:
+    """Count one more failed attempt at the current step; 0 if it is no longer in state."""
+    with transaction.atomic():
+        moved = StationMigration.objects.filter(id=migration_id, state=state).update(
+            attempts=F("attempts") + 1, updated_at=timezone.now()
+        )
+        if not moved:
+            return 0
+        return StationMigration.objects.values_list("attempts", flat=True).get(id=migration_id)

@@ -62,3 +62,26 @@ def test_bad_rollout_options_are_refused(two_csms, args):
     with pytest.raises(CommandError):
         call_command("migrate_fleet", "--to", "csms-2", "--from", "csms-1", *args)
     assert not MigrationBatch.objects.exists()
+
+
+def test_help_documents_the_brake_defaults_and_the_exit_code_of_a_dead_stack():
+    from migrations_app.management.commands.migrate_fleet import Command
+
+    text = " ".join(Command().create_parser("manage.py", "migrate_fleet").format_help().split())
+    assert "(default 0.5)" in text and "--no-brake" in text
+    assert "all failed; 0 = off (default 5)" in text
+    assert "3 when the batch cannot progress" in text
+
+
+def test_brake_defaults_reach_the_batch_and_no_brake_turns_both_off(two_csms, redis_client):
+    ChargingStation.objects.create(identity="CP-2", csms=two_csms[0], firmware_version="4.2.85")
+    call_command("migrate_fleet", "--to", "csms-2", "--station", "CP-1")
+    batch = MigrationBatch.objects.get()
+    assert (batch.brake_failure_ratio, batch.brake_min_sample, batch.brake_first_failed) == (
+        0.5,
+        10,
+        5,
+    )
+    call_command("migrate_fleet", "--to", "csms-2", "--station", "CP-2", "--no-brake")
+    off = MigrationBatch.objects.exclude(id=batch.id).get()
+    assert (off.brake_failure_ratio, off.brake_first_failed) == (None, 0)

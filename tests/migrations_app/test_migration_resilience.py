@@ -72,7 +72,7 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
             python(
                 "manage.py", "migrate_fleet", "--to", "csms-2", "--from", "csms-1",
                 "--max-in-flight", str(max_in_flight), "--rate-per-minute", "0",
-                "--boot-timeout", "60", "--wait", "--json",
+                "--boot-timeout", "60", "--no-brake", "--wait", "--json",
             ),
             cwd=ROOT, env={**os.environ, **process_env(redis_url)},
             capture_output=True, text=True, timeout=300,
@@ -120,3 +120,16 @@ def most_in_flight_at_once() -> int:
         current += delta
         most = max(most, current)
     return most
+
+
+def test_every_step_task_has_time_limits_that_fit_three_commands():
+    from django.conf import settings
+
+    import migrations_app.tasks  # noqa: F401  (registers the tasks)
+    from fleet.celery import app
+    from migrations_app.services.dispatch import STEP_TASKS
+
+    three_commands = 3 * (settings.OCPP_COMMAND_TIMEOUT + 1)
+    for name in set(STEP_TASKS.values()):
+        task = app.tasks[name]
+        assert three_commands < task.soft_time_limit < task.time_limit, name

@@ -206,3 +206,79 @@ def test_the_rate_limit_spreads_starts(stack):
         in_ten_seconds = [s for s in starts if first <= s < first + dt.timedelta(seconds=10)]
         assert len(in_ten_seconds) <= 10
     assert starts[-1] - starts[0] >= dt.timedelta(seconds=9)
+
+
+def test_the_default_brake_pauses_when_the_first_five_ended_stations_all_failed(stack):
+    ids = [f"CP-DB{i:02}" for i in range(12)]
+    rejecting = Behaviour(reject_url_writes=True)
+    specs = [
+        stack.station(identity, behaviour=rejecting if i < 6 else Behaviour())
+        for i, identity in enumerate(ids)
+    ]
+    with stack.fleet(specs) as fleet:
+        batch = start(ids, max_in_flight=6)  # the defaults' brake, nothing said
+        wait_batch(batch, BatchState.PAUSED)
+        assert batch.pause_reason == "brake: the first 5 ended stations all failed"
+        wait_for(lambda: not set(states(batch)) & ARMED, 30, "armed stations to end")
+        # Each failure freed a slot for the next station until the fifth ended; then none.
+        pending = list(
+            batch.stations.filter(state=State.PENDING).values_list("station__identity", flat=True)
+        )
+        assert pending and all(fleet[i].events("config_changed") == [] for i in pending)
+
+
+def test_a_step_that_keeps_raising_fails_after_bounded_attempts_with_the_error(stack):
+    from fleet.celery import app
+    from migrations_app.services.dispatch import STEP_TASKS
+
+    with stack.fleet([stack.station("CP-BUG")]):
+        now = timezone.now()
+        batch = start(
+            ["CP-BUG"],
+            window_start=(now + dt.timedelta(hours=1)).time(),
+            window_end=(now + dt.timedelta(hours=2)).time(),
+        )
+        migration = batch.stations.get()
+        # A snapshot no step writes (a list, not a dict): set_url raises on it, a bug.
+        StationMigration.objects.filter(id=migration.id).update(
+            state=State.SETTING_URL, config_snapshot=["bad"], free_slot="NetworkConnectionProfile2"
+        )
+        app.send_task(
+            STEP_TASKS[State.SETTING_URL], args=[migration.id, "CP-BUG", State.SETTING_URL]
+        )
+        wait_for(
+            lambda: StationMigration.objects.get(id=migration.id).state == State.FAILED,
+            60,
+            "the raising step to fail",
+        )
+    migration.refresh_from_db()
+    assert migration.failed_step == State.SETTING_URL
+    assert "AttributeError" in migration.reason and "(5 attempts)" in migration.reason
+    assert migration.state_changes.filter(to_state=State.FAILED).count() == 1
+
+
+def test_the_batch_page_says_when_no_worker_and_no_beat_run(admin_client, redis_client):
+    from django.urls import reverse
+
+    from fleet.models import ChargingStation
+
+    source = CsmsBackend.objects.create(name="csms-1", url="ws://127.0.0.1:1/ocpp")
+    CsmsBackend.objects.create(name="csms-2", url="ws://127.0.0.1:2/ocpp")
+    ChargingStation.objects.create(identity="CP-PAGE", csms=source, firmware_version="4.2.85")
+    batch = start(["CP-PAGE"])
+    page = admin_client.get(reverse("admin:migrations_app_migrationbatch_change", args=[batch.id]))
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert 'id="stack-warnings"' in text
+    assert "no worker" in text and "no beat" in text
+
+
+def test_a_batch_keeps_one_scheduled_drive_whatever_asks_for_it(redis_client):
+    from migrations_app.services.dispatch import drive_key, drive_ran, schedule_drive
+
+    assert schedule_drive(4242, 20)
+    assert not schedule_drive(4242, 25)  # one is already due before then
+    assert schedule_drive(4242, 5)  # an earlier slot: sent
+    assert 0 < redis_client.ttl(drive_key(4242)) <= 15
+    drive_ran(4242)
+    assert schedule_drive(4242, 25)

@@ -1,4 +1,11 @@
-"""python manage.py migrate_fleet: start (and optionally follow) a batch of station migrations."""
+"""python manage.py migrate_fleet: start (and optionally follow) a batch of station migrations.
+
+Exit codes with --wait: 0 no station failed; 1 some failed; 2 bad arguments (nothing
+created); 3 the batch cannot progress: no state change and no touch of any in-flight
+station for MIGRATION_WAIT_STALL_SECONDS while no worker is alive (the batch is left as it
+is; it goes on once a worker runs). What is missing (broker, worker, beat) is printed when
+the batch starts and when it gives up.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +15,26 @@ import sys
 import time
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import InterfaceError, OperationalError, connection
+from django.db.models import Max
 
-from fleet.celery import app as celery_app
 from fleet.models import ChargingStation, CsmsBackend
 from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.selectors import batch_counts
 from migrations_app.services.batches import BatchError, BatchOptions, batch_create, batch_report
+from migrations_app.services.liveness import StackHealth, stack_health
 
 POLL_SECONDS = 0.5
 BAR_WIDTH = 30
+# How often --wait looks at the stack's health (Redis) while it follows a batch.
+HEALTH_SECONDS = 2.0
+EXIT_STALLED = 3
+
+
+class Stalled(Exception):
+    """Nothing moved the batch for the stall bound, and no worker lives to move it."""
 
 
 def _positive(value: str) -> int:
@@ -51,7 +68,10 @@ class Command(BaseCommand):
         "Migrate stations to another CSMS, following the vendor procedure: read the network "
         "keys, write the new URL into the free profile, put it first, Reset Hard, verify the "
         "BootNotification on the target, then mark the old registration for removal. "
-        "Exit codes with --wait: 0 none failed, 1 some failed; 2 for bad arguments."
+        "Exit codes with --wait: 0 none failed, 1 some failed; 2 for bad arguments; "
+        "3 when the batch cannot progress (no state change or touch of an in-flight "
+        "station for MIGRATION_WAIT_STALL_SECONDS, default 60, and no live worker): it "
+        "says what is missing (broker, worker, beat)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -81,7 +101,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--boot-timeout",
             type=_positive,
-            default=300,
+            default=BatchOptions.boot_timeout_seconds,
             metavar="SECONDS",
             help="how long to wait for the BootNotification on the target after the Reset, "
             "and for an offline station to come back (default %(default)s)",
@@ -89,7 +109,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--idle-wait",
             type=_not_negative,
-            default=1800,
+            default=BatchOptions.idle_wait_seconds,
             metavar="SECONDS",
             help="how long a station with a charging session may delay its Reset "
             "(default %(default)s)",
@@ -102,20 +122,34 @@ class Command(BaseCommand):
             help="the first K stations must all verify before the rest start; a canary "
             "failure pauses the batch (default %(default)s: no canary)",
         )
-        parser.add_argument(
+        brake = parser.add_mutually_exclusive_group()
+        brake.add_argument(
             "--brake",
             type=_ratio,
-            default=None,
+            default=BatchOptions.brake_failure_ratio,
             metavar="RATIO",
             help="pause the batch when failed/(done+failed) exceeds RATIO, e.g. 0.1 "
-            "(default: no brake)",
+            "(default %(default)s)",
+        )
+        brake.add_argument(
+            "--no-brake",
+            action="store_true",
+            help="no failure brake at all (neither the ratio nor the first failures)",
         )
         parser.add_argument(
             "--brake-min-sample",
             type=_positive,
-            default=10,
+            default=BatchOptions.brake_min_sample,
             metavar="N",
-            help="stations that must have ended before the brake acts (default %(default)s)",
+            help="stations that must have ended before the ratio brake acts (default %(default)s)",
+        )
+        parser.add_argument(
+            "--brake-first",
+            type=_not_negative,
+            default=BatchOptions.brake_first_failed,
+            metavar="N",
+            help="pause the batch when the first N ended stations all failed; 0 = off "
+            "(default %(default)s)",
         )
         parser.add_argument(
             "--window",
@@ -161,8 +195,9 @@ class Command(BaseCommand):
             dry_run=options["dry_run"],
             allow_downgrade=options["allow_downgrade"],
             canary_size=options["canary"],
-            brake_failure_ratio=options["brake"],
+            brake_failure_ratio=None if options["no_brake"] else options["brake"],
             brake_min_sample=options["brake_min_sample"],
+            brake_first_failed=0 if options["no_brake"] else options["brake_first"],
             window_start=options["window"][0] if options["window"] else None,
             window_end=options["window"][1] if options["window"] else None,
             offline_wait_seconds=options["offline_wait"],
@@ -173,7 +208,7 @@ class Command(BaseCommand):
             )
         except BatchError as exc:
             raise CommandError(str(exc), returncode=2) from exc
-        self._warn_without_workers()
+        self._warn_missing(stack_health())
         if not options["wait"]:
             if options["json"]:
                 self.stdout.write(json.dumps({"batch": batch.id, "stations": len(stations)}))
@@ -188,6 +223,12 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             self.stderr.write(f"\nStopped following; batch {batch.id} goes on in the workers.")
             sys.exit(130)
+        except Stalled as stalled:
+            self.stderr.write(
+                f"\nGave up following batch {batch.id}: {stalled}. The batch is left as it "
+                "is and goes on once a worker runs."
+            )
+            sys.exit(EXIT_STALLED)
         batch.refresh_from_db()
         report = batch_report(batch)
         if options["json"]:
@@ -220,24 +261,25 @@ class Command(BaseCommand):
             raise CommandError(f"unknown station(s): {', '.join(unknown)}", returncode=2)
         return [found[identity] for identity in wanted]
 
-    def _warn_without_workers(self) -> None:
-        try:
-            answered = celery_app.control.ping(timeout=1.0)
-        except Exception:  # the broker itself is unreachable: batch_create already committed
-            answered = []
-        if not answered:
-            self.stderr.write(
-                "Warning: no Celery worker answered; the batch starts when one runs "
-                "(celery -A fleet worker -B)."
-            )
+    def _warn_missing(self, health: StackHealth) -> None:
+        for missing in health.missing():
+            self.stderr.write(f"Warning: {missing}.")
 
     def _follow(self, batch: MigrationBatch) -> None:
         tty = self.stderr.isatty()
         last_line = ""
         last_print = 0.0
+        progress = _Progress(batch)
         while True:
-            batch.refresh_from_db(fields=["state", "pause_reason"])
-            counts = batch_counts(batch)
+            try:
+                batch.refresh_from_db(fields=["state", "pause_reason"])
+                counts = batch_counts(batch)
+            except (OperationalError, InterfaceError) as exc:
+                # A restarted database: reconnect on the next look, within the bound.
+                connection.close()
+                progress.database_down(exc)
+                time.sleep(POLL_SECONDS)
+                continue
             line = _progress_line(counts)
             if batch.state == MigrationBatch.State.PAUSED:
                 line += f" | PAUSED: {batch.pause_reason}"
@@ -251,6 +293,11 @@ class Command(BaseCommand):
             ended = sum(counts.get(s, 0) for s in StationMigration.TERMINAL)
             if batch.state == MigrationBatch.State.FINISHED or ended == sum(counts.values()):
                 break
+            try:
+                progress.check(counts, batch.state)
+            except (OperationalError, InterfaceError) as exc:
+                connection.close()
+                progress.database_down(exc)
             time.sleep(POLL_SECONDS)
         if tty:
             self.stderr.write("")
@@ -266,6 +313,51 @@ class Command(BaseCommand):
             )
         totals = ", ".join(f"{n} {state}" for state, n in report["counts"].items())
         self.stdout.write(f"Batch {report['batch']}: {totals}")
+
+
+class _Progress:
+    """Whether a followed batch still moves: its counts, its state, the last touch of a
+    station (waiting steps touch theirs). Raises Stalled when it has not moved for the
+    bound and no worker is alive; a live worker may be in a long legitimate wait."""
+
+    def __init__(self, batch: MigrationBatch) -> None:
+        self.batch = batch
+        self.bound = settings.MIGRATION_WAIT_STALL_SECONDS
+        self.seen: Any = None
+        self.moved_at = time.monotonic()
+        self.health_at = 0.0
+        self.health: StackHealth | None = None
+
+    def database_down(self, error: Exception) -> None:
+        """The database did not answer: not progress; past the bound, give up saying so."""
+        if time.monotonic() - self.moved_at >= self.bound:
+            raise Stalled(f"the database did not answer for {self.bound:.0f}s ({error})")
+
+    def check(self, counts: dict[str, int], state: str) -> None:
+        now = time.monotonic()
+        touched = self.batch.stations.aggregate(at=Max("updated_at"))["at"]
+        seen = (tuple(sorted(counts.items())), state, touched)
+        if seen != self.seen:
+            self.seen, self.moved_at = seen, now
+            return
+        if now - self.health_at >= HEALTH_SECONDS:
+            self.health, self.health_at = stack_health(), now
+        assert self.health is not None
+        if self.health.broker and self.health.workers:
+            self.moved_at = now  # a live worker: a long wait is legitimate
+            return
+        if now - self.moved_at >= self.bound:
+            raise Stalled(
+                f"nothing moved for {self.bound:.0f}s ({_waiting_for(counts)}) and "
+                + "; ".join(self.health.missing())
+            )
+
+
+def _waiting_for(counts: dict[str, int]) -> str:
+    waiting = {
+        state: n for state, n in counts.items() if state not in StationMigration.TERMINAL and n
+    }
+    return "waited for: " + ", ".join(f"{n} {state}" for state, n in sorted(waiting.items()))
 
 
 def _progress_line(counts: dict[str, int]) -> str:

@@ -1,0 +1,177 @@
+"""Who is alive in the stack: workers, the beat, gateways, the broker (all read from Redis).
+
+Workers: a thread in each worker's main process refreshes a short-TTL key, so a worker
+killed outright (SIGKILL, a lost machine) is known gone within WORKER_TTL_SECONDS; a live
+worker then asks for a recovery, which re-drives the stations whose step went quiet,
+instead of waiting for the step lease. Nothing is added per step (no DB write, no Redis
+round trip): the database already says which stations stopped moving.
+
+The beat: every tick refreshes a key; its absence is reported (the workers drive batches
+themselves, the beat is a safety net).
+
+Gateways: each gateway's relay subscribes ``ocpp:gateway:<csms>:<uuid>``, so one
+PUBSUB CHANNELS call tells whether any gateway of a CSMS is up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis import RedisError
+
+from fleet.redis import get_redis
+
+logger = logging.getLogger(__name__)
+
+WORKER_HEARTBEAT_SECONDS = 2.0
+# Three missed heartbeats: a loaded worker is not declared dead for one slow beat.
+WORKER_TTL_SECONDS = 6
+BEAT_TTL_SECONDS = 10
+
+WORKERS_KEY = "engine:workers"
+BEAT_KEY = "engine:beat"
+EPOCH_KEY = "engine:epoch"
+RECOVER_TASK = "migrations.recover"
+
+
+def alive_key(hostname: str) -> str:
+    return f"engine:worker:{hostname}"
+
+
+def gateway_channels(csms: str) -> str:
+    return f"ocpp:gateway:{csms}:*"
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackHealth:
+    broker: bool
+    workers: list[str] = field(default_factory=list)
+    beat: bool = False
+    error: str = ""
+
+    def missing(self) -> list[str]:
+        """What is not running, in words an operator can act on."""
+        if not self.broker:
+            return [f"no broker (Redis unreachable: {self.error})"]
+        missing = []
+        if not self.workers:
+            missing.append("no worker (start: celery -A fleet worker)")
+        if not self.beat:
+            missing.append("no beat (safety net only: celery -A fleet beat)")
+        return missing
+
+
+def stack_health() -> StackHealth:
+    client = get_redis()
+    try:
+        hosts = sorted(h.decode() for h in client.smembers(WORKERS_KEY))
+        pipe = client.pipeline(transaction=False)
+        for host in hosts:
+            pipe.exists(alive_key(host))
+        pipe.exists(BEAT_KEY)
+        *alive, beat = pipe.execute()
+    except RedisError as exc:
+        return StackHealth(broker=False, error=str(exc))
+    return StackHealth(
+        broker=True, workers=[h for h, up in zip(hosts, alive, strict=True) if up], beat=bool(beat)
+    )
+
+
+def gateway_up(csms: str) -> bool:
+    """Whether at least one gateway of this CSMS is connected to Redis (one cheap call)."""
+    return bool(get_redis().pubsub_channels(gateway_channels(csms)))
+
+
+def beat_alive() -> None:
+    """Called by the beat's tick: the beat is running."""
+    get_redis().set(BEAT_KEY, "1", ex=BEAT_TTL_SECONDS)
+
+
+# --- the worker's side -----------------------------------------------------------------
+
+
+def heartbeat(hostname: str) -> None:
+    client = get_redis()
+    pipe = client.pipeline(transaction=False)
+    pipe.set(alive_key(hostname), "1", ex=WORKER_TTL_SECONDS)
+    pipe.sadd(WORKERS_KEY, hostname)
+    pipe.execute()
+
+
+def reap_dead_workers() -> list[str]:
+    """The workers whose liveness key expired, each claimed by exactly one caller.
+
+    SREM claims a dead worker: when several live workers notice it at once, one of them
+    gets it (and asks for a recovery).
+    """
+    client = get_redis()
+    hosts = [h.decode() for h in client.smembers(WORKERS_KEY)]
+    if not hosts:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.exists(alive_key(host))
+    dead = [host for host, up in zip(hosts, pipe.execute(), strict=True) if not up]
+    return [host for host in dead if client.srem(WORKERS_KEY, host)]
+
+
+def broker_data_lost() -> bool:
+    """True once after Redis came back empty (or on the very first start of a stack).
+
+    Queued and scheduled tasks went with the data: the caller asks for a recovery, which
+    re-drives every batch from the database. Only the worker that recreates the marker does.
+    """
+    return bool(get_redis().set(EPOCH_KEY, "1", nx=True))
+
+
+def forget_worker(hostname: str) -> None:
+    """A clean shutdown: Celery gives its unacknowledged tasks back to the queue itself."""
+    client = get_redis()
+    pipe = client.pipeline(transaction=False)
+    pipe.srem(WORKERS_KEY, hostname)
+    pipe.delete(alive_key(hostname))
+    pipe.execute()
+
+
+class WorkerHeartbeat(threading.Thread):
+    """Runs in a worker's main process: its liveness, and noticing dead peers.
+
+    A dead worker's tasks (running, prefetched, or waiting for their countdown) stay
+    unacknowledged in Redis until the visibility timeout: a recovery re-drives its
+    stations from the database at once instead.
+    """
+
+    def __init__(self, hostname: str, send_task: Callable[[str], object]) -> None:
+        super().__init__(name="engine-heartbeat", daemon=True)
+        self.hostname = hostname
+        self.send_task = send_task
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                heartbeat(self.hostname)
+                if broker_data_lost():
+                    logger.warning("Redis lost its data: re-driving every batch")
+                    self.send_task(RECOVER_TASK)
+                dead = reap_dead_workers()
+                if dead:
+                    logger.warning("worker(s) %s gone: re-driving their stations", dead)
+                    self.send_task(RECOVER_TASK)
+            except Exception as exc:  # a Redis outage: try again on the next beat, never die
+                logger.warning("worker heartbeat failed: %s", exc)
+            if self.stopped.wait(WORKER_HEARTBEAT_SECONDS):
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        try:
+            forget_worker(self.hostname)
+        except RedisError:
+            logger.warning("could not deregister worker %s", self.hostname, exc_info=True)
