@@ -27,6 +27,7 @@ import pytest
 import redis
 
 from fleet.models import CsmsBackend
+from fleet.services.inventory import csms_backend_upsert
 from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services.controls import batch_cancel
 from ocpp_gateway.simulator.fleet import Fleet
@@ -112,7 +113,7 @@ def redis_url(private_redis) -> Iterator[str]:
 @pytest.fixture
 def gateways(transactional_db, start_gateway, redis_url, tmp_path) -> Iterator[dict]:
     """csms-1 through the fixture; csms-2 on a fixed port, so that it can be restarted."""
-    source_url = start_gateway("csms-1")
+    source_url = start_gateway("csms-1", "--open")
     port = free_port()
     target = Server(
         python(
@@ -125,15 +126,27 @@ def gateways(transactional_db, start_gateway, redis_url, tmp_path) -> Iterator[d
     )
     target.start()
     target_url = f"ws://127.0.0.1:{port}/ocpp"
-    CsmsBackend.objects.create(name="csms-1", url=source_url)
-    CsmsBackend.objects.create(name="csms-2", url=target_url)
-    yield {"source": source_url, "target": target_url, "target_gateway": target}
+    csms_backend_upsert(name="csms-1", url=source_url, open_admission=True)
+    csms_backend_upsert(name="csms-2", url=target_url)
+    yield {
+        "source": source_url,
+        "target": target_url,
+        "target_gateway": target,
+        "redis_url": redis_url,
+    }
     target.close()
 
 
 def stack_of(gateways, start_worker, *, beat: bool, env=WORKER_ENV, name="w1") -> Stack:
     worker, _ = start_worker(name, beat=beat, **env)
-    return Stack(gateways["source"], gateways["target"], start_worker, worker)
+    return Stack(
+        gateways["source"],
+        gateways["target"],
+        start_worker,
+        worker,
+        redis=redis.Redis.from_url(gateways["redis_url"]),
+        target=CsmsBackend.objects.get(name="csms-2"),
+    )
 
 
 class Cli:
@@ -378,16 +391,21 @@ def test_postgresql_restarted_mid_batch(private_postgres, start_gateway, redis_u
     }  # fmt: skip
     manage = functools.partial(subprocess.run, cwd=ROOT, env=env, check=True, capture_output=True)
     manage(python("manage.py", "migrate", "--no-input"))
-    source_url, target_url = start_gateway("csms-1"), start_gateway("csms-2")
-    manage(python("manage.py", "add_csms", "csms-1", source_url))
+    source_url, target_url = start_gateway("csms-1", "--open"), start_gateway("csms-2")
+    manage(python("manage.py", "add_csms", "csms-1", source_url, "--open"))
     manage(python("manage.py", "add_csms", "csms-2", target_url))
     log = tmp_path / "worker-pg.log"
     worker_args = python(
         "-m", "celery", "-A", "fleet", "worker", "--concurrency", "2", "--loglevel", "INFO",
         "--without-mingle", "--without-gossip", "--hostname", f"pg-{os.getpid()}@%h",
     )  # fmt: skip
-    stack = Stack(source_url, target_url, None, None)  # type: ignore[arg-type]
+    stack = Stack(source_url, target_url, None, None, None, None)  # type: ignore[arg-type]
     specs = [stack.station(f"CP-PG{i:02}") for i in range(10)]
+    registrations = tmp_path / "registrations.csv"
+    registrations.write_text(
+        "identity,serial_number\n" + "".join(f"{s.identity},{s.serial_number}\n" for s in specs)
+    )
+    manage(python("manage.py", "import_registrations", "csms-2", str(registrations)))
     timing = Timing(reboot_delay=1.5, retry_interval=0.2, reconnect_delay=0.3)
     with running(worker_args, env=env, log=log), Fleet(specs, timing=timing) as fleet:
         wait_for(lambda: b"ready." in log.read_bytes(), 30, "the worker to be ready")
