@@ -33,6 +33,9 @@ RELAYED_ACTIONS = (
     "Reset",
     "GetInstalledCertificateIds",
 )
+# The longest a gateway waits for one Redis call: a Redis that stopped answering (not
+# refusing) must not hold the gateway's loops for long.
+REDIS_CALL_TIMEOUT = 5.0
 # A reply nobody collects (the caller gave up) must not stay in Redis forever.
 REPLY_TTL_SECONDS = 300
 # The stations registered on a CSMS, published by the Django side for its gateways

@@ -22,7 +22,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ocpp_gateway.envelopes import EVENT_STREAM, INGEST_EVENTS_TASK, Event, EventKind, last_boot_key
+from ocpp_gateway.envelopes import (
+    EVENT_STREAM,
+    INGEST_EVENTS_TASK,
+    REDIS_CALL_TIMEOUT,
+    Event,
+    EventKind,
+    last_boot_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +129,7 @@ class EventReporter:
             self._in_flight = len(batch)
             try:
                 await self._write(batch)
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 self._queue.extendleft(reversed(batch))
                 self._in_flight = 0
                 if backoff == 0.1:
@@ -146,7 +153,8 @@ class EventReporter:
                 # having been consumed yet.
                 boot = json.dumps({**event.data, "at": event.at, "event_id": event.id})
                 pipe.hset(last_boot_key(event.csms), event.station, boot)
-        await pipe.execute()
+        async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+            await pipe.execute()
 
     async def _nudge_loop(self) -> None:
         assert self._nudge is not None

@@ -19,7 +19,7 @@ from enum import StrEnum
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ocpp_gateway.envelopes import registry_key, registry_meta_key
+from ocpp_gateway.envelopes import REDIS_CALL_TIMEOUT, registry_key, registry_meta_key
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Registry:
         self._last_request = -REPUBLISH_INTERVAL
         # None until the first poll: a Redis that is down at start is logged too.
         self.redis_ok: bool | None = None
+        self.loaded = asyncio.Event()  # set after the first poll that reached Redis
 
     # --- what the handshake and the handlers ask (in memory, never Redis) ---------------
 
@@ -126,12 +127,13 @@ class Registry:
 
     async def refresh(self) -> None:
         try:
-            meta = await self._redis.hgetall(registry_meta_key(self._csms))
-            version = _text(meta.get(b"version")) if meta else None
-            if meta and version != self._version:
-                raw = await self._redis.hgetall(registry_key(self._csms))
-                self._load(version, meta, raw)
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+                meta = await self._redis.hgetall(registry_meta_key(self._csms))
+                version = _text(meta.get(b"version")) if meta else None
+                if meta and version != self._version:
+                    raw = await self._redis.hgetall(registry_key(self._csms))
+                    self._load(version, meta, raw)
+        except (RedisError, OSError, TimeoutError) as exc:
             if self.redis_ok is not False:
                 logger.warning(
                     "registry of %s not refreshed (%s); keeping %s",
@@ -142,6 +144,7 @@ class Registry:
             self.redis_ok = False
             return
         self.redis_ok = True
+        self.loaded.set()
         if not meta:
             self._ask_for_republish()
 

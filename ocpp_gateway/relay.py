@@ -8,6 +8,7 @@ a slow station never delays commands to another one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ocpp_gateway.envelopes import (
+    REDIS_CALL_TIMEOUT,
     RELAYED_ACTIONS,
     REPLY_TTL_SECONDS,
     Command,
@@ -64,10 +66,16 @@ class CommandRelay:
         self._changed = asyncio.Event()
         # None until the first attempt: a Redis that is down at start is logged too.
         self.connected: bool | None = None
+        self.ready = asyncio.Event()  # set once the pubsub connection is up
 
     def attach(self, station: str) -> None:
-        self._wanted.add(command_channel(station))
-        self._dirty.add(command_channel(station))
+        channel = command_channel(station)
+        self._wanted.add(channel)
+        if self.connected:
+            # Not behind the reconciler's work in progress: a command may follow the boot.
+            self._spawn(self._subscribe_now(channel))
+        # The reconciler checks it too: an UNSUBSCRIBE of an earlier detach may follow ours.
+        self._dirty.add(channel)
         self._changed.set()
 
     def detach(self, station: str) -> None:
@@ -101,11 +109,17 @@ class CommandRelay:
                 continue
             if not self.connected:
                 self.connected = True
+                self.ready.set()
                 self._check_all = True
                 self._changed.set()
             if message is None or message["type"] != "message":
                 continue
             self._spawn(self._handle(message["data"]))
+
+    async def _subscribe_now(self, channel: str) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # the reconciler retries
+            async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+                await self._pubsub.subscribe(channel)
 
     async def _reconcile(self) -> None:
         while True:
@@ -133,12 +147,19 @@ class CommandRelay:
                 elif channel not in self._wanted and subscribed:
                     extra.append(channel)
             try:
-                for chunk in _chunks(missing):
-                    await self._pubsub.subscribe(*chunk)
-                for chunk in _chunks(extra):
-                    await self._pubsub.unsubscribe(*chunk)
-            except (RedisError, OSError) as exc:
-                logger.warning("could not update %d subscriptions (%s)", len(candidates), exc)
+                async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+                    for chunk in _chunks(missing):
+                        await self._pubsub.subscribe(*chunk)
+                    for chunk in _chunks(extra):
+                        # Not a station that came back while the subscriptions were sent.
+                        chunk = [channel for channel in chunk if channel not in self._wanted]
+                        if chunk:
+                            await self._pubsub.unsubscribe(*chunk)
+            except (RedisError, OSError, TimeoutError) as exc:
+                logger.warning("could not update %d subscriptions (%r)", len(candidates), exc)
+                if isinstance(exc, TimeoutError):
+                    # A write cut short leaves the connection unusable: start it afresh.
+                    await connection.disconnect()
                 self._dirty |= candidates
                 await asyncio.sleep(0.5)
                 self._changed.set()
@@ -218,9 +239,10 @@ class CommandRelay:
                 pipe = self._redis.pipeline(transaction=False)
                 pipe.rpush(key, reply.to_json())
                 pipe.expire(key, REPLY_TTL_SECONDS)
-                await pipe.execute()
+                async with asyncio.timeout(REDIS_CALL_TIMEOUT):
+                    await pipe.execute()
                 return
-            except RedisError as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 logger.warning("could not push reply %s (%s)", reply.command_id, exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
         logger.error("gave up pushing reply %s; the caller will time out", reply.command_id)

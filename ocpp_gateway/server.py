@@ -276,6 +276,9 @@ class Gateway:
             EventKind.CONNECT, identity, {"address": address, "authenticated": bool(authenticated)}
         )
         self.relay.attach(identity)
+        # One turn of the loop lets the relay write the SUBSCRIBE (when Redis is up) before
+        # this station's first answer: a command sent on seeing its boot finds it.
+        await asyncio.sleep(0)
         try:
             await session.start()
         except ConnectionClosed:
@@ -305,25 +308,26 @@ def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
 async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
     """Serve until stop is set, then close every connection (1001) and flush events."""
     # A blocking pool waits for a free connection instead of failing under a burst; short
-    # timeouts, so a Redis that went away only delays the background loops that use it.
+    # waits, so a Redis that went away only delays the background loops that use it. No
+    # socket_timeout: on Python 3.11 it defers every write by a loop turn (wait_for makes a
+    # task), so a station's SUBSCRIBE would go out after its boot answer; each loop bounds
+    # its own calls instead (REDIS_CALL_TIMEOUT).
     pool = aioredis.BlockingConnectionPool.from_url(
-        config.redis_url,
-        max_connections=64,
-        timeout=2,
-        socket_connect_timeout=2,
-        socket_timeout=5,
+        config.redis_url, max_connections=64, timeout=2, socket_connect_timeout=2
     )
     redis = aioredis.Redis(connection_pool=pool)
     gateway = Gateway(config, redis)
-    # Load the registry before listening when Redis answers: no needless Pending at start.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(3):
-            await gateway.registry.refresh()
     background = [
         asyncio.create_task(gateway.reporter.run()),
         asyncio.create_task(gateway.relay.run()),
         asyncio.create_task(gateway.registry.run()),
     ]
+    # Listen once the registry is loaded and the command channel is up, when Redis answers
+    # within a few seconds: no needless Pending boot, no station that cannot get commands.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(3):
+            await gateway.registry.loaded.wait()
+            await gateway.relay.ready.wait()
     async with serve(
         gateway.handle,
         config.host,

@@ -10,11 +10,13 @@ import redis
 from ocpp_gateway.envelopes import (
     EVENT_STREAM,
     Event,
+    EventKind,
     password_digest,
     registry_entry,
     registry_key,
     registry_meta_key,
 )
+from tests.processes import wait_for
 
 
 def publish_registry(
@@ -48,3 +50,13 @@ def publish_registry(
 
 def stream_events(client: redis.Redis) -> list[Event]:
     return [Event.from_json(fields[b"e"]) for _, fields in client.xrange(EVENT_STREAM)]
+
+
+def events_of(client: redis.Redis, kind: EventKind, count: int, timeout: float = 5) -> list[Event]:
+    """The stream's events of a kind, once at least count of them are there (batched writes)."""
+
+    def found() -> list[Event]:
+        events = [event for event in stream_events(client) if event.kind is kind]
+        return events if len(events) >= count else []
+
+    return wait_for(found, timeout, f"{count} {kind} events in the stream")
