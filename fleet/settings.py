@@ -152,6 +152,15 @@ OCPP_COMMAND_TIMEOUT = env_float("OCPP_COMMAND_TIMEOUT", 30.0)
 MIGRATION_MIN_FIRMWARE = {"4.2": "4.2.85", "3.5": "3.5.54"}
 # A station whose step has not moved for this long has its step sent again (lost task).
 MIGRATION_STEP_LEASE_SECONDS = env_float("MIGRATION_STEP_LEASE_SECONDS", 90.0)
+# How long a station that booted on the target must stay there before it is verified.
+# None (the default; unset or empty in the environment): the station's own
+# NetworkProfileConnectionTimeoutSec plus a margin, the time a station that cannot keep the
+# new connection needs to fall back to its previous profile.
+MIGRATION_SETTLE_SECONDS = (
+    env_float("MIGRATION_SETTLE_SECONDS", 0.0)
+    if os.environ.get("MIGRATION_SETTLE_SECONDS")
+    else None
+)
 
 CELERY_BEAT_SCHEDULE = {
     # Starts rate-limited stations when they are due and re-drives lost steps.
