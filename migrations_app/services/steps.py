@@ -326,12 +326,20 @@ def _refusal(m: StationMigration, boot: dict[str, Any]) -> str:
     status = boot.get("status") or "Accepted"  # records from before the status was kept
     if status == "Pending":
         return ""
-    if status != "Accepted":
-        reason = boot.get("reason") or "no reason given"
-        verdict = "rejected" if status == "Rejected" else f"answered {status} to"
-        return f"the target {verdict} the BootNotification ({reason})"
     mismatch = hardware_mismatch(m.expected_hardware, boot)
-    return _record_impostor(m, boot, mismatch) if mismatch else ""
+    if status == "Accepted":
+        failure = f"other hardware booted on {m.batch.target.name} as {m.station.identity}"
+    else:
+        verdict = "rejected" if status == "Rejected" else f"answered {status} to"
+        failure = (
+            f"the target {verdict} the BootNotification ({boot.get('reason') or 'no reason given'})"
+        )
+        if not mismatch:
+            return failure
+        failure += ", which came from other hardware"
+    if not mismatch:
+        return ""
+    return _record_impostor(m, boot, f"{failure} ({mismatch}); recorded as a security event")
 
 
 def _pending(m: StationMigration, boot: dict[str, Any]) -> Next:
@@ -498,13 +506,8 @@ def _field_text(value: object) -> str:
     return "" if value is None else str(value).replace("\x00", "").strip()[:50]
 
 
-def _record_impostor(m: StationMigration, boot: dict[str, Any], mismatch: str) -> str:
+def _record_impostor(m: StationMigration, boot: dict[str, Any], failure: str) -> str:
     """Record the boot from other hardware as a security event, once; return the failure."""
-    target = m.batch.target
-    failure = (
-        f"other hardware booted on {target.name} as {m.station.identity} ({mismatch}); "
-        "recorded as a security event"
-    )
     with transaction.atomic():
         # Conditional: a re-driven step must not record the same impostor twice.
         first = StationMigration.objects.filter(
@@ -514,11 +517,12 @@ def _record_impostor(m: StationMigration, boot: dict[str, Any], mismatch: str) -
             StationEvent.objects.create(
                 event_id=str(uuid.uuid4()),
                 station_id=m.station_id,
-                csms=target,
+                csms=m.batch.target,
                 kind=EventKind.SECURITY.value,
                 at=timezone.now(),
                 data={
                     "reason": "boot from other hardware during a migration",
+                    "status": boot.get("status") or "Accepted",
                     "expected": m.expected_hardware,
                     "seen": hardware_seen(boot),
                     "boot_event_id": boot.get("event_id", ""),

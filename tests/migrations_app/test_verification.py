@@ -124,6 +124,13 @@ def test_a_boot_from_other_hardware_is_a_security_event_and_never_verifies(await
     assert "other hardware" in StationMigration.objects.get().verify_failure
 
 
+def test_a_rejected_boot_from_other_hardware_is_a_security_event_too(awaiting, redis_client):
+    gateway_boot(redis_client, "csms-2", status="Rejected", reason="other hardware", serial="X")
+    failure = step(awaiting).fields["verify_failure"]
+    assert failure.startswith("the target rejected the BootNotification (other hardware)")
+    assert StationEvent.objects.get(kind=EventKind.SECURITY).data["status"] == "Rejected"
+
+
 def test_a_boot_without_status_counts_as_accepted_and_starts_the_settle(awaiting, redis_client):
     gateway_boot(redis_client, "csms-2")
     outcome = step(awaiting)
