@@ -237,7 +237,13 @@ def reset(m: StationMigration) -> Next:
     claimed_at = time.time()
     claimed = StationMigration.objects.filter(
         id=m.id, state=State.RESETTING, reset_sent_at__isnull=True
-    ).update(reset_sent_at=claimed_at, boot_marks=_boot_marks(m))
+    ).update(
+        reset_sent_at=claimed_at,
+        boot_marks=_boot_marks(m),
+        # What verification found belongs to one Reset (a retried migration starts afresh).
+        settle_until=None,
+        verify_failure="",
+    )
     if not claimed:
         return Next(None, countdown=1.0)
 
