@@ -207,6 +207,23 @@ def test_the_settle_catches_a_station_that_falls_back_after_booting_on_the_targe
     assert set(rollback.values_list("csms", flat=True)) == {"csms-1"}
 
 
+def test_a_station_back_on_the_source_without_a_boot_is_found_by_asking_it(stack):
+    # Real firmware reconnects without a BootNotification: no boot record tells where it is.
+    behaviour = Behaviour(fall_back_after=2, reconnect_without_boot=True)
+    with stack.fleet([stack.station("CP-QUIET", behaviour=behaviour)]) as fleet:
+        code, report = migrate("--to", "csms-2", "--station", "CP-QUIET")
+        entry = by_identity(report)["CP-QUIET"]
+        station = fleet["CP-QUIET"]
+        assert code == 1 and entry["state"] == "failed", entry
+        assert entry["reason"].startswith("the station fell back to csms-1 after booting on")
+        assert entry["reason"].endswith("restored")
+        assert station.connected_url == stack.source_url
+        assert station.config[PRIORITY] == f"{P1},{P2}"
+        assert station.events("reconnected_without_boot")
+    located = OcppExchange.objects.get(step=f"{State.AWAITING_BOOT}:locate")
+    assert (located.csms, located.outcome) == ("csms-1", "result")
+
+
 @pytest.mark.slow
 def test_a_pending_boot_then_an_accepted_one_is_verified(stack, start_gateway, redis_client):
     """Needs the admission gateway: Pending while its registry is unknown (issue 7)."""
