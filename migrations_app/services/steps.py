@@ -53,6 +53,7 @@ BOOT_POLL_MAX_SECONDS = 5.0
 # when the station did not report it (a usual firmware default).
 SETTLE_MARGIN_SECONDS = 5.0
 DEFAULT_PROFILE_TIMEOUT = 30.0
+MAX_PROFILE_TIMEOUT = 3600.0
 # Answers other than a result that still prove the station is on the gateway that sent them.
 _ANSWERED = (Outcome.CALL_ERROR, Outcome.BAD_RESPONSE)
 
@@ -476,7 +477,9 @@ def settle_seconds(m: StationMigration) -> float:
         timeout = float(m.config_snapshot.get(PROFILE_TIMEOUT, DEFAULT_PROFILE_TIMEOUT))
     except (TypeError, ValueError):
         timeout = DEFAULT_PROFILE_TIMEOUT
-    return max(timeout, 0.0) + SETTLE_MARGIN_SECONDS
+    if not 0 <= timeout <= MAX_PROFILE_TIMEOUT:  # also NaN: a value no firmware means
+        timeout = DEFAULT_PROFILE_TIMEOUT
+    return timeout + SETTLE_MARGIN_SECONDS
 
 
 # --- same hardware -----------------------------------------------------------------------
