@@ -16,7 +16,7 @@ from django.core.management import call_command
 
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from migrations_app.models import MigrationBatch, OcppExchange, StateChange, StationMigration
-from migrations_app.services.steps import expected_hardware, verify_boot
+from migrations_app.services.steps import expected_hardware, settle_seconds, verify_boot
 from ocpp_gateway.envelopes import (
     EventKind,
     last_boot_key,
@@ -138,6 +138,14 @@ def test_a_boot_without_status_counts_as_accepted_and_starts_the_settle(awaiting
     # The station's NetworkProfileConnectionTimeoutSec (3) plus the margin.
     left = (outcome.fields["settle_until"] - datetime.now(UTC)).total_seconds()
     assert 6 < left <= 8
+
+
+def test_the_settle_time_is_the_setting_or_the_stations_profile_timeout(awaiting, settings):
+    assert settle_seconds(awaiting) == 3 + 5
+    awaiting.config_snapshot[TIMEOUT_KEY] = "nan"
+    assert settle_seconds(awaiting) == 30 + 5  # the usual firmware default
+    settings.MIGRATION_SETTLE_SECONDS = 2
+    assert settle_seconds(awaiting) == 2
 
 
 def test_the_database_holds_the_boot_when_redis_lost_it(awaiting, redis_client):
