@@ -8,6 +8,7 @@ from ocpp.v16 import call
 from ocpp.v16.enums import ConfigurationStatus, ResetType
 
 from ocpp_gateway.simulator import Behaviour, Fleet, StationSpec
+from ocpp_gateway.simulator.cli import build_parser
 from ocpp_gateway.simulator.spec import behaviour_from_json
 from tests.simulator.csms import FAST, CentralSystem, run, wait_until
 from tests.simulator.test_cli import specs_for
@@ -114,3 +115,6 @@ def test_the_new_behaviours_from_options_and_spec_files():
         behaviour_from_json({"boot_loop": "soon"})
     with pytest.raises(ValueError, match="> 0"):
         Behaviour(boot_loop=0)
+    text = build_parser().format_help()
+    for option in ("--fall-back-after", "--boot-loop", "--reconnect-without-boot"):
+        assert option in text
