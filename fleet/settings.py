@@ -166,6 +166,15 @@ MIGRATION_STEP_MAX_ATTEMPTS = int(env_float("MIGRATION_STEP_MAX_ATTEMPTS", 5))
 # migrate_fleet --wait gives up (exit 3) after this long with no progress and no live
 # worker: nothing can move the batch. Longer than a worker's restart.
 MIGRATION_WAIT_STALL_SECONDS = env_float("MIGRATION_WAIT_STALL_SECONDS", 60.0)
+# How long a station that booted on the target must stay there before it is verified.
+# None (the default; unset or empty in the environment): the station's own
+# NetworkProfileConnectionTimeoutSec plus a margin, the time a station that cannot keep the
+# new connection needs to fall back to its previous profile.
+MIGRATION_SETTLE_SECONDS = (
+    env_float("MIGRATION_SETTLE_SECONDS", 0.0)
+    if os.environ.get("MIGRATION_SETTLE_SECONDS")
+    else None
+)
 
 CELERY_BEAT_SCHEDULE = {
     # A safety net: batches drive themselves and workers re-send a dead worker's tasks.

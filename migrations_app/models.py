@@ -131,8 +131,18 @@ class StationMigration(models.Model):
     # second Reset. Verification does not compare it with the gateways' clocks: it looks
     # for a boot whose id differs from the last one seen before the Reset (boot_marks).
     reset_sent_at = models.FloatField(null=True, blank=True)
+    # {csms: {"event_id", "at"}} of the last boot before the Reset ("at": the gateway's
+    # epoch seconds, so a boot read back from the database can be judged newer).
     boot_marks = models.JSONField(default=dict, blank=True)
     reset_accepted = models.BooleanField(default=False)
+    # What the source knew of the hardware when step 1 ran (vendor, model, serial): the
+    # boot on the target must come from the same station.
+    expected_hardware = models.JSONField(default=dict, blank=True)
+    # After an accepted boot on the target: when to confirm the station stayed there.
+    settle_until = models.DateTimeField(null=True, blank=True)
+    # Why verification failed (the target rejected the boot, other hardware), kept while
+    # the station is awaited on the source, the only CSMS a rollback may go through.
+    verify_failure = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)

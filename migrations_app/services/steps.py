@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,9 +19,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 from redis import RedisError
 
+from fleet.models import ChargingStation, StationEvent
 from fleet.redis import get_redis
 from fleet.selectors import station_registered_on
 from fleet.services.inventory import station_move_to_csms
@@ -32,13 +35,14 @@ from migrations_app.services.liveness import gateway_up
 from migrations_app.services.plan import (
     NETWORK_KEYS,
     PRIORITY,
+    PROFILE_TIMEOUT,
     MissingKeys,
     PlanError,
     configuration_values,
     plan_switch,
 )
 from ocpp_gateway.client import StationOffline
-from ocpp_gateway.envelopes import Outcome, Reply, last_boot_key
+from ocpp_gateway.envelopes import EventKind, Outcome, Reply, last_boot_key
 
 State = StationMigration.State
 
@@ -46,6 +50,14 @@ State = StationMigration.State
 BUSY_STATUSES = frozenset({"Charging", "SuspendedEV", "SuspendedEVSE", "Preparing"})
 OFFLINE_RETRY_SECONDS = 2.0
 IDLE_POLL_SECONDS = 5.0
+BOOT_POLL_MAX_SECONDS = 5.0
+# Settle time beyond the station's NetworkProfileConnectionTimeoutSec, and that timeout
+# when the station did not report it (a usual firmware default).
+SETTLE_MARGIN_SECONDS = 5.0
+DEFAULT_PROFILE_TIMEOUT = 30.0
+MAX_PROFILE_TIMEOUT = 3600.0
+# Answers other than a result that still prove the station is on the gateway that sent them.
+_ANSWERED = (Outcome.CALL_ERROR, Outcome.BAD_RESPONSE)
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,7 @@ def read_config(m: StationMigration) -> Next:
         return fail(step, str(exc))
     facts = {
         "config_snapshot": values,
+        "expected_hardware": expected_hardware(m.station),
         "active_slot": plan.active_slot,
         "free_slot": plan.free_slot,
         "original_priority": plan.original_priority,
@@ -242,7 +255,13 @@ def reset(m: StationMigration) -> Next:
     claimed_at = time.time()
     claimed = StationMigration.objects.filter(
         id=m.id, state=State.RESETTING, reset_sent_at__isnull=True
-    ).update(reset_sent_at=claimed_at, boot_marks=_boot_marks(m))
+    ).update(
+        reset_sent_at=claimed_at,
+        boot_marks=_boot_marks(m),
+        # What verification found belongs to one Reset (a retried migration starts afresh).
+        settle_until=None,
+        verify_failure="",
+    )
     if not claimed:
         return Next(None, countdown=1.0)
 
@@ -270,33 +289,273 @@ def reset(m: StationMigration) -> Next:
     return fail(step, f"the station refused the Reset ({describe(reply)}){restored}")
 
 
+# --- verification ------------------------------------------------------------------------
+#
+# "Verified" is what the old registration is removed on, so it means all of: the target
+# accepted the boot, the boot came from the hardware the source knew, the station was still
+# on the target after a settle time, and it answered through the target with the new
+# profile first. From the Reset on, a rollback only ever goes through the source: a station
+# found on the target is migrated (or left as it is, and the reason says so).
+
+
 def verify_boot(m: StationMigration) -> Next:
     step = State.AWAITING_BOOT
     assert m.reset_sent_at is not None
     target, source = m.batch.target.name, m.source.name if m.source else ""
-    target_boot = _new_boot(m, target)
-    source_boot = _new_boot(m, source) if source else None
+    boots = _boots_since_reset(m)
+    failure = m.verify_failure or (_refusal(m, boots.target) if boots.target else "")
     # A boot is new when its id differs from the last one seen before the Reset: no clocks
-    # compared across machines. Both new: the later one tells where the station is now.
-    if target_boot and not (source_boot and source_boot["at"] > target_boot["at"]):
-        return Next(State.VERIFIED, f"BootNotification on {target}")
-    if source_boot:
-        restored = restore(m, step, priority=True, via=source)
-        return fail(
-            step,
-            f"the station fell back to {source}: it booted there instead of on {target}{restored}",
-        )
-    elapsed = time.time() - m.reset_sent_at
-    if elapsed > m.batch.boot_timeout_seconds:
-        restored = restore(m, step, priority=True)
+    # compared with the worker's. Both new: the later one tells where the station is now.
+    if boots.source and not (boots.target and boots.target["at"] > boots.source["at"]):
+        if not failure:
+            failure = (
+                f"the station fell back to {source} after booting on {target}"
+                if boots.target or m.settle_until
+                else f"the station fell back to {source}: it booted there instead of on {target}"
+            )
+        return fail(step, failure + _restore_via_source(m))
+    if failure:
+        return _await_on_source(m, boots, failure)
+    if boots.target:
+        if (boots.target.get("status") or "Accepted") == "Pending":
+            return _pending(m, boots.target)
+        return _settle(m, record_lost=False)
+    if m.settle_until:
+        # Found on the target by asking it, its boot record lost: it is settling there.
+        return _settle(m, record_lost=True)
+    if boots.records_lost or _boot_timed_out(m):
+        # No record of a boot, maybe because Redis lost them: only the station can tell.
+        # An answer through the source means little before the boot timeout (it may not
+        # have rebooted yet); through the target it means it booted there.
+        where = _locate(m)
+        if where and where == target:
+            return _settle(m, record_lost=True)
+        if where and where == source and _boot_timed_out(m):
+            return fail(
+                step,
+                f"the station is still on {source} {m.batch.boot_timeout_seconds}s after the "
+                f"Reset (no BootNotification on {target} recorded){_restore_via_source(m)}",
+            )
+    if _boot_timed_out(m):
         return fail(
             step,
             f"no BootNotification on {target} within {m.batch.boot_timeout_seconds}s of the "
-            f"Reset{restored}",
+            f"Reset{_restore_via_source(m)}",
         )
+    return Next(None, countdown=_poll_countdown(m))
+
+
+def _refusal(m: StationMigration, boot: dict[str, Any]) -> str:
+    """Why the target's boot cannot verify the migration, or "" (it may: accepted, pending)."""
+    status = boot.get("status") or "Accepted"  # records from before the status was kept
+    if status == "Pending":
+        return ""
+    mismatch = hardware_mismatch(m.expected_hardware, boot)
+    if status == "Accepted":
+        failure = f"other hardware booted on {m.batch.target.name} as {m.station.identity}"
+    else:
+        verdict = "rejected" if status == "Rejected" else f"answered {status} to"
+        failure = (
+            f"the target {verdict} the BootNotification ({boot.get('reason') or 'no reason given'})"
+        )
+        if not mismatch:
+            return failure
+        failure += ", which came from other hardware"
+    if not mismatch:
+        return ""
+    return _record_impostor(m, boot, f"{failure} ({mismatch}); recorded as a security event")
+
+
+def _pending(m: StationMigration, boot: dict[str, Any]) -> Next:
+    """The target answered Pending (it does not know the station yet): wait for its verdict."""
+    if not _boot_timed_out(m):
+        return Next(None, countdown=_poll_countdown(m))
+    reason = boot.get("reason") or "no reason given"
+    return fail(
+        State.AWAITING_BOOT,
+        f"the target still answered the BootNotification Pending ({reason}) "
+        f"{m.batch.boot_timeout_seconds}s after the Reset{_restore_via_source(m)}",
+    )
+
+
+def _await_on_source(m: StationMigration, boots: Boots, failure: str) -> Next:
+    """The migration failed: wait for the station on the source to restore it there.
+
+    The target refused the station (or another station holds its identity there), so its
+    profile fallback takes it back to the source within its NetworkProfileConnectionTimeoutSec.
+    """
+    source = m.source.name if m.source else ""
+    found_on_source = boots.records_lost and source and _locate(m) == source
+    if found_on_source or _boot_timed_out(m):
+        return fail(State.AWAITING_BOOT, failure + _restore_via_source(m))
+    return Next(None, countdown=_poll_countdown(m), fields={"verify_failure": failure})
+
+
+def _settle(m: StationMigration, *, record_lost: bool) -> Next:
+    """Accepted on the target by the same hardware: confirm it stayed after the settle time."""
+    now = timezone.now()
+    settle_until = m.settle_until or now + timedelta(seconds=settle_seconds(m))
+    if now < settle_until:
+        left = (settle_until - now).total_seconds()
+        return Next(
+            None, countdown=min(left, BOOT_POLL_MAX_SECONDS), fields={"settle_until": settle_until}
+        )
+    return _confirm(m, record_lost=record_lost)
+
+
+def _confirm(m: StationMigration, *, record_lost: bool) -> Next:
+    step = State.AWAITING_BOOT
+    target, source = m.batch.target.name, m.source.name if m.source else ""
+    try:
+        reply = station_call(
+            m, step=step, action="GetConfiguration", payload={"key": [PRIORITY]}, via=target
+        )
+    except StationOffline:
+        reply = None
+    on_target = reply is not None and reply.csms == target
+    if reply is not None and on_target and reply.outcome is Outcome.RESULT:
+        priority = configuration_values(reply.payload or {}).get(PRIORITY, "")
+        if priority.split(",")[0].strip() == m.free_slot:
+            seen = (
+                f"boot record lost; confirmed through the target: found on {target}"
+                if record_lost
+                else f"BootNotification accepted on {target}"
+            )
+            return Next(
+                State.VERIFIED,
+                f"{seen}; still there after {settle_seconds(m):g}s and answering "
+                f"{PRIORITY}={priority} through it",
+            )
+        return fail(
+            step,
+            f"the station answers through {target} with {PRIORITY}={priority!r}, not "
+            f"{m.free_slot} first; ROLLBACK INCOMPLETE: never sent through the target",
+        )
+    if reply is not None and on_target and reply.outcome in _ANSWERED:
+        return fail(
+            step,
+            f"the station is on {target} but did not tell its priority ({describe(reply)}); "
+            "ROLLBACK INCOMPLETE: never sent through the target",
+        )
+    silent_on_target = on_target and reply is not None and reply.outcome is Outcome.TIMEOUT
+    # Not on the target (any more): find it.
+    if not silent_on_target and source and _locate(m) == source:
+        return fail(
+            step,
+            f"the station fell back to {source} after booting on {target}" + _restore_via_source(m),
+        )
+    if _boot_timed_out(m):
+        seen = describe(reply) if reply is not None else "offline"
+        return fail(
+            step, f"not reachable through {target} after settling ({seen}){_restore_via_source(m)}"
+        )
+    return Next(None, countdown=OFFLINE_RETRY_SECONDS)
+
+
+def _locate(m: StationMigration) -> str:
+    """Ask the station through whichever gateway holds it; the CSMS that answered, or ""."""
+    try:
+        reply = station_call(
+            m,
+            step=f"{State.AWAITING_BOOT}:locate",
+            action="GetConfiguration",
+            payload={"key": [PRIORITY]},
+        )
+    except StationOffline:
+        return ""
+    return reply.csms if reply.outcome in (Outcome.RESULT, *_ANSWERED) else ""
+
+
+def _restore_via_source(m: StationMigration) -> str:
+    """Undo the priority through the source only: the target must never get a rollback."""
+    if m.source is None:
+        return "; ROLLBACK INCOMPLETE: no source CSMS to send it through"
+    return restore(m, State.AWAITING_BOOT, priority=True, via=m.source.name)
+
+
+def _boot_timed_out(m: StationMigration) -> bool:
+    assert m.reset_sent_at is not None
+    return time.time() - m.reset_sent_at > m.batch.boot_timeout_seconds
+
+
+def _poll_countdown(m: StationMigration) -> float:
     # Poll often at first (a simulated reboot takes a second), then back off: a real
     # station takes a minute or two and a thousand of them should not flood the queue.
-    return Next(None, countdown=min(max(elapsed / 4, 0.5), 5.0))
+    assert m.reset_sent_at is not None
+    return min(max((time.time() - m.reset_sent_at) / 4, 0.5), BOOT_POLL_MAX_SECONDS)
+
+
+def settle_seconds(m: StationMigration) -> float:
+    """How long the station must stay on the target (MIGRATION_SETTLE_SECONDS, None: its
+    own NetworkProfileConnectionTimeoutSec plus a margin: the time a fallback takes)."""
+    if settings.MIGRATION_SETTLE_SECONDS is not None:
+        return float(settings.MIGRATION_SETTLE_SECONDS)
+    try:
+        timeout = float(m.config_snapshot.get(PROFILE_TIMEOUT, DEFAULT_PROFILE_TIMEOUT))
+    except (TypeError, ValueError):
+        timeout = DEFAULT_PROFILE_TIMEOUT
+    if not 0 <= timeout <= MAX_PROFILE_TIMEOUT:  # also NaN: a value no firmware means
+        timeout = DEFAULT_PROFILE_TIMEOUT
+    return timeout + SETTLE_MARGIN_SECONDS
+
+
+# --- same hardware -----------------------------------------------------------------------
+
+
+def expected_hardware(station: ChargingStation) -> dict[str, str]:
+    """What the source knew of the station (only what it knew is compared later)."""
+    known = {"vendor": station.vendor, "model": station.model, "serial": station.serial}
+    return {key: value for key, value in known.items() if value}
+
+
+def hardware_seen(boot: dict[str, Any]) -> dict[str, str]:
+    serial = boot.get("charge_point_serial") or boot.get("charge_box_serial") or boot.get("serial")
+    return {
+        "vendor": _field_text(boot.get("vendor")),
+        "model": _field_text(boot.get("model")),
+        "serial": _field_text(serial),
+    }
+
+
+def hardware_mismatch(expected: dict[str, str], boot: dict[str, Any]) -> str:
+    """How the boot's hardware differs from what was expected; "" when it does not."""
+    seen = hardware_seen(boot)
+    return "; ".join(
+        f"{key} {seen[key]!r}, expected {value!r}"
+        for key, value in sorted(expected.items())
+        if key in seen and seen[key] != value
+    )
+
+
+def _field_text(value: object) -> str:
+    # As the inventory stores it (fleet.services.events): stripped, no NUL, 50 characters.
+    return "" if value is None else str(value).replace("\x00", "").strip()[:50]
+
+
+def _record_impostor(m: StationMigration, boot: dict[str, Any], failure: str) -> str:
+    """Record the boot from other hardware as a security event, once; return the failure."""
+    with transaction.atomic():
+        # Conditional: a re-driven step must not record the same impostor twice.
+        first = StationMigration.objects.filter(
+            id=m.id, state=State.AWAITING_BOOT, verify_failure=""
+        ).update(verify_failure=failure)
+        if first:
+            StationEvent.objects.create(
+                event_id=str(uuid.uuid4()),
+                station_id=m.station_id,
+                csms=m.batch.target,
+                kind=EventKind.SECURITY.value,
+                at=timezone.now(),
+                data={
+                    "reason": "boot from other hardware during a migration",
+                    "status": boot.get("status") or "Accepted",
+                    "expected": m.expected_hardware,
+                    "seen": hardware_seen(boot),
+                    "boot_event_id": boot.get("event_id", ""),
+                    "migration_id": m.id,
+                },
+            )
+    return failure
 
 
 def mark_old_registration(m: StationMigration) -> Next:
@@ -347,21 +606,82 @@ def last_boot(csms: str, identity: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _boot_marks(m: StationMigration) -> dict[str, str]:
-    """The id of the last boot on the source and on the target, taken before the Reset."""
+@dataclass(frozen=True)
+class Boots:
+    """The station's newest boot since the Reset on the target and on the source."""
+
+    target: dict[str, Any] | None
+    source: dict[str, Any] | None
+    # Redis no longer holds a boot it held before the Reset: it lost its data.
+    records_lost: bool
+
+
+def _boot_csms(m: StationMigration) -> list[tuple[str, int]]:
+    pairs = [(m.batch.target.name, m.batch.target_id)]
+    if m.source is not None:
+        pairs.append((m.source.name, m.source.id))
+    return pairs
+
+
+def _boot_marks(m: StationMigration) -> dict[str, dict[str, Any]]:
+    """The last boot on the target and on the source (id and time), taken before the Reset."""
     marks = {}
-    for csms in (m.batch.target.name, m.source.name if m.source else ""):
-        boot = last_boot(csms, m.station.identity) if csms else None
-        marks[csms] = boot.get("event_id", "") if boot else ""
+    for name, csms_id in _boot_csms(m):
+        boot = last_boot(name, m.station.identity) or _stored_boot(m.station_id, csms_id)
+        marks[name] = {"event_id": boot["event_id"], "at": boot["at"]} if boot else {}
     return marks
 
 
-def _new_boot(m: StationMigration, csms: str) -> dict[str, Any] | None:
-    """The station's last boot on csms if it happened after the Reset, else None."""
-    boot = last_boot(csms, m.station.identity)
-    if boot is None or boot.get("event_id", "") == (m.boot_marks or {}).get(csms, ""):
+def _mark(m: StationMigration, csms: str) -> tuple[str, float | None]:
+    mark = (m.boot_marks or {}).get(csms)
+    if isinstance(mark, dict):
+        return mark.get("event_id", ""), mark.get("at")
+    return mark or "", None  # a mark taken before marks kept their time
+
+
+def _boots_since_reset(m: StationMigration) -> Boots:
+    found: dict[str, dict[str, Any] | None] = {}
+    lost = False
+    for name, csms_id in _boot_csms(m):
+        event_id, at = _mark(m, name)
+        boot = last_boot(name, m.station.identity)
+        lost = lost or (boot is None and bool(event_id))
+        if not _is_new(boot, event_id, at):
+            # The Redis hash is a fast path. The durable record of a boot is its StationEvent
+            # row, written by ingestion and keyed by the gateway's event id: the database is
+            # backed up and replicated with the rest of the inventory, which a Redis stream
+            # with AOF would not be, and ingestion already writes it. It lags Redis by the
+            # time ingestion takes, so it is read only when Redis has nothing new.
+            boot = _stored_boot(m.station_id, csms_id)
+            if not _is_new(boot, event_id, at):
+                boot = None
+        found[name] = boot
+    return Boots(
+        target=found[m.batch.target.name],
+        source=found.get(m.source.name) if m.source is not None else None,
+        records_lost=lost,
+    )
+
+
+def _is_new(boot: dict[str, Any] | None, mark_id: str, mark_at: float | None) -> bool:
+    if boot is None or boot.get("event_id", "") == mark_id:
+        return False
+    # A stored row may be older than the mark (taken from Redis, ahead of ingestion).
+    return mark_at is None or float(boot.get("at", 0)) > mark_at
+
+
+def _stored_boot(station_id: int, csms_id: int) -> dict[str, Any] | None:
+    """The station's last boot on that CSMS as ingested, in the Redis record's shape."""
+    row = (
+        StationEvent.objects.filter(station_id=station_id, csms_id=csms_id, kind=EventKind.BOOT)
+        .order_by("-at")
+        .values_list("event_id", "at", "data")
+        .first()
+    )
+    if row is None:
         return None
-    return boot
+    event_id, at, data = row
+    return {**(data if isinstance(data, dict) else {}), "at": at.timestamp(), "event_id": event_id}
 
 
 def restore(m: StationMigration, step: str, *, priority: bool, via: str = "") -> str:

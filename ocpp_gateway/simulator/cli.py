@@ -43,11 +43,19 @@ entries add stations built from the command-line defaults. Entry fields: identit
 url2, priority, firmware, vendor, model, serial_number, connectors, profile_timeout,
 password, behaviour. Behaviours: reject_url_writes, reject_reset,
 accept_priority_without_reboot, target_unreachable, charging (true or seconds),
-drop_offline (true or seconds).
+drop_offline (true or seconds), fall_back_after (seconds), boot_loop (seconds),
+reconnect_without_boot. serial_number defaults to SN-<identity>; an impostor is an entry
+run in another simulator with the same identity and another serial_number.
 
 --accept-priority-without-reboot answers Accepted instead of RebootRequired, but the new
 priority still takes effect at the next boot, like the other network settings.
 --drop-offline's seconds count from the station's first accepted BootNotification.
+--fall-back-after's from each accepted BootNotification on a URL the station was not
+installed with (a migration target): the connection drops and that URL stays unreachable,
+so after NetworkProfileConnectionTimeoutSec the station is back on its previous profile.
+--boot-loop's from each accepted BootNotification: the station reboots by itself.
+--reconnect-without-boot: after a drop that was not a Reset the station reconnects without
+a BootNotification, as real firmware does (it boots only at power-on or after a reset).
 
 Each journal line is a JSON object {"t": epoch, "station": id, "event": name, ...}.
 """
@@ -158,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IDS[:SECONDS]",
         help="disconnect after SECONDS and never come back",
     )
+    behaviours.add_argument(
+        "--fall-back-after",
+        action="append",
+        metavar="IDS:SECONDS",
+        help="lose a URL it was not installed with SECONDS after booting there",
+    )
+    behaviours.add_argument(
+        "--boot-loop",
+        action="append",
+        metavar="IDS:SECONDS",
+        help="reboot by itself SECONDS after each accepted boot",
+    )
+    behaviours.add_argument(
+        "--reconnect-without-boot",
+        action="append",
+        metavar="IDS",
+        help="after a connection drop (not a Reset) reconnect without a BootNotification",
+    )
 
     out = parser.add_argument_group("output")
     out.add_argument("--journal", metavar="FILE", help="append JSON lines of station events")
@@ -227,7 +253,10 @@ _FLAG_BEHAVIOURS = (
     "reject_reset",
     "accept_priority_without_reboot",
     "target_unreachable",
+    "reconnect_without_boot",
 )
+# Options whose IDS must say how many seconds: IDS:SECONDS.
+_SECONDS_BEHAVIOURS = ("fall_back_after", "boot_loop")
 
 
 def _behaviour_fields(args: argparse.Namespace, count: int) -> list[dict[str, Any]]:
@@ -252,6 +281,12 @@ def _behaviour_fields(args: argparse.Namespace, count: int) -> list[dict[str, An
         indexes, seconds = parse_ids_with_seconds(text, count)
         values = {"drop_offline": True, "drop_offline_after": seconds or 0.0}
         mark("drop_offline", text, indexes, values)
+    for name in _SECONDS_BEHAVIOURS:
+        for text in getattr(args, name) or ():
+            indexes, seconds = parse_ids_with_seconds(text, count)
+            if seconds is None:
+                raise ValueError(f"--{name.replace('_', '-')} {text}: give IDS:SECONDS")
+            mark(name, text, indexes, {name: seconds})
     return fields
 
 

@@ -37,6 +37,21 @@ class Behaviour:
     # Goes offline for good drop_offline_after seconds after its first accepted boot.
     drop_offline: bool = False
     drop_offline_after: float = 0.0
+    # After an accepted boot on a URL it was not installed with, loses that URL this many
+    # seconds later (the connection drops and the URL stays unreachable): its profile order
+    # takes it back to the previous CSMS. None: never.
+    fall_back_after: float | None = None
+    # Reboots by itself (a new BootNotification) this many seconds after each accepted boot.
+    boot_loop: float | None = None
+    # After a connection drop that was not a reset, reconnects without a BootNotification:
+    # real firmware boots only at power-on.
+    reconnect_without_boot: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fall_back_after is not None and not self.fall_back_after >= 0:
+            raise ValueError("fall_back_after must be >= 0 seconds")
+        if self.boot_loop is not None and not self.boot_loop > 0:
+            raise ValueError("boot_loop must be > 0 seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +179,7 @@ def identity_for(prefix: str, index: int, count: int) -> str:
 
 
 _BEHAVIOUR_FIELDS = {f.name for f in dataclasses.fields(Behaviour)}
+_SECONDS_BEHAVIOURS = {"charging_seconds", "drop_offline_after", "fall_back_after", "boot_loop"}
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(StationSpec)} - {"behaviour"}
 
 
@@ -180,6 +196,8 @@ def behaviour_from_json(data: Mapping[str, Any], base: Behaviour | None = None) 
             changes.update(drop_offline=True, drop_offline_after=float(value))
         elif isinstance(getattr(Behaviour(), name), bool) and not isinstance(value, bool):
             raise ValueError(f"behaviour {key!r} takes true or false, not {value!r}")
+        elif name in _SECONDS_BEHAVIOURS and not (value is None or _is_seconds(value)):
+            raise ValueError(f"behaviour {key!r} takes seconds, not {value!r}")
         else:
             changes[name] = value
     return dataclasses.replace(base or Behaviour(), **changes)

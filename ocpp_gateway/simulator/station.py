@@ -83,11 +83,14 @@ class SimulatedStation:
         "_inoperative",
         "_installed_urls",
         "_link",
+        "_needs_boot",
         "_offline",
         "_reset_type",
+        "_self_reboot",
         "_stopping",
         "_task",
         "_tx_lock",
+        "_unreachable",
         "_ws",
         "boot_count",
         "config",
@@ -144,7 +147,13 @@ class SimulatedStation:
             )
         self._inoperative: frozenset[int] = frozenset()
         self._installed_urls = frozenset(url for url in (spec.url, spec.url2) if url)
+        # URLs lost for good (the fall-back-after behaviour).
+        self._unreachable: set[str] = set()
         self._reset_type: str | None = None
+        # A reboot the station decided on itself (the boot-loop behaviour).
+        self._self_reboot = False
+        # Until the first accepted BootNotification since power-on or the last reboot.
+        self._needs_boot = True
         self._ws: ClientConnection | None = None
         self._link: StationLink | None = None
         self._task: asyncio.Task[None] | None = None
@@ -201,7 +210,7 @@ class SimulatedStation:
                     await self._serve(*connected)
                     if self._finished:
                         break
-                    if self._reset_type is not None:
+                    if self._reset_type is not None or self._self_reboot:
                         await self._reboot()
                         break
                     self.state = StationState.CONNECTING
@@ -305,6 +314,8 @@ class SimulatedStation:
     async def _open(self, url: str, remaining: float) -> ClientConnection:
         if self.spec.behaviour.target_unreachable and url not in self._installed_urls:
             raise ConnectError("unreachable (target-unreachable behaviour)")
+        if url in self._unreachable:
+            raise ConnectError("unreachable (fall-back-after behaviour)")
         return await open_connection(
             url,
             self.identity,
@@ -345,12 +356,16 @@ class SimulatedStation:
     async def _drive(self, link: StationLink, ws: ClientConnection) -> None:
         """What the station sends on its own: boot, statuses, transaction, heartbeats."""
         try:
-            await self._boot(link)
-            self.state = StationState.ONLINE
-            self.boot_count += 1
             behaviour = self.spec.behaviour
-            if self.boot_count == 1 and behaviour.drop_offline:
-                self.spawn(self._go_offline_after(behaviour.drop_offline_after))
+            if behaviour.reconnect_without_boot and not self._needs_boot:
+                self.record("reconnected_without_boot", url=self.connected_url)
+                self.state = StationState.ONLINE
+            else:
+                await self._boot(link)
+                self._needs_boot = False
+                self.state = StationState.ONLINE
+                self.boot_count += 1
+                self._after_boot(ws)
             tx = self.transaction
             if tx is not None and not tx.running:
                 # A session ended by a hard reset is reported once the CSMS accepted the boot.
@@ -364,6 +379,17 @@ class SimulatedStation:
             await ws.close(CloseCode.GOING_AWAY, "CSMS not answering")
         except ConnectionClosed:
             pass
+
+    def _after_boot(self, ws: ClientConnection) -> None:
+        """Start the timers of the behaviours that count from an accepted boot."""
+        behaviour = self.spec.behaviour
+        if self.boot_count == 1 and behaviour.drop_offline:
+            self.spawn(self._go_offline_after(behaviour.drop_offline_after))
+        url = self.connected_url
+        if behaviour.fall_back_after is not None and url and url not in self._installed_urls:
+            self.spawn(self._lose_url_after(ws, url, behaviour.fall_back_after))
+        if behaviour.boot_loop is not None:
+            self.spawn(self._reboot_after(ws, behaviour.boot_loop))
 
     async def _boot(self, link: StationLink) -> None:
         while not await self._boot_once(link):
@@ -436,7 +462,26 @@ class SimulatedStation:
         self.state = StationState.REBOOTING
         await asyncio.sleep(self.timing.reboot_delay)
         reset_type, self._reset_type = self._reset_type, None
-        self.record("rebooted", type=reset_type, priority=self.config.get(PRIORITY))
+        self._self_reboot = False
+        self._needs_boot = True
+        self.record("rebooted", type=reset_type or "BootLoop", priority=self.config.get(PRIORITY))
+
+    async def _lose_url_after(self, ws: ClientConnection, url: str, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self._ws is not ws:
+            return  # that connection ended already
+        self._unreachable.add(url)
+        self.record("lost_url", url=url)
+        # The network path is gone: no closing handshake.
+        ws.transport.abort()
+
+    async def _reboot_after(self, ws: ClientConnection, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self._ws is not ws or self._reset_type is not None:
+            return  # that connection ended, or a Reset reboots it anyway
+        self._self_reboot = True
+        self.record("rebooting_by_itself", url=self.connected_url)
+        await ws.close(CloseCode.SERVICE_RESTART, "reboot")
 
     async def _go_offline_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

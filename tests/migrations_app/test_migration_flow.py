@@ -46,14 +46,16 @@ def test_happy_path_with_profile_1_or_2_active(stack):
         }
     actions = list(
         OcppExchange.objects.filter(migration__station__identity="CP-P1").values_list(
-            "action", "outcome"
+            "action", "outcome", "csms"
         )
     )
     assert actions == [
-        ("GetConfiguration", "result"),
-        ("ChangeConfiguration", "result"),
-        ("ChangeConfiguration", "result"),
-        ("Reset", "result"),
+        ("GetConfiguration", "result", "csms-1"),
+        ("ChangeConfiguration", "result", "csms-1"),
+        ("ChangeConfiguration", "result", "csms-1"),
+        ("Reset", "result", "csms-1"),
+        # Verified only once it answered through the target, after the settle time.
+        ("GetConfiguration", "result", "csms-2"),
     ]
 
 

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('migrations_app', '0004_reset_safety'),
+        ('migrations_app', '0005_verification'),
     ]
 
     operations = [
