@@ -14,6 +14,14 @@ from ocpp_gateway.envelopes import Command, Outcome, Reply, command_channel, rep
 REPLY_GRACE_SECONDS = 1.0
 
 
+class CommandNotSent(redis.RedisError):
+    """Redis refused the PUBLISH: no gateway received the command, so none sent it.
+
+    Any other Redis error from send_command came after the publish, when the command may
+    already be on its way to the station (a Reset must then not be sent again).
+    """
+
+
 class StationOffline(Exception):
     """No gateway holds a connection to the station."""
 
@@ -33,8 +41,9 @@ def send_command(
 ) -> Reply:
     """Send one OCPP call (e.g. "GetConfiguration") to a station and wait for the outcome.
 
-    Raises StationOffline at once when no gateway holds the station, and redis errors when
-    the command could not even be published. Otherwise returns the Reply: a result payload,
+    Raises StationOffline at once when no gateway holds the station, CommandNotSent when
+    the command could not even be published, and other redis errors when the wait for the
+    reply failed (the command may have been sent). Otherwise returns the Reply: a result payload,
     a CALLERROR with its code, or a timeout. With ``csms``, only a gateway of that CSMS
     sends it. The client must not have a socket timeout shorter than ``timeout``.
     """
@@ -45,7 +54,10 @@ def send_command(
         deadline=time.time() + timeout,
         csms=csms,
     )
-    receivers = client.publish(command_channel(station), command.to_json())
+    try:
+        receivers = client.publish(command_channel(station), command.to_json())
+    except redis.RedisError as exc:
+        raise CommandNotSent(f"command not published: {exc}") from exc
     if receivers == 0:
         raise StationOffline(station)
     key = reply_key(command.id)

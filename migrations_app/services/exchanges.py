@@ -11,7 +11,7 @@ from redis import RedisError
 
 from fleet.redis import get_redis
 from migrations_app.models import OcppExchange, StationMigration
-from ocpp_gateway.client import StationOffline, send_command
+from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
 from ocpp_gateway.envelopes import Outcome, Reply
 
 
@@ -30,8 +30,9 @@ def station_call(
     """One OCPP call for this migration, recorded whatever happens.
 
     ``via`` names the only CSMS whose gateway may send it. Raises StationOffline when no
-    gateway holds the station and RedisError when the command could not be published
-    (both recorded first: nothing reached the station).
+    gateway holds the station, CommandNotSent when the command could not be published
+    (nothing reached the station), and other RedisErrors when Redis failed after the
+    publish (the station may have received it); each is recorded first.
     """
     started = time.time()
     try:
@@ -44,14 +45,19 @@ def station_call(
             csms=via,
         )
     except (StationOffline, RedisError) as exc:
-        offline = isinstance(exc, StationOffline)
+        if isinstance(exc, StationOffline):
+            outcome, why = "offline", "no gateway holds the station"
+        elif isinstance(exc, CommandNotSent):
+            outcome, why = "not_sent", f"Redis: {exc}"
+        else:
+            outcome, why = "unknown", f"Redis failed after the command was published: {exc}"
         OcppExchange.objects.create(
             migration=migration,
             step=step,
             action=action,
             request=payload,
-            outcome="offline" if offline else "not_sent",
-            error_description="no gateway holds the station" if offline else f"Redis: {exc}",
+            outcome=outcome,
+            error_description=why,
             sent_at=_timestamp(started),
             duration_ms=(time.time() - started) * 1000,
         )

@@ -41,7 +41,7 @@ from migrations_app.services.plan import (
     configuration_values,
     plan_switch,
 )
-from ocpp_gateway.client import StationOffline
+from ocpp_gateway.client import CommandNotSent, StationOffline
 from ocpp_gateway.envelopes import EventKind, Outcome, Reply, last_boot_key
 
 State = StationMigration.State
@@ -272,9 +272,12 @@ def reset(m: StationMigration) -> Next:
 
     try:
         reply = station_call(m, step=step, action="Reset", payload={"type": "Hard"})
-    except (StationOffline, RedisError):
+    except (StationOffline, CommandNotSent):
         give_back_claim()  # nothing reached the station
         raise
+    except RedisError as exc:
+        # Published, then Redis failed: the station may be rebooting. Only its boot can tell.
+        return Next(State.AWAITING_BOOT, f"Reset answer lost (Redis: {exc})", countdown=1.0)
     if not reply.sent:
         give_back_claim()
         raise Unreachable(f"Reset not sent ({describe(reply)})")

@@ -14,10 +14,10 @@ from ocpp.exceptions import GenericError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
-from ocpp_gateway.client import StationOffline, send_command
+from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
 from ocpp_gateway.envelopes import EVENT_STREAM, Event, EventKind, Outcome, last_boot_key
 from tests.ocpp_gateway.stations import station_on
-from tests.processes import wait_for
+from tests.processes import free_port, wait_for
 
 
 def http_base(ws_url: str) -> str:
@@ -150,6 +150,16 @@ def test_a_command_to_a_station_no_gateway_holds_fails_at_once(start_gateway, re
     with pytest.raises(StationOffline):
         send_command(redis_client, "NOBODY", "GetConfiguration", timeout=30)
     assert time.monotonic() - started < 1.0
+
+
+def test_a_command_redis_refuses_is_known_not_sent():
+    """The Reset claim is given back only for a command that cannot have left: the PUBLISH
+    itself failed (here: no Redis listens on the port)."""
+    import redis
+
+    unreachable = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    with pytest.raises(CommandNotSent, match="command not published"):
+        send_command(unreachable, "CP-1", "Reset", {"type": "Hard"}, timeout=5)
 
 
 def test_a_station_that_never_answers_yields_a_timeout_within_the_deadline(
