@@ -29,10 +29,12 @@ def station_list(*, csms: CsmsBackend | None = None) -> QuerySet[ChargingStation
     return stations
 
 
-def station_registered_on(station_id: int, csms_id: int) -> bool:
-    """Whether the station has an active registration on the CSMS."""
+def station_registered_on(station_id: int, csms_id: int, *, admitted: bool = False) -> bool:
+    """Whether the station has an active registration on the CSMS; with ``admitted``, one
+    its gateways still admit (active, or marked for removal and not removed yet)."""
+    states = Registration.ADMITTED_STATES if admitted else (Registration.State.ACTIVE,)
     return Registration.objects.filter(
-        station_id=station_id, csms_id=csms_id, state=Registration.State.ACTIVE
+        station_id=station_id, csms_id=csms_id, state__in=states
     ).exists()
 
 

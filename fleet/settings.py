@@ -151,9 +151,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 # --- The command bridge -----------------------------------------------------------------
 # Default deadline of one OCPP command, publish to reply.
 OCPP_COMMAND_TIMEOUT = env_float("OCPP_COMMAND_TIMEOUT", 30.0)
-# A step sends at most three commands (its own, then a two-write rollback), each up to its
-# deadline plus the reply grace: past that, the step task is interrupted (hard limit +15 s).
-MIGRATION_STEP_SOFT_TIME_LIMIT = 3 * (OCPP_COMMAND_TIMEOUT + 1) + 10
+# A step sends at most four commands that may each wait their deadline plus the reply grace
+# (verification: the confirmation, a look for the station, a two-write rollback): past that
+# it is interrupted, and the hard limit leaves its failure path time for a rollback.
+MIGRATION_STEP_SOFT_TIME_LIMIT = 4 * (OCPP_COMMAND_TIMEOUT + 1) + 10
+MIGRATION_STEP_HARD_TIME_LIMIT = MIGRATION_STEP_SOFT_TIME_LIMIT + 2 * (OCPP_COMMAND_TIMEOUT + 1) + 5
 
 # --- Migrations -------------------------------------------------------------------------
 # First firmware of each version line that has the network profile keys (vendor document).

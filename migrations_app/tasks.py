@@ -49,9 +49,10 @@ def _run(migration_id: int, station: str, expected_state: str) -> str | None:
 def _step_task(name: str):
     # A Redis or database hiccup retries the step soon (every step is safe to repeat);
     # past the retries, the batch's drive re-sends the station's step after the lease.
-    # A step sends at most three commands (its own and a two-write rollback): the time
-    # limits let them all run to their deadline, and stop a step that hangs anyway.
+    # The time limits let a step's commands run to their deadlines (see the settings), and
+    # stop a step that hangs anyway.
     @shared_task(
+        bind=True,
         name=name,
         ignore_result=True,
         autoretry_for=OUTAGES,
@@ -59,10 +60,15 @@ def _step_task(name: str):
         retry_backoff_max=30,
         max_retries=5,
         soft_time_limit=settings.MIGRATION_STEP_SOFT_TIME_LIMIT,
-        time_limit=settings.MIGRATION_STEP_SOFT_TIME_LIMIT + 15,
+        time_limit=settings.MIGRATION_STEP_HARD_TIME_LIMIT,
     )
-    def step(migration_id: int, station: str, expected_state: str) -> str | None:
-        return _run(migration_id, station, expected_state)
+    def step(self, migration_id: int, station: str, expected_state: str) -> str | None:
+        # Known to be running here: a recovery re-drives it only if this worker dies.
+        liveness.step_started(self.request.hostname, migration_id)
+        try:
+            return _run(migration_id, station, expected_state)
+        finally:
+            liveness.step_finished(self.request.hostname, migration_id)
 
     return step
 
@@ -95,8 +101,8 @@ def tick() -> None:
 
 
 @shared_task(name=liveness.RECOVER_TASK, **_HOUSEKEEPING)
-def recover() -> None:
-    batches.batches_recover()
+def recover(running: list[int] | None = None) -> None:
+    batches.batches_recover(running_on_dead_workers=running or [])
 
 
 _heartbeat: liveness.WorkerHeartbeat | None = None

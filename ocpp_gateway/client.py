@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -61,6 +62,7 @@ def send_command(
     if receivers == 0:
         raise StationOffline(station)
     key = reply_key(command.id)
+    sent_anywhere = False
     while True:
         wait = max(command.remaining() + REPLY_GRACE_SECONDS, 0.01)
         popped = client.blpop([key], timeout=wait)
@@ -77,5 +79,10 @@ def send_command(
         # live connection may still answer.
         if reply.outcome is Outcome.DISCONNECTED and receivers > 1:
             receivers -= 1
+            sent_anywhere = sent_anywhere or reply.sent
             continue
+        if sent_anywhere and not reply.sent:
+            # One gateway may have sent it before losing the station: a Reset must not be
+            # taken as unsent and sent again.
+            return dataclasses.replace(reply, sent=True)
         return reply

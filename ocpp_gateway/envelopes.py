@@ -173,6 +173,10 @@ class Reply:
     # Whether the call reached the station's socket. False only when the gateway knows it
     # did not (a Reset not sent may be sent again); unknown counts as sent.
     sent: bool = True
+    # What the station's BootNotification on this connection said of its hardware (vendor,
+    # model, serial, charge_point_serial, charge_box_serial); None when it connected
+    # without one (a reconnect). Lets the Django side check who answered.
+    boot: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -195,6 +199,7 @@ class Reply:
             sent_at=data.get("sent_at"),
             finished_at=data.get("finished_at"),
             sent=data.get("sent") is not False,
+            boot=data["boot"] if isinstance(data.get("boot"), dict) else None,
         )
 
 

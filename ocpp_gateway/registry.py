@@ -101,8 +101,11 @@ class Registry:
             return None
         return identity in (self._entries or {})
 
-    def boot_verdict(self, identity: str, serials: tuple[str, ...]) -> BootVerdict:
-        """The answer to a BootNotification carrying these serial numbers."""
+    def boot_verdict(
+        self, identity: str, serials: tuple[str, ...], *, authenticated: bool
+    ) -> BootVerdict:
+        """The answer to a BootNotification carrying these serial numbers, from a connection
+        whose handshake did or did not prove a password."""
         admits = self.admits(identity)
         if admits is None:
             return BootVerdict(BootStatus.PENDING, f"registry of {self._csms} not loaded yet")
@@ -111,6 +114,11 @@ class Registry:
                 BootStatus.REJECTED, f"station {identity} is not registered on {self._csms}"
             )
         entry = self.entry(identity)
+        if entry is not None and entry.password_sha256 and not authenticated:
+            # Admitted while the registry was unknown: the password it did not show is due.
+            return BootVerdict(
+                BootStatus.REJECTED, f"station {identity} must authenticate on {self._csms}"
+            )
         if entry is not None and entry.serial and entry.serial not in serials:
             return BootVerdict(BootStatus.REJECTED, OTHER_HARDWARE)
         return BootVerdict(BootStatus.ACCEPTED)
@@ -129,7 +137,13 @@ class Registry:
         try:
             async with asyncio.timeout(REDIS_CALL_TIMEOUT):
                 meta = await self._redis.hgetall(registry_meta_key(self._csms))
-                version = _text(meta.get(b"version")) if meta else None
+                # With the publish time: after Redis lost its data the counter starts at 1
+                # again, and a gateway already at 1 must still see the new set.
+                version = (
+                    f"{_text(meta.get(b'version'))}@{_text(meta.get(b'published_at'))}"
+                    if meta
+                    else None
+                )
                 if meta and version != self._version:
                     raw = await self._redis.hgetall(registry_key(self._csms))
                     self._load(version, meta, raw)

@@ -44,8 +44,9 @@ SUBPROTOCOL = "ocpp1.6"
 HEALTH_PATH = "/health"
 MAX_IDENTITY_LENGTH = 64
 # How long the station holding an identity has to answer a ping before a newcomer without
-# credentials may take the identity over (the old connection is then dead).
-LIVENESS_TIMEOUT = 3.0
+# credentials may take the identity over (the old connection is then dead). Cellular links
+# often take seconds to answer: a short wait would let an impostor evict a live station.
+LIVENESS_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,6 @@ class Gateway:
                 HTTPStatus.BAD_REQUEST, f"The {SUBPROTOCOL} subprotocol is required.\n"
             )
         csms = self.config.csms
-        if self._is_held(identity):
-            logger.warning("refused %s: its boot was rejected, held off", identity)
-            return connection.respond(
-                HTTPStatus.FORBIDDEN, f"Station {identity} was rejected by CSMS {csms}.\n"
-            )
         if self.registry.admits(identity) is False:
             logger.warning("refused %s: not registered on CSMS %s", identity, csms)
             return connection.respond(
@@ -182,6 +178,13 @@ class Gateway:
             response = connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized.\n")
             response.headers["WWW-Authenticate"] = 'Basic realm="OCPP", charset="UTF-8"'
             return response
+        # The hold pushes a rejected station back to its previous CSMS; one that proves its
+        # password is not held off by a rejection an impostor without it provoked.
+        if self._is_held(identity) and not authenticated:
+            logger.warning("refused %s: its boot was rejected, held off", identity)
+            return connection.respond(
+                HTTPStatus.FORBIDDEN, f"Station {identity} was rejected by CSMS {csms}.\n"
+            )
         live = self.sessions.get(identity)
         if live is not None and not authenticated and await live.answers_ping(LIVENESS_TIMEOUT):
             address = _address(connection)
@@ -255,6 +258,7 @@ class Gateway:
         identity = station_identity(connection.request.path)
         assert identity is not None  # process_request refused anything else
         address = _address(connection)
+        authenticated = self._authenticated.pop(connection, None)
         session = StationSession(
             identity,
             connection,
@@ -264,6 +268,7 @@ class Gateway:
             registry=self.registry,
             on_rejected=self._hold,
             address=address,
+            authenticated=bool(authenticated),
         )
         stale = self.sessions.register(identity, session)
         if stale is not None:
@@ -271,7 +276,6 @@ class Gateway:
             closing = asyncio.create_task(stale.close("replaced by a new connection"))
             self._background.add(closing)
             closing.add_done_callback(self._background.discard)
-        authenticated = self._authenticated.pop(connection, None)
         self.reporter.report(
             EventKind.CONNECT, identity, {"address": address, "authenticated": bool(authenticated)}
         )

@@ -63,6 +63,7 @@ class StationSession(ChargePoint):
         registry: Registry,
         on_rejected: Callable[[str], None],
         address: str = "",
+        authenticated: bool = False,
     ) -> None:
         super().__init__(identity, connection)
         self.csms = csms
@@ -71,9 +72,13 @@ class StationSession(ChargePoint):
         self._registry = registry
         self._on_rejected = on_rejected
         self._address = address
+        # Whether the handshake proved a password: a station admitted while the registry
+        # was unknown is checked against it at its boot.
+        self._authenticated = authenticated
         # The answer to the last BootNotification on this connection; None: no boot yet
         # (a station reconnecting after a network drop does not boot again).
         self.boot_status: BootStatus | None = None
+        self.boot_hardware: dict[str, str] | None = None
         self._rejection = ""
         self._closing: asyncio.Task | None = None
 
@@ -112,7 +117,9 @@ class StationSession(ChargePoint):
     ) -> call_result.BootNotification:
         charge_point_serial = kwargs.get("charge_point_serial_number") or ""
         charge_box_serial = kwargs.get("charge_box_serial_number") or ""
-        verdict = self._registry.boot_verdict(self.id, (charge_point_serial, charge_box_serial))
+        verdict = self._registry.boot_verdict(
+            self.id, (charge_point_serial, charge_box_serial), authenticated=self._authenticated
+        )
         self.boot_status = verdict.status
         self._rejection = verdict.reason if verdict.status is BootStatus.REJECTED else ""
         if verdict.reason == OTHER_HARDWARE:
@@ -127,15 +134,18 @@ class StationSession(ChargePoint):
                     "address": self._address,
                 },
             )
+        self.boot_hardware = {
+            "vendor": charge_point_vendor,
+            "model": charge_point_model,
+            "serial": charge_point_serial or charge_box_serial,
+            "charge_point_serial": charge_point_serial,
+            "charge_box_serial": charge_box_serial,
+        }
         self._reporter.report(
             EventKind.BOOT,
             self.id,
             {
-                "vendor": charge_point_vendor,
-                "model": charge_point_model,
-                "serial": charge_point_serial or charge_box_serial,
-                "charge_point_serial": charge_point_serial,
-                "charge_box_serial": charge_box_serial,
+                **self.boot_hardware,
                 "firmware": kwargs.get("firmware_version") or "",
                 "status": verdict.status.value,
                 "reason": verdict.reason,
@@ -222,12 +232,17 @@ class StationSession(ChargePoint):
                 outcome=outcome,
                 sent_at=started,
                 finished_at=time.time(),
+                boot=self.boot_hardware,
                 **fields,
             )
 
-        if self.boot_status is BootStatus.REJECTED:
+        if self.boot_status in (BootStatus.REJECTED, BootStatus.PENDING):
+            # Nothing that answers through a station this CSMS has not accepted may count
+            # as the station being here (the migration's confirmation asks exactly that).
             return reply(
-                Outcome.REJECTED, error_description="station not accepted by this CSMS", sent=False
+                Outcome.REJECTED,
+                error_description=f"station not accepted by this CSMS ({self.boot_status})",
+                sent=False,
             )
         request_type = getattr(call, command.action, None)
         if not isinstance(request_type, type):

@@ -17,6 +17,7 @@ from fleet.models import ChargingStation, CsmsBackend
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
 from migrations_app.selectors import batch_counts, state_counts
+from migrations_app.services import liveness
 from migrations_app.services.dispatch import drive_ran, enqueue_drive, enqueue_step, schedule_drive
 from migrations_app.services.transitions import transition
 
@@ -34,9 +35,10 @@ DRIVE_SAFETY_SECONDS = 15.0
 OFFLINE_POLL_SECONDS = 5.0
 
 
-# On a recovery, a station untouched this long has lost its step task (steps run in
-# milliseconds, a waiting one touches its station every few seconds).
-RECOVER_GRACE_SECONDS = 3.0
+# On a recovery, a station untouched this long (and not running on a live worker) has lost
+# its step task: longer than a waiting step's longest poll countdown (5 s) and a busy
+# queue's delay.
+RECOVER_GRACE_SECONDS = 10.0
 
 
 def dt_combine(now: datetime, at: time) -> datetime:
@@ -358,14 +360,17 @@ def redrive_stale(migrations, stale_seconds: float | None = None) -> int:
     """Re-send the step of stations whose state has not moved for longer than the lease.
 
     A step task can vanish with a worker killed outright; the database is the source of
-    truth, so its step is sent again (every step is safe to run twice). The re-drive is
+    truth, so its step is sent again (every step is safe to run twice). A step a live
+    worker is running (its commands may take a while) is left alone. The re-drive is
     claimed (updated_at) so that the next look does not send it again at once.
     """
     lease = settings.MIGRATION_STEP_LEASE_SECONDS if stale_seconds is None else stale_seconds
     stale_before = timezone.now() - timedelta(seconds=lease)
-    stale = migrations.filter(state__in=ACTIVE_STATES, updated_at__lt=stale_before).values_list(
-        "id", "station__identity", "state"
-    )[:1000]
+    stale = (
+        migrations.filter(state__in=ACTIVE_STATES, updated_at__lt=stale_before)
+        .exclude(id__in=liveness.held_by_live_workers())
+        .values_list("id", "station__identity", "state")[:1000]
+    )
     sent = 0
     for migration_id, identity, state in stale:
         with transaction.atomic():
@@ -378,18 +383,18 @@ def redrive_stale(migrations, stale_seconds: float | None = None) -> int:
     return sent
 
 
-def batches_recover() -> None:
+def batches_recover(*, running_on_dead_workers: list[int]) -> None:
     """After Redis lost its data, or a worker died with the tasks it held: re-drive.
 
-    Every station that went quiet has its step sent again from the database, without
-    waiting for the lease, and every live batch is driven (which reschedules its own next
-    drive). A step still running elsewhere makes the re-sent one a harmless repeat (a
-    waiting step's second poll ends at its next state change; Reset is claimed).
+    The steps the dead worker was running are sent again at once; every other station that
+    went quiet for longer than a waiting step's poll (its next poll died with the worker's
+    prefetched tasks) too, without waiting for the lease; and every live batch is driven
+    (which reschedules its own next drive). Steps running on live workers are left alone.
     """
     live = MigrationBatch.objects.exclude(state=MigrationBatch.State.FINISHED)
-    redrive_stale(
-        StationMigration.objects.filter(batch__in=live), stale_seconds=RECOVER_GRACE_SECONDS
-    )
+    stations = StationMigration.objects.filter(batch__in=live)
+    redrive_stale(stations.filter(id__in=running_on_dead_workers), stale_seconds=0)
+    redrive_stale(stations, stale_seconds=RECOVER_GRACE_SECONDS)
     for batch_id in live.values_list("id", flat=True):
         batch_drive(batch_id=batch_id)
 

@@ -76,9 +76,11 @@ def schedule_drive(batch_id: int, countdown: float) -> bool:
             if current <= due + 0.5:
                 return False
             client.set(key, due, ex=ttl)
-    except RedisError:
-        logger.warning("could not schedule batch %s's next drive", batch_id, exc_info=True)
-        return False
+    except RedisError as exc:
+        # Without the de-duplication a drive may run twice (harmless); without the drive a
+        # batch with no beat would never move again. A broker that is down makes send_task
+        # raise, and the task that asked retries.
+        logger.warning("batch %s: drive scheduled without de-duplication (%s)", batch_id, exc)
     app.send_task(
         DRIVE_BATCH_TASK, args=[batch_id], kwargs={"scheduled": True}, countdown=countdown
     )

@@ -2,9 +2,10 @@
 
 Workers: a thread in each worker's main process refreshes a short-TTL key, so a worker
 killed outright (SIGKILL, a lost machine) is known gone within WORKER_TTL_SECONDS; a live
-worker then asks for a recovery, which re-drives the stations whose step went quiet,
-instead of waiting for the step lease. Nothing is added per step (no DB write, no Redis
-round trip): the database already says which stations stopped moving.
+worker then asks for a recovery, which re-drives the steps the dead worker was running
+(each step task keeps its migration in its worker's running set: two Redis writes, no DB
+write) and the stations that went quiet, instead of waiting for the step lease. Steps
+running on live workers are never re-driven, however long their commands take.
 
 The beat: every tick refreshes a key; its absence is reported (the workers drive batches
 themselves, the beat is a safety net).
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from redis import RedisError
 
 from fleet.redis import get_redis
@@ -39,6 +42,11 @@ RECOVER_TASK = "migrations.recover"
 
 def alive_key(hostname: str) -> str:
     return f"engine:worker:{hostname}"
+
+
+def running_key(hostname: str) -> str:
+    """The migrations whose step a worker is running now (a sorted set: id -> start)."""
+    return f"engine:running:{hostname}"
 
 
 def gateway_channels(csms: str) -> str:
@@ -83,6 +91,25 @@ def stack_health() -> StackHealth:
     )
 
 
+def held_by_live_workers() -> set[int]:
+    """The migrations whose step a live worker is running: not to be re-driven."""
+    client = get_redis()
+    hosts = [h.decode() for h in client.smembers(WORKERS_KEY)]
+    pipe = client.pipeline(transaction=False)
+    # No step runs past its hard time limit: an older entry (its removal lost to a Redis
+    # error) must not shield a station from the lease for ever.
+    since = time.time() - settings.MIGRATION_STEP_HARD_TIME_LIMIT
+    for host in hosts:
+        pipe.exists(alive_key(host))
+        pipe.zrangebyscore(running_key(host), since, "+inf")
+    replies = pipe.execute()
+    held: set[int] = set()
+    for up, members in zip(replies[::2], replies[1::2], strict=True):
+        if up:
+            held.update(int(member) for member in members)
+    return held
+
+
 def gateway_up(csms: str) -> bool:
     """Whether at least one gateway of this CSMS is connected to Redis (one cheap call)."""
     return bool(get_redis().pubsub_channels(gateway_channels(csms)))
@@ -94,6 +121,28 @@ def beat_alive() -> None:
 
 
 # --- the worker's side -----------------------------------------------------------------
+
+
+def step_started(hostname: str, migration_id: int) -> None:
+    get_redis().zadd(running_key(hostname), {str(migration_id): time.time()})
+
+
+def step_finished(hostname: str, migration_id: int) -> None:
+    try:
+        get_redis().zrem(running_key(hostname), migration_id)
+    except RedisError as exc:  # the entry ages out (held_by_live_workers); the step ran
+        logger.warning("could not clear running step of migration %s: %s", migration_id, exc)
+
+
+def take_running(hostnames: list[str]) -> list[int]:
+    """What dead workers were running when they died; their running sets are deleted."""
+    client = get_redis()
+    pipe = client.pipeline(transaction=True)
+    for host in hostnames:
+        pipe.zrange(running_key(host), 0, -1)
+        pipe.delete(running_key(host))
+    replies = pipe.execute()
+    return sorted({int(member) for members in replies[::2] for member in members})
 
 
 def heartbeat(hostname: str) -> None:
@@ -135,7 +184,7 @@ def forget_worker(hostname: str) -> None:
     client = get_redis()
     pipe = client.pipeline(transaction=False)
     pipe.srem(WORKERS_KEY, hostname)
-    pipe.delete(alive_key(hostname))
+    pipe.delete(alive_key(hostname), running_key(hostname))
     pipe.execute()
 
 
@@ -147,27 +196,35 @@ class WorkerHeartbeat(threading.Thread):
     stations from the database at once instead.
     """
 
-    def __init__(self, hostname: str, send_task: Callable[[str], object]) -> None:
+    def __init__(self, hostname: str, send_task: Callable[..., object]) -> None:
         super().__init__(name="engine-heartbeat", daemon=True)
         self.hostname = hostname
         self.send_task = send_task
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        predecessor = True  # a worker of this name that died leaves its name registered
         while True:
             try:
+                if predecessor and get_redis().sismember(WORKERS_KEY, self.hostname):
+                    logger.warning("%s died and restarted: re-driving", self.hostname)
+                    self._recover([self.hostname])
+                predecessor = False
                 heartbeat(self.hostname)
                 if broker_data_lost():
                     logger.warning("Redis lost its data: re-driving every batch")
-                    self.send_task(RECOVER_TASK)
+                    self._recover([])
                 dead = reap_dead_workers()
                 if dead:
                     logger.warning("worker(s) %s gone: re-driving their stations", dead)
-                    self.send_task(RECOVER_TASK)
+                    self._recover(dead)
             except Exception as exc:  # a Redis outage: try again on the next beat, never die
                 logger.warning("worker heartbeat failed: %s", exc)
             if self.stopped.wait(WORKER_HEARTBEAT_SECONDS):
                 return
+
+    def _recover(self, dead: list[str]) -> None:
+        self.send_task(RECOVER_TASK, kwargs={"running": take_running(dead) if dead else []})
 
     def stop(self) -> None:
         self.stopped.set()

@@ -86,7 +86,9 @@ def step_raised(migration_id: int, expected_state: str, error: BaseException) ->
     if migration is None or migration.state != expected_state:
         return None
     reason = f"the step raised {type(error).__name__}: {error} ({attempts} attempts)"
-    if expected_state in ARMED_STATES:
+    # Past the Reset claim the station may be anywhere: the rollback (through the source
+    # only) tells where it is not, and says so when it cannot be done.
+    if expected_state in ARMED_STATES or migration.reset_sent_at is not None:
         try:
             reason += restore(migration, expected_state, priority=True)
         except Exception as exc:  # the same bug may be in the rollback path

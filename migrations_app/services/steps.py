@@ -116,6 +116,19 @@ def preflight(m: StationMigration) -> Next:
             f"not registered on {target.name}: register it first (manage.py "
             f"import_registrations {target.name} FILE.csv, or the admin)",
         )
+    source = m.source
+    if (
+        source
+        and not source.open_admission
+        and not station_registered_on(m.station_id, source.id, admitted=True)
+    ):
+        # Its way back: a station that cannot stay on the target falls back to the source,
+        # whose gateways would refuse it, and it would be on neither CSMS.
+        return Next(
+            State.SKIPPED,
+            f"not registered on {source.name}, where it is now: a fall back after the Reset "
+            f"would be refused there (register it on {source.name} first)",
+        )
     skip_reason = firmware_gate(m.station.firmware_version, settings.MIGRATION_MIN_FIRMWARE)
     if skip_reason:
         return Next(State.SKIPPED, skip_reason)
@@ -416,6 +429,22 @@ def _confirm(m: StationMigration, *, record_lost: bool) -> Next:
     except StationOffline:
         reply = None
     on_target = reply is not None and reply.csms == target
+    mismatch = (
+        hardware_mismatch(m.expected_hardware, reply.boot)
+        if reply is not None and on_target and reply.boot
+        else ""
+    )
+    if mismatch:
+        # Whoever answers is not the station that booted on the source (its boot record
+        # may be lost, or it took the identity over since): never verified.
+        assert reply is not None and reply.boot is not None
+        failure = _record_impostor(
+            m,
+            reply.boot,
+            f"other hardware answers through {target} as {m.station.identity} ({mismatch}); "
+            "recorded as a security event",
+        )
+        return Next(None, countdown=OFFLINE_RETRY_SECONDS, fields={"verify_failure": failure})
     if reply is not None and on_target and reply.outcome is Outcome.RESULT:
         priority = configuration_values(reply.payload or {}).get(PRIORITY, "")
         if priority.split(",")[0].strip() == m.free_slot:
@@ -470,10 +499,8 @@ def _locate(m: StationMigration) -> str:
 
 
 def _restore_via_source(m: StationMigration) -> str:
-    """Undo the priority through the source only: the target must never get a rollback."""
-    if m.source is None:
-        return "; ROLLBACK INCOMPLETE: no source CSMS to send it through"
-    return restore(m, State.AWAITING_BOOT, priority=True, via=m.source.name)
+    """Undo the priority after the Reset (through the source, as every rollback)."""
+    return restore(m, State.AWAITING_BOOT, priority=True)
 
 
 def _boot_timed_out(m: StationMigration) -> bool:
@@ -687,13 +714,17 @@ def _stored_boot(station_id: int, csms_id: int) -> dict[str, Any] | None:
     return {**(data if isinstance(data, dict) else {}), "at": at.timestamp(), "event_id": event_id}
 
 
-def restore(m: StationMigration, step: str, *, priority: bool, via: str = "") -> str:
+def restore(m: StationMigration, step: str, *, priority: bool) -> str:
     """Undo what the migration wrote (priority, then the free slot); say how it went.
 
+    Always through the source: before the Reset that is where the station is, and after it
+    a station that answers through the target is migrated, never rolled back there.
     Writing the original values again is harmless, so a write that may or may not have
     happened (a lost answer) is undone too. If the priority cannot be restored, the free
     slot keeps the new URL: a priority naming a blank profile would be worse.
     """
+    if m.source is None:
+        return "; ROLLBACK INCOMPLETE: no source CSMS to send it through"
     writes = []
     if priority and m.original_priority:
         writes.append((PRIORITY, m.original_priority))
@@ -709,7 +740,7 @@ def restore(m: StationMigration, step: str, *, priority: bool, via: str = "") ->
                 step=f"{step}:rollback",
                 action="ChangeConfiguration",
                 payload={"key": key, "value": value},
-                via=via,
+                via=m.source.name,
             )
         except (StationOffline, RedisError) as exc:
             problems.append(f"{key} not restored: {exc}")

@@ -18,6 +18,7 @@ def _migration(
     target_url: str = "ws://new/ocpp",
     identity="CP-1",
     registration: str | None = Registration.State.ACTIVE,
+    source_registration: str | None = Registration.State.ACTIVE,
     open_target: bool = False,
     firmware: str = "4.2.85",
     connected: bool = True,
@@ -30,6 +31,8 @@ def _migration(
     )
     if registration is not None:
         Registration.objects.create(station=station, csms=target, state=registration)
+    if source_registration is not None:
+        Registration.objects.create(station=station, csms=source, state=source_registration)
     batch = batch_create(target=target, stations=[station], options=BatchOptions(**options))
     migration = batch.stations.get()
     StationMigration.objects.filter(id=migration.id).update(state=State.PREFLIGHT)
@@ -107,6 +110,27 @@ def test_a_station_not_registered_on_the_target_is_skipped_untouched(
 @pytest.mark.usefixtures("redis_client")
 def test_an_open_target_takes_a_station_not_registered_on_it(transactional_db):
     migration = _migration(registration=None, open_target=True)
+    run_step(migration.id, State.PREFLIGHT)
+    migration.refresh_from_db()
+    assert migration.state == State.READING_CONFIG
+
+
+@pytest.mark.usefixtures("redis_client")
+@pytest.mark.parametrize("registration", [None, Registration.State.REMOVED])
+def test_a_station_its_own_csms_would_refuse_on_a_fall_back_is_skipped_untouched(
+    transactional_db, registration
+):
+    migration = _migration(source_registration=registration)
+    run_step(migration.id, State.PREFLIGHT)
+    migration.refresh_from_db()
+    assert migration.state == State.SKIPPED
+    assert migration.reason.startswith("not registered on csms-1, where it is now")
+    assert not OcppExchange.objects.exists()
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_a_source_registration_marked_for_removal_still_admits_a_fall_back(transactional_db):
+    migration = _migration(source_registration=Registration.State.PENDING_REMOVAL)
     run_step(migration.id, State.PREFLIGHT)
     migration.refresh_from_db()
     assert migration.state == State.READING_CONFIG
