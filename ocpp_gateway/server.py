@@ -45,8 +45,9 @@ HEALTH_PATH = "/health"
 MAX_IDENTITY_LENGTH = 64
 # How long the station holding an identity has to answer a ping before a newcomer without
 # credentials may take the identity over (the old connection is then dead). Cellular links
-# often take seconds to answer: a short wait would let an impostor evict a live station.
-LIVENESS_TIMEOUT = 10.0
+# can take seconds to answer, so not less; the newcomer's handshake waits this long, so not
+# much more (a station's own open timeout is often 10 s).
+LIVENESS_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
