@@ -466,6 +466,12 @@ def _settings_rows(batch: MigrationBatch | BatchOptions) -> list[tuple[str, str]
         ("Starts per minute", str(batch.rate_per_minute or "no limit")),
         ("Canary", f"first {batch.canary_size}" if batch.canary_size else "off"),
         ("Failure brake", brake),
+        (
+            "First-failures brake",
+            f"pause when the first {batch.brake_first_failed} ended all failed"
+            if batch.brake_first_failed
+            else "off",
+        ),
         ("Boot timeout", f"{batch.boot_timeout_seconds} s"),
         ("Wait-for-idle limit", f"{batch.idle_wait_seconds} s"),
         (

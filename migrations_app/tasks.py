@@ -101,8 +101,16 @@ def tick() -> None:
 
 
 @shared_task(name=liveness.RECOVER_TASK, **_HOUSEKEEPING)
-def recover(running: list[int] | None = None) -> None:
+def recover(running: list[int] | None = None, passes: int = 2) -> None:
     batches.batches_recover(running_on_dead_workers=running or [])
+    if passes > 1:
+        # The dead worker also held waiting steps' next polls (countdown tasks): their
+        # stations are found once they have been quiet for longer than any poll.
+        app.send_task(
+            liveness.RECOVER_TASK,
+            kwargs={"passes": passes - 1},
+            countdown=batches.RECOVER_GRACE_SECONDS,
+        )
 
 
 _heartbeat: liveness.WorkerHeartbeat | None = None
