@@ -140,7 +140,7 @@ def restart_empty(client: redis.Redis, request: pytest.FixtureRequest) -> None:
     """
     pid = client.info("server")["process_id"]
     port = client.get_connection_kwargs()["port"]
-    workdir = request.config.cache.mkdir("redis-restarted")
+    workdir = request.getfixturevalue("tmp_path_factory").mktemp("redis-restarted")
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not port_open(port), 10, "the killed redis-server to be gone")
     args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
