@@ -58,6 +58,7 @@ class Server:
         self.args, self.log, self.ready, self.what = args, log, ready, what
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.url = ""
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
@@ -110,31 +111,40 @@ def redis_url(private_redis) -> Iterator[str]:
     app.conf.broker_url = session_url
 
 
-@pytest.fixture
-def gateways(transactional_db, start_gateway, redis_url, tmp_path) -> Iterator[dict]:
-    """csms-1 through the fixture; csms-2 on a fixed port, so that it can be restarted."""
-    source_url = start_gateway("csms-1", "--open")
+def restartable_gateway(csms: str, redis_url: str, tmp_path: Path, *extra: str) -> Server:
+    """A gateway on a fixed port, so that it can be SIGKILLed and started again there."""
     port = free_port()
-    target = Server(
+    gateway = Server(
         python(
-            "-m", "ocpp_gateway", "--csms", "csms-2", "--host", "127.0.0.1", "--port", str(port)
+            "-m", "ocpp_gateway", "--csms", csms, "--host", "127.0.0.1", "--port", str(port),
+            *extra,
         ),
-        tmp_path / "gateway-csms-2.log",
+        tmp_path / f"gateway-{csms}.log",
         lambda: port_open(port),
-        "gateway csms-2 to listen",
+        f"gateway {csms} to listen",
         env={"REDIS_URL": redis_url},
-    )
-    target.start()
-    target_url = f"ws://127.0.0.1:{port}/ocpp"
-    csms_backend_upsert(name="csms-1", url=source_url, open_admission=True)
-    csms_backend_upsert(name="csms-2", url=target_url)
+    )  # fmt: skip
+    gateway.url = f"ws://127.0.0.1:{port}/ocpp"
+    gateway.start()
+    return gateway
+
+
+@pytest.fixture
+def gateways(transactional_db, redis_client, redis_url, tmp_path) -> Iterator[dict]:
+    """csms-1 (a lab: --open) and csms-2 (registered only), each restartable."""
+    source = restartable_gateway("csms-1", redis_url, tmp_path, "--open")
+    target = restartable_gateway("csms-2", redis_url, tmp_path)
+    csms_backend_upsert(name="csms-1", url=source.url, open_admission=True)
+    csms_backend_upsert(name="csms-2", url=target.url)
     yield {
-        "source": source_url,
-        "target": target_url,
+        "source": source.url,
+        "target": target.url,
+        "source_gateway": source,
         "target_gateway": target,
         "redis_url": redis_url,
     }
     target.close()
+    source.close()
 
 
 def stack_of(gateways, start_worker, *, beat: bool, env=WORKER_ENV, name="w1") -> Stack:
@@ -261,6 +271,32 @@ def test_the_target_gateway_down_during_the_reset_wave(gateways, start_worker, r
         assert held >= 1  # the guard held them instead of resetting into a dead target
         assert sum(station.reset_count for station in fleet) >= resets_while_down
         judged(report, fleet, stack)
+
+
+@pytest.mark.parametrize("which", ["source_gateway", "target_gateway"])
+def test_each_gateway_sigkilled_and_restarted_mid_batch(gateways, start_worker, redis_url, which):
+    """csms-1's gateway dies while stations are being armed through it, csms-2's while
+    stations are booting onto it: each is back 2 s later on its port, and every station
+    ends where the report says."""
+    stack = stack_of(gateways, start_worker, beat=True)
+    specs = [stack.station(f"CP-GK{i:02}", profile_timeout=5) for i in range(8)]
+    with stack.fleet(specs, reboot_delay=1.0) as fleet:
+        cli = Cli(
+            redis_url, "--to", "csms-2", "--from", "csms-1", "--max-in-flight", "4",
+            "--rate-per-minute", "0", "--boot-timeout", "60",
+        )  # fmt: skip
+        if which == "source_gateway":
+            busy = (State.READING_CONFIG, State.SETTING_URL, State.SETTING_PRIORITY)
+        else:
+            busy = (State.AWAITING_BOOT,)
+        wait_for(some_in(*busy, at_least=1), 60, f"a station in {busy}")
+        gateways[which].kill()
+        time.sleep(2)
+        gateways[which].start()
+        _, report, err, _ = cli.result(timeout=240)
+        assert report, err
+        judged(report, fleet, stack)
+        assert MigrationBatch.objects.get().state == MigrationBatch.State.FINISHED
 
 
 def paused_and_idle(batch: MigrationBatch) -> bool:
