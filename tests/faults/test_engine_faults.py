@@ -40,7 +40,8 @@ from tests.processes import (
     free_port,
     port_open,
     python,
-    redis_server_binary,
+    redis_pings,
+    redis_server_args,
     running,
     stop,
     wait_for,
@@ -78,22 +79,12 @@ class Server:
             stop(self.proc)
 
 
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[Server]:
     port = free_port()
-    args = [
-        redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-        "--appendonly", "no", "--dir", str(tmp_path),
-    ]  # fmt: skip
+    args = redis_server_args(port, tmp_path)
     client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
-    server = Server(args, tmp_path / "redis.log", lambda: _pings(client), "redis-server")
+    server = Server(args, tmp_path / "redis.log", lambda: redis_pings(client), "redis-server")
     server.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
     server.start()
     yield server

@@ -23,7 +23,7 @@ from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.faults.ground_truth import differences, resets_sent_twice
 from tests.migrations_app.conftest import by_identity, migrate
 from tests.migrations_app.conftest import stack as stack  # the fixture: the migration stack
-from tests.processes import port_open, redis_server_binary, running, wait_for
+from tests.processes import port_open, redis_server_args, running, wait_for
 
 P1 = "NetworkConnectionProfile1"
 P2 = "NetworkConnectionProfile2"
@@ -143,9 +143,7 @@ def restart_empty(client: redis.Redis, request: pytest.FixtureRequest) -> None:
     workdir = request.getfixturevalue("tmp_path_factory").mktemp("redis-restarted")
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not port_open(port), 10, "the killed redis-server to be gone")
-    args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
     server = contextlib.ExitStack()
-    server.enter_context(running(args, log=workdir / "redis.log"))
+    server.enter_context(running(redis_server_args(port, workdir), log=workdir / "redis.log"))
     request.config.add_cleanup(server.close)
     wait_for(lambda: port_open(port), 10, "the new redis-server to listen")

@@ -9,24 +9,16 @@ from pathlib import Path
 
 import redis
 
-from tests.processes import redis_server_binary, running, wait_for
-
-
-def pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
+from tests.processes import redis_pings, redis_server_args, running, wait_for
 
 
 @contextlib.contextmanager
 def redis_server(port: int, workdir: Path, *extra: str) -> Iterator[subprocess.Popen]:
     """redis-server on 127.0.0.1:port without persistence (a restart starts empty)."""
-    args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-            "--appendonly", "no", "--dir", str(workdir), *extra]  # fmt: skip
+    args = redis_server_args(port, workdir, *extra)
     password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
     with running(args, log=workdir / f"redis-{port}.log") as proc:
         client = redis.Redis(port=port, password=password)
-        wait_for(lambda: pings(client), 10, f"redis-server on port {port} to answer")
+        wait_for(lambda: redis_pings(client), 10, f"redis-server on port {port} to answer")
         client.close()
         yield proc

@@ -18,11 +18,11 @@ from websockets.exceptions import InvalidStatus
 from ocpp_gateway.client import send_command
 from ocpp_gateway.envelopes import EventKind, Outcome, command_channel
 from ocpp_gateway.simulator import Fleet, StationSpec, Timing
-from tests.ocpp_gateway.redis_server import pings, redis_server
+from tests.ocpp_gateway.redis_server import redis_server
 from tests.ocpp_gateway.registry import events_of, publish_registry, stream_events
 from tests.ocpp_gateway.stations import station_on
 from tests.ocpp_gateway.test_gateway import health
-from tests.processes import free_port, wait_for
+from tests.processes import free_port, redis_pings, wait_for
 
 FAST = Timing(reboot_delay=0.3, retry_interval=0.2, reconnect_delay=0.3)
 
@@ -303,7 +303,7 @@ def test_redis_with_a_password(start_gateway, redis_client, tmp_path):
     url = f"redis://:r3dis-pw@127.0.0.1:{port}/0"
     with redis_server(port, tmp_path, "--requirepass", "r3dis-pw"):
         client = redis.Redis.from_url(url)
-        assert not pings(redis.Redis(port=port))  # no password, no answer
+        assert not redis_pings(redis.Redis(port=port))  # no password, no answer
         publish_registry(client, "csms-2", {"CP1": ""})
         base = start_gateway("csms-2", redis=url)
 
