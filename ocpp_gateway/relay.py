@@ -68,15 +68,18 @@ class CommandRelay:
         self.connected: bool | None = None
         self.ready = asyncio.Event()  # set once the pubsub connection is up
 
-    def attach(self, station: str) -> None:
+    def attach(self, station: str) -> asyncio.Future | None:
+        """Subscribe the station's channel; the SUBSCRIBE under way, if Redis is up."""
         channel = command_channel(station)
         self._wanted.add(channel)
+        subscribing = None
         if self.connected:
             # Not behind the reconciler's work in progress: a command may follow the boot.
-            self._spawn(self._subscribe_now(channel))
+            subscribing = self._spawn(self._subscribe_now(channel))
         # The reconciler checks it too: an UNSUBSCRIBE of an earlier detach may follow ours.
         self._dirty.add(channel)
         self._changed.set()
+        return subscribing
 
     def detach(self, station: str) -> None:
         self._wanted.discard(command_channel(station))
@@ -173,10 +176,11 @@ class CommandRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._pubsub.aclose()
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
+    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Future:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _handle(self, raw: bytes) -> None:
         try:

@@ -48,6 +48,7 @@ MAX_IDENTITY_LENGTH = 64
 # can take seconds to answer, so not less; the newcomer's handshake waits this long, so not
 # much more (a station's own open timeout is often 10 s).
 LIVENESS_TIMEOUT = 5.0
+SUBSCRIBE_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -280,10 +281,12 @@ class Gateway:
         self.reporter.report(
             EventKind.CONNECT, identity, {"address": address, "authenticated": bool(authenticated)}
         )
-        self.relay.attach(identity)
-        # One turn of the loop lets the relay write the SUBSCRIBE (when Redis is up) before
-        # this station's first answer: a command sent on seeing its boot finds it.
-        await asyncio.sleep(0)
+        subscribing = self.relay.attach(identity)
+        if subscribing is not None:
+            # The SUBSCRIBE before this station's first answer: a command sent on seeing its
+            # boot finds it. Bounded, so a Redis that stalls only delays, never refuses.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(subscribing), SUBSCRIBE_WAIT_SECONDS)
         try:
             await session.start()
         except ConnectionClosed:
