@@ -11,7 +11,7 @@ from django.core.validators import validate_slug
 from django.db import models
 from django.utils import timezone
 
-from fleet.validators import CSMS_URL_MAX_LENGTH, validate_csms_url
+from fleet.validators import CSMS_URL_MAX_LENGTH, validate_csms_url, validate_root_ca_pem
 from ocpp_gateway.envelopes import EventKind
 
 # OCPP 1.6 BootNotification.chargePointSerialNumber is a CiString25.
@@ -37,6 +37,21 @@ class CsmsBackend(models.Model):
         default=False,
         help_text="A lab CSMS whose gateways admit any station. Otherwise only stations "
         "registered on it (active or pending removal) are admitted.",
+    )
+    upstream_url = models.CharField(
+        "upstream URL",
+        max_length=CSMS_URL_MAX_LENGTH,
+        blank=True,
+        validators=[validate_csms_url],
+        help_text="The operator's real CSMS its gateways run in front of (proxy mode, "
+        "python -m ocpp_gateway --upstream); empty: the gateway is the CSMS (endpoint mode).",
+    )
+    root_ca_pem = models.TextField(
+        "root CA certificate",
+        blank=True,
+        validators=[validate_root_ca_pem],
+        help_text="PEM of the root certificate the stations need to trust this CSMS's wss:// "
+        "URL; pre-flight checks that a station has it installed.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

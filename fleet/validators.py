@@ -12,6 +12,7 @@ from __future__ import annotations
 import unicodedata
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from django.core.exceptions import ValidationError
 
 # OCPP 1.6 ChangeConfiguration.value is a CiString500: a longer URL cannot even be sent.
@@ -78,3 +79,31 @@ def validate_csms_url(value: object) -> None:
     problems = csms_url_problems(value)
     if problems:
         raise ValidationError(problems, code="invalid_csms_url")
+
+
+def root_ca_problems(pem: object) -> list[str]:
+    """Every reason why ``pem`` is not one CA certificate in PEM form (empty if fine)."""
+    if not isinstance(pem, str):
+        return ["The certificate must be text (PEM)."]
+    if not pem.strip():
+        return []  # no root CA: nothing to check
+    try:
+        certificate = x509.load_pem_x509_certificate(pem.strip().encode())
+    except ValueError as exc:
+        return [f"This is not a PEM certificate ({exc})."]
+    if pem.count("-----BEGIN CERTIFICATE-----") > 1:
+        return ["Give one certificate: the root CA alone, not a chain."]
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return ["The certificate has no BasicConstraints extension: it is not a CA certificate."]
+    if not constraints.value.ca:
+        return ["The certificate is not a CA certificate (BasicConstraints CA is false)."]
+    return []
+
+
+def validate_root_ca_pem(value: object) -> None:
+    """Django validator for CsmsBackend.root_ca_pem."""
+    problems = root_ca_problems(value)
+    if problems:
+        raise ValidationError(problems, code="invalid_root_ca")
