@@ -32,6 +32,8 @@ RELAYED_ACTIONS = (
     "ChangeConfiguration",
     "Reset",
     "GetInstalledCertificateIds",
+    # Pre-flight installs the target's root CA through the source when a batch allows it.
+    "InstallCertificate",
 )
 # The longest a gateway waits for one Redis call: a Redis that stopped answering (not
 # refusing) must not hold the gateway's loops for long.

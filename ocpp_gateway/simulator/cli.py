@@ -27,6 +27,7 @@ from ocpp_gateway.simulator.spec import (
     parse_firmware_mix,
     parse_ids,
     parse_ids_with_seconds,
+    read_roots,
 )
 
 log = logging.getLogger("ocpp_gateway.simulator")
@@ -41,11 +42,28 @@ is the station PREFIX0007. Behaviour options may be repeated.
 An entry naming a station of the generated fleet changes only the fields it gives; other
 entries add stations built from the command-line defaults. Entry fields: identity, url,
 url2, priority, firmware, vendor, model, serial_number, connectors, profile_timeout,
-password, behaviour. Behaviours: reject_url_writes, reject_reset,
-accept_priority_without_reboot, target_unreachable, charging (true or seconds),
-drop_offline (true or seconds), fall_back_after (seconds), boot_loop (seconds),
-reconnect_without_boot. serial_number defaults to SN-<identity>; an impostor is an entry
-run in another simulator with the same identity and another serial_number.
+password, root_certificates (a list of PEM texts or PEM file paths),
+additional_root_certificate_check (true/false), behaviour. Behaviours: reject_url_writes,
+reject_reset, accept_priority_without_reboot, target_unreachable, charging (true or
+seconds), drop_offline (true or seconds), fall_back_after (seconds), boot_loop (seconds),
+reconnect_without_boot, no_security_extension. serial_number defaults to SN-<identity>
+(sent as chargePointSerialNumber and chargeBoxSerialNumber); an impostor is an entry run in
+another simulator with the same identity and another serial_number.
+
+Root certificates (OCPP 1.6 security extension): --root-certificate FILE installs the PEM
+certificate(s) in FILE as CentralSystemRootCertificate on every station. A station answers
+GetInstalledCertificateIds with their hash data (SHA256 issuerNameHash, issuerKeyHash,
+serialNumber; NotFound when none), and InstallCertificate with Accepted (the root is kept
+until the process ends) or Rejected (not a PEM certificate; or, with
+AdditionalRootCertificateCheck true, a root no installed root signed). A wss:// profile is
+verified against the installed roots only (none installed: the system's trust store), so a
+missing CSMS root is a failed connection, as on real firmware.
+--additional-root-check IDS: AdditionalRootCertificateCheck is true on those stations.
+--no-security-extension IDS: firmware without the extension: both messages answer
+CALLERROR NotImplemented and AdditionalRootCertificateCheck is an unknown key.
+The journal records the installed roots' hash data at power-on ("powered_on":
+root_certificates) and after each InstallCertificate ("certificate_installed" or
+"certificate_rejected", with the reason).
 
 --accept-priority-without-reboot answers Accepted instead of RebootRequired, but the new
 priority still takes effect at the next boot, like the other network settings.
@@ -116,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="connectors per station (default: %(default)s)",
     )
     fleet.add_argument("--spec", metavar="FILE", help="JSON list of per-station overrides")
+    fleet.add_argument(
+        "--root-certificate",
+        action="append",
+        metavar="FILE",
+        help="PEM CentralSystemRootCertificate(s) installed on every station (repeatable)",
+    )
 
     timing = parser.add_argument_group("timing")
     timing.add_argument(
@@ -152,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--reject-reset", "Reset is Rejected"),
         ("--accept-priority-without-reboot", "priority change answers Accepted"),
         ("--target-unreachable", "only the initial profile URLs can be reached"),
+        ("--no-security-extension", "no GetInstalledCertificateIds/InstallCertificate"),
+        ("--additional-root-check", "AdditionalRootCertificateCheck is true"),
     ):
         behaviours.add_argument(flag, action="append", metavar="IDS", help=helptext)
     behaviours.add_argument(
@@ -232,6 +258,7 @@ def build_specs(args: argparse.Namespace) -> list[StationSpec]:
         connectors=args.connectors,
         profile_timeout=args.profile_timeout,
         password=args.password,
+        root_certificates=read_roots(args.root_certificate or []),
     )
     specs = [
         dataclasses.replace(
@@ -239,6 +266,9 @@ def build_specs(args: argparse.Namespace) -> list[StationSpec]:
             identity=identity_for(args.prefix, index, count),
             serial_number="",
             firmware=versions[index - 1],
+            additional_root_certificate_check=behaviours[index - 1].pop(
+                "additional_root_check", False
+            ),
             behaviour=Behaviour(**behaviours[index - 1]),
         )
         for index in range(1, count + 1)
@@ -254,6 +284,9 @@ _FLAG_BEHAVIOURS = (
     "accept_priority_without_reboot",
     "target_unreachable",
     "reconnect_without_boot",
+    "no_security_extension",
+    # A key of the station's configuration, not a behaviour: build_specs takes it out.
+    "additional_root_check",
 )
 # Options whose IDS must say how many seconds: IDS:SECONDS.
 _SECONDS_BEHAVIOURS = ("fall_back_after", "boot_loop")

@@ -25,6 +25,9 @@ DEFAULT_PRIORITY = f"{PROFILE_1},{PROFILE_2}"
 HEARTBEAT_INTERVAL = "HeartbeatInterval"
 NUMBER_OF_CONNECTORS = "NumberOfConnectors"
 AUTHORIZE_REMOTE_TX = "AuthorizeRemoteTxRequests"
+# OCPP 1.6 security extension: a new CentralSystemRootCertificate is accepted only when an
+# installed one signed it. Read-only, as in the whitepaper's key list.
+ADDITIONAL_ROOT_CHECK = "AdditionalRootCertificateCheck"
 
 # The vendor's firmware refuses these anywhere in a value (see the migration procedure).
 _FORBIDDEN = re.compile(r"[\s\"'`]")
@@ -89,10 +92,14 @@ _NETWORK_KEYS = (
 )
 
 
+_SECURITY_KEYS = (KeySpec(ADDITIONAL_ROOT_CHECK, Kind.BOOL, True, "false"),)
+
+
 @cache
-def key_table(with_network_keys: bool) -> Mapping[str, KeySpec]:
+def key_table(with_network_keys: bool, with_security: bool = True) -> Mapping[str, KeySpec]:
     """The keys a firmware knows, shared by every station on that firmware."""
     keys = _STANDARD_KEYS + (_NETWORK_KEYS if with_network_keys else ())
+    keys += _SECURITY_KEYS if with_security else ()
     return {spec.name: spec for spec in sorted(keys, key=lambda s: s.name)}
 
 

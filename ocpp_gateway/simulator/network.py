@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import ssl
 from dataclasses import dataclass
-from urllib.parse import quote
+from functools import lru_cache
+from urllib.parse import quote, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
@@ -52,10 +54,21 @@ def basic_auth(identity: str, password: str) -> str:
     return f"Basic {token}"
 
 
+@lru_cache(maxsize=64)
+def tls_context(trusted_roots: tuple[str, ...]) -> ssl.SSLContext:
+    """What a wss:// profile is verified against: the station's installed roots only, as
+    firmware does (a missing CSMS root is a failed handshake); none installed: the system's
+    trust store. Shared by every station with the same roots."""
+    if not trusted_roots:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cadata="\n".join(trusted_roots))
+
+
 async def open_connection(
     url: str,
     identity: str,
     *,
+    trusted_roots: tuple[str, ...] = (),
     password: str | None,
     user_agent: str,
     open_timeout: float,
@@ -63,6 +76,8 @@ async def open_connection(
 ) -> ClientConnection:
     """One attempt to open the OCPP websocket; raises one of CONNECT_ERRORS on failure."""
     headers = {"Authorization": basic_auth(identity, password)} if password else None
+    # websockets refuses an ssl argument for a ws:// URL.
+    tls = {"ssl": tls_context(trusted_roots)} if urlsplit(url).scheme == "wss" else {}
     ws = await connect(
         station_uri(url, identity),
         subprotocols=[SUBPROTOCOL],
@@ -78,6 +93,7 @@ async def open_connection(
         # saves a ping timer per station.
         ping_interval=None,
         max_queue=8,
+        **tls,
     )
     if ws.subprotocol != SUBPROTOCOL:
         await ws.close()

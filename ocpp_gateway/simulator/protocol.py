@@ -18,9 +18,12 @@ from ocpp.v16.enums import (
     Action,
     AvailabilityStatus,
     AvailabilityType,
+    CertificateStatus,
+    CertificateUse,
     ClearCacheStatus,
     ConfigurationStatus,
     DataTransferStatus,
+    GetInstalledCertificateStatus,
     MessageTrigger,
     Reason,
     RemoteStartStopStatus,
@@ -33,6 +36,10 @@ from ocpp_gateway.simulator.config import PROFILE_KEYS, Change
 
 if TYPE_CHECKING:
     from ocpp_gateway.simulator.station import SimulatedStation
+
+# The security extension's messages: a station without it has no route for them, so the
+# library answers CALLERROR NotImplemented as for any action the firmware lacks.
+_SECURITY_ACTIONS = frozenset({Action.get_installed_certificate_ids, Action.install_certificate})
 
 _TRIGGERABLE = frozenset(
     {
@@ -58,6 +65,8 @@ class _BoundRoutes(Mapping[str, dict[str, Any]]):
         self._link = link
 
     def __getitem__(self, action: str) -> dict[str, Any]:
+        if action in _SECURITY_ACTIONS and self._link.station.spec.behaviour.no_security_extension:
+            raise KeyError(action)
         routes = _ROUTES[action]
         return {
             option: MethodType(value, self._link) if callable(value) else value
@@ -218,6 +227,45 @@ class StationLink(ChargePoint):
     @after(Action.unlock_connector)
     def after_unlock_connector(self, **_: Any) -> None:
         self.station.spawn(self.station.sync_transaction())
+
+    # -- root certificates (security extension) -----------------------------------------
+
+    @on(Action.get_installed_certificate_ids)
+    def on_get_installed_certificate_ids(
+        self, certificate_type: str, **_: Any
+    ) -> call_result.GetInstalledCertificateIds:
+        # Only CentralSystemRootCertificates are simulated; no manufacturer roots.
+        found = (
+            self.station.installed_root_hash_data()
+            if certificate_type == CertificateUse.central_system_root_certificate
+            else []
+        )
+        if not found:
+            return call_result.GetInstalledCertificateIds(
+                status=GetInstalledCertificateStatus.not_found
+            )
+        return call_result.GetInstalledCertificateIds(
+            status=GetInstalledCertificateStatus.accepted,
+            certificate_hash_data=[data.as_payload() for data in found],
+        )
+
+    @on(Action.install_certificate)
+    def on_install_certificate(
+        self, certificate_type: str, certificate: str, **_: Any
+    ) -> call_result.InstallCertificate:
+        station = self.station
+        if certificate_type != CertificateUse.central_system_root_certificate:
+            accepted, why = False, f"{certificate_type} is not kept by this firmware"
+        else:
+            accepted, why = station.install_root(certificate)
+        status = CertificateStatus.accepted if accepted else CertificateStatus.rejected
+        station.record(
+            "certificate_installed" if accepted else "certificate_rejected",
+            certificate_type=certificate_type,
+            reason=why or None,
+            root_certificates=[data.as_payload() for data in station.installed_root_hash_data()],
+        )
+        return call_result.InstallCertificate(status=status)
 
     # -- the rest ------------------------------------------------------------------------
 

@@ -6,9 +6,11 @@ import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from ocpp_gateway.certificates import CertificateError, certificate_pem, load_certificates
 from ocpp_gateway.simulator.config import DEFAULT_PRIORITY
 from ocpp_gateway.simulator.firmware import parse_version
 
@@ -46,6 +48,9 @@ class Behaviour:
     # After a connection drop that was not a reset, reconnects without a BootNotification:
     # real firmware boots only at power-on.
     reconnect_without_boot: bool = False
+    # Firmware without the OCPP 1.6 security extension: GetInstalledCertificateIds and
+    # InstallCertificate answer CALLERROR NotImplemented, no AdditionalRootCertificateCheck.
+    no_security_extension: bool = False
 
     def __post_init__(self) -> None:
         if self.fall_back_after is not None and not self.fall_back_after >= 0:
@@ -69,6 +74,13 @@ class StationSpec:
     connectors: int = 1
     profile_timeout: int = 30
     password: str | None = None
+    # CentralSystemRootCertificates installed at the factory: PEM texts (one certificate
+    # each after normalising; a PEM with several counts as several). A wss:// profile is
+    # verified against these (none: the system's trust store).
+    root_certificates: tuple[str, ...] = ()
+    # The AdditionalRootCertificateCheck key (security extension): a new root is accepted
+    # only when an installed root signed it.
+    additional_root_certificate_check: bool = False
     behaviour: Behaviour = field(default_factory=Behaviour)
 
     def __post_init__(self) -> None:
@@ -85,6 +97,19 @@ class StationSpec:
             raise ValueError("profile timeout must be >= 0")
         if not self.serial_number:
             object.__setattr__(self, "serial_number", f"SN-{self.identity}"[-_MAX_SERIAL:])
+        if self.root_certificates:
+            object.__setattr__(
+                self, "root_certificates", normalise_roots(tuple(self.root_certificates))
+            )
+
+
+@cache
+def normalise_roots(pems: tuple[str, ...]) -> tuple[str, ...]:
+    """One PEM per certificate; cached, so a fleet given the same roots shares one tuple."""
+    try:
+        return tuple(certificate_pem(cert) for pem in pems for cert in load_certificates(pem))
+    except CertificateError as exc:
+        raise ValueError(f"root certificate: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,8 +253,24 @@ def apply_overrides(
         if base is None:
             base = dataclasses.replace(template, identity=fields["identity"], serial_number="")
         fields["behaviour"] = behaviour_from_json(behaviour, base.behaviour)
+        if "root_certificates" in fields:
+            fields["root_certificates"] = read_roots(fields["root_certificates"])
         fleet[fields["identity"]] = dataclasses.replace(base, **fields)
     return list(fleet.values())
+
+
+def read_roots(entries: object) -> tuple[str, ...]:
+    """Root certificates from a spec entry or the command line: PEM texts or PEM file paths."""
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list | tuple):
+        raise ValueError(f"root_certificates takes a list of PEM texts or files: {entries!r}")
+    pems = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise ValueError(f"root certificate entry is not text: {entry!r}")
+        pems.append(entry if "-----BEGIN" in entry else Path(entry).read_text())
+    return tuple(pems)
 
 
 def load_spec_file(path: str | Path) -> list[dict[str, Any]]:

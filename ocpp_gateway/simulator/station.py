@@ -34,8 +34,18 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from ocpp_gateway.certificates import (
+    CertificateError,
+    CertificateHashData,
+    certificate_pem,
+    hash_data,
+    is_self_issued,
+    is_signed_by,
+    load_certificate,
+)
 from ocpp_gateway.simulator.charging import Transaction, ocpp_timestamp
 from ocpp_gateway.simulator.config import (
+    ADDITIONAL_ROOT_CHECK,
     HEARTBEAT_INTERVAL,
     NUMBER_OF_CONNECTORS,
     PRIORITY,
@@ -101,6 +111,7 @@ class SimulatedStation:
         "journal",
         "meter_wh",
         "reset_count",
+        "root_certificates",
         "spec",
         "state",
         "timing",
@@ -120,16 +131,19 @@ class SimulatedStation:
         self.timing = timing or _DEFAULT_TIMING
         self.journal = journal
         self.history: deque[Event] = deque(maxlen=history_size)
-        self.config = StationConfig(
-            key_table(has_network_keys(spec.firmware)),
-            {
-                PROFILE_1: spec.url,
-                PROFILE_2: spec.url2,
-                PRIORITY: spec.priority,
-                PROFILE_TIMEOUT: str(spec.profile_timeout),
-                NUMBER_OF_CONNECTORS: str(spec.connectors),
-            },
-        )
+        security = not spec.behaviour.no_security_extension
+        values = {
+            PROFILE_1: spec.url,
+            PROFILE_2: spec.url2,
+            PRIORITY: spec.priority,
+            PROFILE_TIMEOUT: str(spec.profile_timeout),
+            NUMBER_OF_CONNECTORS: str(spec.connectors),
+        }
+        if security:
+            values[ADDITIONAL_ROOT_CHECK] = str(spec.additional_root_certificate_check).lower()
+        self.config = StationConfig(key_table(has_network_keys(spec.firmware), security), values)
+        # Installed CentralSystemRootCertificates (PEM), kept across reboots like the config.
+        self.root_certificates: tuple[str, ...] = spec.root_certificates
         self.state = StationState.OFF
         self.connected_url: str | None = None
         self.connected_profile: str | None = None
@@ -198,6 +212,8 @@ class SimulatedStation:
             "powered_on",
             firmware=self.spec.firmware,
             network_keys=PROFILE_1 in self.config,
+            security_extension=not self.spec.behaviour.no_security_extension,
+            root_certificates=[data.as_payload() for data in self.installed_root_hash_data()],
         )
         try:
             while not self._finished:
@@ -319,6 +335,7 @@ class SimulatedStation:
         return await open_connection(
             url,
             self.identity,
+            trusted_roots=self.root_certificates,
             password=self.spec.password,
             user_agent=f"{self.spec.vendor}/{self.spec.firmware}",
             open_timeout=max(0.2, min(self.timing.open_timeout, remaining)),
@@ -430,6 +447,36 @@ class SimulatedStation:
             await asyncio.sleep(interval * random.uniform(0.1, 1.0) if first else interval)
             first = False
             await link.call(call.Heartbeat())
+
+    # -- root certificates (OCPP 1.6 security extension) --------------------------------
+
+    def installed_root_hash_data(self) -> list[CertificateHashData]:
+        """GetInstalledCertificateIds' answer: each root named by its issuer (itself when
+        self-issued, else the installed root that signed it)."""
+        certificates = [load_certificate(pem) for pem in self.root_certificates]
+        found = []
+        for certificate in certificates:
+            issuer = None
+            if not is_self_issued(certificate):
+                issuer = next((c for c in certificates if is_signed_by(certificate, c)), None)
+                if issuer is None:
+                    continue  # its issuer is not here: nothing to name it by
+            found.append(hash_data(certificate, issuer=issuer))
+        return found
+
+    def install_root(self, pem: str) -> tuple[bool, str]:
+        """InstallCertificate of a CentralSystemRootCertificate: (accepted, why not)."""
+        try:
+            certificate = load_certificate(pem)
+        except CertificateError as exc:
+            return False, str(exc)
+        installed = [load_certificate(p) for p in self.root_certificates]
+        check = (self.config.get(ADDITIONAL_ROOT_CHECK) or "").lower() == "true"
+        if check and not any(is_signed_by(certificate, root) for root in installed):
+            return False, f"{ADDITIONAL_ROOT_CHECK}: not signed by an installed root"
+        if certificate not in installed:
+            self.root_certificates = (*self.root_certificates, certificate_pem(certificate))
+        return True, ""
 
     # -- reset and going offline ---------------------------------------------------------
 
