@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -96,8 +97,9 @@ class _Station(ChargePoint):
 class CentralSystem:
     """`async with CentralSystem() as csms:` serves ws://127.0.0.1:<port>/ocpp/<identity>."""
 
-    def __init__(self, *, heartbeat_interval: int = 300) -> None:
+    def __init__(self, *, heartbeat_interval: int = 300, tls: ssl.SSLContext | None = None) -> None:
         self.heartbeat_interval = heartbeat_interval
+        self.tls = tls
         self.boot_status = RegistrationStatus.accepted
         self.messages: list[Message] = []
         self.stations: dict[str, _Station] = {}
@@ -108,11 +110,16 @@ class CentralSystem:
     def url(self) -> str:
         assert self._server is not None
         port = self._server.sockets[0].getsockname()[1]
-        return f"ws://127.0.0.1:{port}/ocpp"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}/ocpp"
 
     async def __aenter__(self) -> CentralSystem:
         self._server = await serve(
-            self._handle, "127.0.0.1", 0, subprotocols=[Subprotocol("ocpp1.6")], compression=None
+            self._handle,
+            "127.0.0.1",
+            0,
+            subprotocols=[Subprotocol("ocpp1.6")],
+            compression=None,
+            ssl=self.tls,
         )
         return self
 

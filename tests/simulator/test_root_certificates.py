@@ -1,0 +1,194 @@
+"""The security extension on simulated stations: installed roots, GetInstalledCertificateIds,
+InstallCertificate, AdditionalRootCertificateCheck, firmware without it, and wss:// checked
+against the installed roots. Real sockets, a central system written with `ocpp`."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from ocpp import exceptions as ocpp_errors
+from ocpp.v16 import call
+from ocpp.v16.enums import CertificateUse
+
+from ocpp_gateway.certificates import CertificateHashData, hash_data
+from ocpp_gateway.simulator import Behaviour, Fleet, StationSpec, read_journal
+from ocpp_gateway.simulator.cli import build_parser, build_specs
+from tests.simulator.certs import make_root, make_signed_root, write_server_cert
+from tests.simulator.csms import FAST, CentralSystem, run, wait_until
+
+ID = "SIM-0001"
+ROOT = CertificateUse.central_system_root_certificate
+
+
+def listed(answer) -> list[CertificateHashData]:
+    return [CertificateHashData.from_payload(d) for d in answer.certificate_hash_data or []]
+
+
+def test_it_lists_its_installed_roots_and_journals_them_at_power_on(tmp_path):
+    root = make_root("CSMS 1 Root", rsa_key=True)
+    journal = tmp_path / "journal.jsonl"
+
+    async def scenario():
+        async with CentralSystem() as csms:
+            spec = StationSpec(ID, url=csms.url, root_certificates=(root.pem,))
+            async with Fleet([spec], timing=FAST, journal=journal) as fleet:
+                await wait_until(lambda: fleet[ID].online, "boot")
+                answer = await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
+                assert answer.status == "Accepted"
+                assert listed(answer) == [hash_data(root.certificate)]
+                manufacturer = await csms.call(
+                    ID,
+                    call.GetInstalledCertificateIds(
+                        certificate_type=CertificateUse.manufacturer_root_certificate
+                    ),
+                )
+                assert manufacturer.status == "NotFound"
+
+    run(scenario())
+    powered_on = [e for e in read_journal(journal) if e["event"] == "powered_on"]
+    assert powered_on[0]["root_certificates"] == [hash_data(root.certificate).as_payload()]
+    assert powered_on[0]["security_extension"] is True
+
+
+def test_a_station_without_roots_answers_not_found_then_installs_one(tmp_path):
+    root = make_root("CSMS 2 Root")
+    journal = tmp_path / "journal.jsonl"
+
+    async def scenario():
+        async with (
+            CentralSystem() as csms,
+            Fleet([StationSpec(ID, url=csms.url)], timing=FAST, journal=journal) as fleet,
+        ):
+            await wait_until(lambda: fleet[ID].online, "boot")
+            before = await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
+            assert before.status == "NotFound" and before.certificate_hash_data is None
+            bad = await csms.call(
+                ID, call.InstallCertificate(certificate_type=ROOT, certificate="not a PEM")
+            )
+            assert bad.status == "Rejected"
+            installed = await csms.call(
+                ID, call.InstallCertificate(certificate_type=ROOT, certificate=root.pem)
+            )
+            assert installed.status == "Accepted"
+            # A second install of the same root changes nothing.
+            again = await csms.call(
+                ID, call.InstallCertificate(certificate_type=ROOT, certificate=root.pem)
+            )
+            assert again.status == "Accepted"
+            after = await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
+            assert after.status == "Accepted"
+            assert listed(after) == [hash_data(root.certificate)]
+
+    run(scenario())
+    events = [e for e in read_journal(journal) if e["event"].startswith("certificate_")]
+    assert [e["event"] for e in events] == [
+        "certificate_rejected",
+        "certificate_installed",
+        "certificate_installed",
+    ]
+    assert "not a PEM certificate" in events[0]["reason"]
+    assert events[1]["root_certificates"] == [hash_data(root.certificate).as_payload()]
+
+
+def test_with_additional_root_check_only_a_root_signed_by_an_installed_one_is_accepted():
+    old, stranger = make_root("CSMS 1 Root"), make_root("Stranger Root")
+    new = make_signed_root("CSMS 2 Root", old)
+
+    async def scenario():
+        async with CentralSystem() as csms:
+            spec = StationSpec(
+                ID,
+                url=csms.url,
+                root_certificates=(old.pem,),
+                additional_root_certificate_check=True,
+            )
+            async with Fleet([spec], timing=FAST) as fleet:
+                await wait_until(lambda: fleet[ID].online, "boot")
+                conf = await csms.call(
+                    ID, call.GetConfiguration(key=["AdditionalRootCertificateCheck"])
+                )
+                assert conf.configuration_key == [
+                    {"key": "AdditionalRootCertificateCheck", "readonly": True, "value": "true"}
+                ]
+                foreign = await csms.call(
+                    ID, call.InstallCertificate(certificate_type=ROOT, certificate=stranger.pem)
+                )
+                assert foreign.status == "Rejected"
+                signed = await csms.call(
+                    ID, call.InstallCertificate(certificate_type=ROOT, certificate=new.pem)
+                )
+                assert signed.status == "Accepted"
+                after = await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
+                assert listed(after) == [
+                    hash_data(old.certificate),
+                    hash_data(new.certificate, issuer=old.certificate),
+                ]
+                assert fleet[ID].events("certificate_rejected")[0]["reason"] == (
+                    "AdditionalRootCertificateCheck: not signed by an installed root"
+                )
+
+    run(scenario())
+
+
+def test_firmware_without_the_security_extension_answers_not_implemented():
+    async def scenario():
+        async with CentralSystem() as csms:
+            spec = StationSpec(ID, url=csms.url, behaviour=Behaviour(no_security_extension=True))
+            async with Fleet([spec], timing=FAST) as fleet:
+                await wait_until(lambda: fleet[ID].online, "boot")
+                with pytest.raises(ocpp_errors.NotImplementedError):
+                    await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
+                with pytest.raises(ocpp_errors.NotImplementedError):
+                    await csms.call(
+                        ID,
+                        call.InstallCertificate(
+                            certificate_type=ROOT, certificate=make_root("R").pem
+                        ),
+                    )
+                conf = await csms.call(
+                    ID, call.GetConfiguration(key=["AdditionalRootCertificateCheck"])
+                )
+                assert conf.unknown_key == ["AdditionalRootCertificateCheck"]
+                # The station is still fine for everything else.
+                assert fleet[ID].online
+
+    run(scenario())
+
+
+def test_a_wss_profile_is_verified_against_the_installed_roots(tmp_path):
+    ca, other = make_root("CSMS TLS Root"), make_root("Other Root")
+    certfile, keyfile = write_server_cert(ca, tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certfile, keyfile)
+
+    async def scenario():
+        async with CentralSystem(tls=tls) as csms:
+            trusting = StationSpec("SIM-TRUST", url=csms.url, root_certificates=(ca.pem,))
+            foreign = StationSpec("SIM-OTHER", url=csms.url, root_certificates=(other.pem,))
+            async with Fleet([trusting, foreign], timing=FAST) as fleet:
+                await wait_until(lambda: fleet["SIM-TRUST"].online, "the trusting station")
+                await wait_until(
+                    lambda: fleet["SIM-OTHER"].events("connect_failed"), "a refused handshake"
+                )
+                error = fleet["SIM-OTHER"].events("connect_failed")[0]["error"]
+                assert "CERTIFICATE_VERIFY_FAILED" in error
+                assert not csms.seen("SIM-OTHER", "BootNotification")
+                assert fleet["SIM-TRUST"].connected_url.startswith("wss://")
+
+    run(scenario())
+
+
+def test_the_command_line_installs_roots_and_sets_the_security_options(tmp_path):
+    root_a, root_b = make_root("A"), make_root("B")
+    bundle = tmp_path / "roots.pem"
+    bundle.write_text(root_a.pem + root_b.pem)
+    args = build_parser().parse_args(
+        ["--url", "ws://a/ocpp", "--count", "3", "--root-certificate", str(bundle),
+         "--additional-root-check", "2", "--no-security-extension", "3"]
+    )  # fmt: skip
+    specs = build_specs(args)
+    assert all(spec.root_certificates == (root_a.pem, root_b.pem) for spec in specs)
+    assert [s.additional_root_certificate_check for s in specs] == [False, True, False]
+    assert [s.behaviour.no_security_extension for s in specs] == [False, False, True]
+    assert "--root-certificate FILE" in build_parser().format_help()
