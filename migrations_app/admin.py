@@ -482,6 +482,13 @@ def _settings_rows(batch: MigrationBatch | BatchOptions) -> list[tuple[str, str]
         ("Clean up old slot", "yes" if batch.cleanup else "no"),
         ("Dry run", "yes" if batch.dry_run else "no"),
         ("Allow wss:// to ws://", "yes" if batch.allow_downgrade else "no"),
+        ("Install the root CA", "yes" if batch.install_root_ca else "no"),
+        (
+            "No security extension",
+            "proceed with a warning"
+            if batch.security_extension == MigrationBatch.SecurityExtension.PROCEED
+            else "skip the station",
+        ),
     ]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from django import forms
 
 from fleet.models import CsmsBackend
-from migrations_app.models import StationMigration
+from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services.batches import BatchOptions
 
 _DEFAULTS = BatchOptions()
@@ -110,6 +110,21 @@ class MigrateStationsForm(forms.Form):
         label="Allow wss:// to ws://",
         help_text="Allow moving a station from a TLS connection to a plain one.",
     )
+    install_root_ca = forms.BooleanField(
+        required=False,
+        label="Install the root CA",
+        help_text="For a wss:// target with a root CA certificate: install it on a station "
+        "that lacks it (InstallCertificate through the source), then check again; "
+        "otherwise such a station is skipped.",
+    )
+    security_extension = forms.ChoiceField(
+        required=False,
+        choices=MigrationBatch.SecurityExtension.choices,
+        initial=_DEFAULTS.security_extension,
+        label="No security extension",
+        help_text="A station that cannot list its root certificates (no OCPP 1.6 security "
+        "extension), for a wss:// target with a root CA: skip it, or proceed with a warning.",
+    )
 
     # How the intermediate page groups the fields.
     FIELDSETS = (
@@ -122,7 +137,11 @@ class MigrateStationsForm(forms.Form):
         ("Timeouts", ("boot_timeout_seconds", "idle_wait_seconds", "offline_wait_seconds")),
         ("Maintenance window", ("window_start", "window_end")),
         ("Options", ("cleanup", "dry_run", "allow_downgrade")),
+        ("Root certificate", ("install_root_ca", "security_extension")),
     )
+
+    def clean_security_extension(self) -> str:
+        return self.cleaned_data["security_extension"] or _DEFAULTS.security_extension
 
     def clean_brake_first_failed(self) -> int:
         return self.cleaned_data["brake_first_failed"] or 0  # empty: off

@@ -18,6 +18,12 @@ class MigrationBatch(models.Model):
         CANCELLED = "cancelled", "cancelled"
         FINISHED = "finished", "finished"
 
+    class SecurityExtension(models.TextChoices):
+        """A station that cannot list its root certificates (no OCPP 1.6 security extension)."""
+
+        REQUIRE = "require", "require: skip the station"
+        PROCEED = "proceed", "proceed with a warning"
+
     target = models.ForeignKey(
         "fleet.CsmsBackend", on_delete=models.PROTECT, related_name="incoming_batches"
     )
@@ -42,6 +48,19 @@ class MigrationBatch(models.Model):
     dry_run = models.BooleanField(default=False)
     allow_downgrade = models.BooleanField(
         default=False, help_text="Allow a move from wss:// to ws://."
+    )
+    # The seed's second prerequisite, checked for a wss:// target with a root CA.
+    install_root_ca = models.BooleanField(
+        default=False,
+        help_text="Install the target's root CA certificate (InstallCertificate through the "
+        "source) on a station that lacks it, then check again.",
+    )
+    security_extension = models.CharField(
+        max_length=16,
+        choices=SecurityExtension.choices,
+        default=SecurityExtension.REQUIRE,
+        help_text="A station that does not support GetInstalledCertificateIds, for a wss:// "
+        "target with a root CA: skip it, or proceed with a warning in its report.",
     )
     # Rollout controls, enforced by the workers (migrations_app.services.batches).
     canary_size = models.PositiveIntegerField(
@@ -95,6 +114,7 @@ class StationMigration(models.Model):
         WAITING_ONLINE = "waiting_online", "queued until online"
         PREFLIGHT = "preflight", "pre-flight"
         READING_CONFIG = "reading_config", "reading configuration"
+        CHECKING_ROOT_CA = "checking_root_ca", "checking root certificate"
         SETTING_URL = "setting_url", "setting URL"
         SETTING_PRIORITY = "setting_priority", "setting priority"
         WAITING_IDLE = "waiting_idle", "waiting for idle"
@@ -150,6 +170,9 @@ class StationMigration(models.Model):
     wait_until = models.DateTimeField(null=True, blank=True)
     # Times the current step raised an unexpected error; back to 0 at each state change.
     attempts = models.PositiveSmallIntegerField(default=0)
+    # What the station went on despite (a prerequisite that could not be checked), for
+    # its report: text lines.
+    warnings = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["batch", "station__identity"]

@@ -70,9 +70,15 @@ class BatchOptions:
     window_start: time | None = None
     window_end: time | None = None
     offline_wait_seconds: int = 0
+    # The root CA pre-flight of a wss:// target with a root CA (see steps.check_root_ca).
+    install_root_ca: bool = False
+    security_extension: str = MigrationBatch.SecurityExtension.REQUIRE.value
 
     def problems(self) -> list[str]:
         problems = []
+        if self.security_extension not in MigrationBatch.SecurityExtension.values:
+            choices = ", ".join(MigrationBatch.SecurityExtension.values)
+            problems.append(f"security extension must be one of {choices}")
         if self.max_in_flight < 1:
             problems.append("max in flight must be at least 1")
         if self.brake_first_failed < 0:
@@ -423,6 +429,7 @@ def batch_report(batch: MigrationBatch) -> dict[str, Any]:
             "state": m.state,
             "step": m.failed_step or m.state,
             "reason": m.reason,
+            "warnings": list(m.warnings or []),
         }
         for m in rows
     ]

@@ -21,7 +21,13 @@ BatchState = MigrationBatch.State
 # Cancelling or pausing stops a station only before it is armed (its priority changed):
 # after that, finishing (reset and verify) is what leaves it in a known state.
 STOPPABLE_STATES = frozenset(
-    {State.PREFLIGHT, State.READING_CONFIG, State.SETTING_URL, State.SETTING_PRIORITY}
+    {
+        State.PREFLIGHT,
+        State.READING_CONFIG,
+        State.CHECKING_ROOT_CA,
+        State.SETTING_URL,
+        State.SETTING_PRIORITY,
+    }
 )
 
 
@@ -130,6 +136,7 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
             started_at=None,
             finished_at=None,
             wait_until=None,
+            warnings=[],
             updated_at=now,
         )
         if batch.state != BatchState.PAUSED:
@@ -166,6 +173,8 @@ def batch_migrate_back(*, batch_id: int, user: Any) -> MigrationBatch:
         boot_timeout_seconds=batch.boot_timeout_seconds,
         idle_wait_seconds=batch.idle_wait_seconds,
         allow_downgrade=batch.allow_downgrade,
+        install_root_ca=batch.install_root_ca,
+        security_extension=batch.security_extension,
     )
     with transaction.atomic():
         back = batch_create(

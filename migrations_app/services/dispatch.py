@@ -24,6 +24,7 @@ STEP_TASKS: dict[str, str] = {
     # Pre-flight sends nothing: the task that runs it goes straight on to step 1.
     State.PREFLIGHT: "migrations.read_config",
     State.READING_CONFIG: "migrations.read_config",
+    State.CHECKING_ROOT_CA: "migrations.check_root_ca",
     State.SETTING_URL: "migrations.set_url",
     State.SETTING_PRIORITY: "migrations.set_priority",
     State.WAITING_IDLE: "migrations.wait_idle",

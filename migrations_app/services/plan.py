@@ -10,6 +10,11 @@ PROFILE_2 = "NetworkConnectionProfile2"
 PRIORITY = "NetworkConfigurationPriority"
 PROFILE_TIMEOUT = "NetworkProfileConnectionTimeoutSec"
 NETWORK_KEYS = [PROFILE_1, PROFILE_2, PRIORITY, PROFILE_TIMEOUT]
+# OCPP 1.6 security extension: when true, the station accepts a new root certificate only
+# if one it has installed signed it. Read with the network keys, for the root CA check.
+ADDITIONAL_ROOT_CHECK = "AdditionalRootCertificateCheck"
+# What step 1 reads in one GetConfiguration (a firmware lists the keys it lacks as unknown).
+CONFIG_KEYS = [*NETWORK_KEYS, ADDITIONAL_ROOT_CHECK]
 # The keys the switch cannot do without (the timeout is informative only).
 REQUIRED_KEYS = (PROFILE_1, PROFILE_2, PRIORITY)
 PROFILES = (PROFILE_1, PROFILE_2)

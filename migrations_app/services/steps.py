@@ -33,13 +33,22 @@ from migrations_app.services.exchanges import describe, station_call, status_of
 from migrations_app.services.firmware import firmware_gate
 from migrations_app.services.liveness import gateway_up
 from migrations_app.services.plan import (
-    NETWORK_KEYS,
+    ADDITIONAL_ROOT_CHECK,
+    CONFIG_KEYS,
     PRIORITY,
     PROFILE_TIMEOUT,
     MissingKeys,
+    NetworkPlan,
     PlanError,
     configuration_values,
     plan_switch,
+)
+from ocpp_gateway.certificates import (
+    CertificateError,
+    CertificateHashData,
+    identifies,
+    issued_by_one_of,
+    load_certificate,
 )
 from ocpp_gateway.client import CommandNotSent, StationOffline
 from ocpp_gateway.envelopes import EventKind, Outcome, Reply, last_boot_key
@@ -140,7 +149,7 @@ def preflight(m: StationMigration) -> Next:
 def read_config(m: StationMigration) -> Next:
     step = State.READING_CONFIG
     reply = _answer(
-        station_call(m, step=step, action="GetConfiguration", payload={"key": NETWORK_KEYS})
+        station_call(m, step=step, action="GetConfiguration", payload={"key": CONFIG_KEYS})
     )
     if reply.outcome is not Outcome.RESULT:
         return fail(step, "could not read the network configuration: " + describe(reply))
@@ -179,6 +188,13 @@ def read_config(m: StationMigration) -> Next:
             "the station may be running on it; refusing to overwrite it",
             **facts,
         )
+    if root_ca_check_needed(m):
+        return Next(State.CHECKING_ROOT_CA, fields=facts)
+    return _armable(m, plan, fields=facts)
+
+
+def _armable(m: StationMigration, plan: NetworkPlan, *, reason: str = "", **next_: Any) -> Next:
+    """Every check passed: arm the station (step 2), or say what a dry run would do."""
     if m.batch.dry_run:
         writes = (
             f"{plan.free_slot} already holds it"
@@ -187,11 +203,147 @@ def read_config(m: StationMigration) -> Next:
         )
         return Next(
             State.DONE,
-            f"dry run: {writes}; would set {PRIORITY}={plan.new_priority} "
+            (f"{reason}; " if reason else "")
+            + f"dry run: {writes}; would set {PRIORITY}={plan.new_priority} "
             f"(was {plan.original_priority}), then Reset Hard",
-            fields=facts,
+            **next_,
         )
-    return Next(State.SETTING_URL, fields=facts)
+    return Next(State.SETTING_URL, reason, **next_)
+
+
+# --- the root certificate (the seed's second prerequisite) -------------------------------
+#
+# A station moved to a wss:// CSMS must trust that CSMS's root CA, or its TLS handshake
+# fails and it falls back after its profile timeout. For a target whose root CA is known,
+# ask the station what it has installed (OCPP 1.6 security extension), through the source,
+# before anything is written.
+
+ROOT_CERTIFICATE = "CentralSystemRootCertificate"
+# CALLERRORs of a firmware that lacks the security extension's messages.
+NO_EXTENSION_ERRORS = frozenset({"NotImplemented", "NotSupported"})
+
+
+def root_ca_check_needed(m: StationMigration) -> bool:
+    return urlsplit(m.target_url).scheme == "wss" and bool(m.batch.target.root_ca_pem.strip())
+
+
+def check_root_ca(m: StationMigration) -> Next:
+    step = State.CHECKING_ROOT_CA
+    target = m.batch.target
+    plan = NetworkPlan(
+        active_slot=m.active_slot,
+        free_slot=m.free_slot,
+        original_priority=m.original_priority,
+        values=m.config_snapshot,
+    )
+    try:
+        root = load_certificate(target.root_ca_pem)
+    except CertificateError as exc:
+        return fail(step, f"the root CA certificate of {target.name} cannot be read: {exc}")
+    serial = format(root.serial_number, "x")
+    named = f"the root CA certificate of {target.name} (serial {serial})"
+    reply = _installed_roots(m)
+    if reply.outcome is Outcome.CALL_ERROR and reply.error_code in NO_EXTENSION_ERRORS:
+        return _without_extension(m, plan, reply)
+    installed = _hash_data(reply)
+    if installed is None:
+        return fail(step, "could not read the installed root certificates: " + describe(reply))
+    if any(identifies(data, root) for data in installed):
+        return _armable(m, plan, reason=f"{named} is installed")
+    additional_check = m.config_snapshot.get(ADDITIONAL_ROOT_CHECK, "").strip().lower() == "true"
+    if additional_check and not issued_by_one_of(root, installed):
+        # The firmware would reject the install, and the station cannot work with the target.
+        return Next(
+            State.SKIPPED,
+            f"{named} is not installed, and {ADDITIONAL_ROOT_CHECK} is true: the station "
+            "accepts only a root signed by one of its installed root certificates, and no "
+            "installed root signed it",
+        )
+    if not m.batch.install_root_ca:
+        return Next(
+            State.SKIPPED,
+            f"{named} is not installed on the station: install it first (or allow it: "
+            "migrate_fleet --install-root-ca)",
+        )
+    if m.batch.dry_run:
+        return _armable(m, plan, reason=f"{named} is not installed: would install it")
+    return _install_root(m, plan, root_pem=target.root_ca_pem, named=named)
+
+
+def _installed_roots(m: StationMigration) -> Reply:
+    return _answer(
+        station_call(
+            m,
+            step=State.CHECKING_ROOT_CA,
+            action="GetInstalledCertificateIds",
+            payload={"certificate_type": ROOT_CERTIFICATE},
+            via=_source_name(m),
+        )
+    )
+
+
+def _install_root(m: StationMigration, plan: NetworkPlan, *, root_pem: str, named: str) -> Next:
+    # InstallCertificate is safe to repeat: a re-run after a lost answer finds the root in
+    # GetInstalledCertificateIds first, or installs it again.
+    reply = _answer(
+        station_call(
+            m,
+            step=State.CHECKING_ROOT_CA,
+            action="InstallCertificate",
+            payload={"certificate_type": ROOT_CERTIFICATE, "certificate": root_pem.strip()},
+            via=_source_name(m),
+        )
+    )
+    if status_of(reply) != "Accepted":
+        return Next(
+            State.SKIPPED,
+            f"{named} is not installed, and installing it failed "
+            f"(InstallCertificate: {describe(reply)})",
+        )
+    check = _installed_roots(m)
+    installed = _hash_data(check)
+    root = load_certificate(root_pem)
+    if installed is None or not any(identifies(data, root) for data in installed):
+        seen = "not listed" if installed is not None else describe(check)
+        return Next(
+            State.SKIPPED,
+            f"{named} was not installed: InstallCertificate was Accepted, but the station "
+            f"does not list it afterwards ({seen})",
+        )
+    return _armable(m, plan, reason=f"{named} installed (InstallCertificate) and verified")
+
+
+def _without_extension(m: StationMigration, plan: NetworkPlan, reply: Reply) -> Next:
+    missing = (
+        f"the station does not support the OCPP 1.6 security extension "
+        f"(GetInstalledCertificateIds: {describe(reply)}): the root CA certificate of "
+        f"{m.batch.target.name} cannot be checked"
+    )
+    if m.batch.security_extension != m.batch.SecurityExtension.PROCEED:
+        return Next(State.SKIPPED, f"{missing} (batch option: require)")
+    warning = f"{missing}; proceeding as the batch allows"
+    return _armable(m, plan, reason=warning, fields={"warnings": [*m.warnings, warning]})
+
+
+def _hash_data(reply: Reply) -> list[CertificateHashData] | None:
+    """The root certificates a GetInstalledCertificateIds answer lists; None: no answer."""
+    if reply.outcome is not Outcome.RESULT:
+        return None
+    payload = reply.payload or {}
+    if payload.get("status") == "NotFound":
+        return []
+    found = []
+    for entry in payload.get("certificate_hash_data") or []:
+        try:
+            found.append(CertificateHashData.from_payload(entry))
+        except (CertificateError, AttributeError):
+            continue  # one malformed entry does not hide the others
+    return found
+
+
+def _source_name(m: StationMigration) -> str:
+    # Before the switch the station is on its source: only that CSMS may ask it.
+    return m.source.name if m.source else ""
 
 
 def set_url(m: StationMigration) -> Next:
@@ -756,6 +908,7 @@ def restore(m: StationMigration, step: str, *, priority: bool) -> str:
 HANDLERS: dict[str, Callable[[StationMigration], Next]] = {
     State.PREFLIGHT: preflight,
     State.READING_CONFIG: read_config,
+    State.CHECKING_ROOT_CA: check_root_ca,
     State.SETTING_URL: set_url,
     State.SETTING_PRIORITY: set_priority,
     State.WAITING_IDLE: wait_idle,

@@ -177,6 +177,21 @@ class Command(BaseCommand):
         parser.add_argument(
             "--allow-downgrade", action="store_true", help="allow moving from wss:// to ws://"
         )
+        parser.add_argument(
+            "--install-root-ca",
+            action="store_true",
+            help="for a wss:// target with a root CA: install it (InstallCertificate through "
+            "the source) on a station that lacks it, then check again; without it such a "
+            "station is skipped",
+        )
+        parser.add_argument(
+            "--security-extension",
+            choices=MigrationBatch.SecurityExtension.values,
+            default=BatchOptions.security_extension,
+            help="a station that does not support GetInstalledCertificateIds (OCPP 1.6 "
+            "security extension), for a wss:// target with a root CA: require = skip it, "
+            "proceed = go on with a warning in its report (default %(default)s)",
+        )
         parser.add_argument("--wait", action="store_true", help="follow the batch to its end")
         parser.add_argument(
             "--json", action="store_true", help="print the report (or the batch id) as JSON"
@@ -201,6 +216,8 @@ class Command(BaseCommand):
             window_start=options["window"][0] if options["window"] else None,
             window_end=options["window"][1] if options["window"] else None,
             offline_wait_seconds=options["offline_wait"],
+            install_root_ca=options["install_root_ca"],
+            security_extension=options["security_extension"],
         )
         try:
             batch = batch_create(
@@ -311,6 +328,8 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"{s['identity']:<{width}}  {s['state']:<9}  {s['step']:<16}  {s['reason']}"
             )
+            for warning in s.get("warnings") or ():
+                self.stdout.write(f"{'':<{width}}  warning: {warning}")
         totals = ", ".join(f"{n} {state}" for state, n in report["counts"].items())
         self.stdout.write(f"Batch {report['batch']}: {totals}")
 
