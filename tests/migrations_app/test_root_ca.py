@@ -1,0 +1,203 @@
+"""The root CA pre-flight against a wss:// target: real gateways (the target's serving TLS with
+a certificate from a test CA), a real worker and simulated stations that verify the target
+against the roots they have installed, so a missing root is a real failure, not a flag."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet.models import ChargingStation, CsmsBackend
+from fleet.services.inventory import csms_backend_upsert
+from migrations_app.models import OcppExchange, StationMigration
+from ocpp_gateway.certificates import hash_data
+from ocpp_gateway.simulator import Fleet, read_journal
+from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
+from tests.migrations_app.conftest import WORKER_ENV, Stack, by_identity, migrate
+from tests.processes import wait_for
+from tests.simulator.certs import Ca, make_root, write_server_cert
+
+State = StationMigration.State
+
+
+@pytest.fixture
+def ca() -> Ca:
+    return make_root("CSMS 2 Root CA")
+
+
+@pytest.fixture
+def tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca) -> Stack:
+    """csms-1 (ws://, open) and csms-2 at wss:// whose CsmsBackend carries the root CA."""
+    certfile, keyfile = write_server_cert(ca, tmp_path, name="csms-2")
+    source_url = start_gateway("csms-1", "--open")
+    served = start_gateway("csms-2", "--certfile", str(certfile), "--keyfile", str(keyfile))
+    target_url = "wss://" + served.removeprefix("ws://")
+    csms_backend_upsert(name="csms-1", url=source_url, open_admission=True)
+    target, _ = csms_backend_upsert(name="csms-2", url=target_url)
+    target.root_ca_pem = ca.pem
+    target.full_clean()
+    target.save(update_fields=["root_ca_pem"])
+    worker, _ = start_worker("w1", beat=True, **WORKER_ENV)
+    return Stack(source_url, target_url, start_worker, worker, redis_client, target)
+
+
+@contextlib.contextmanager
+def journaled_fleet(stack: Stack, specs: list[StationSpec], journal: Path) -> Iterator[Fleet]:
+    """Stack.fleet with a journal: what the stations did is the ground truth."""
+    stack.register_on_target(specs)
+    timing = Timing(reboot_delay=0.5, retry_interval=0.2, reconnect_delay=0.3)
+    with Fleet(specs, timing=timing, journal=journal) as fleet:
+        identities = {spec.identity for spec in specs}
+        wait_for(
+            lambda: (
+                ChargingStation.objects.filter(identity__in=identities, connected=True)
+                .exclude(firmware_version="")
+                .count()
+                == len(identities)
+            ),
+            30,
+            "every simulated station in the inventory",
+        )
+        yield fleet
+
+
+def exchanges(identity: str) -> list[tuple[str, str, str]]:
+    return list(
+        OcppExchange.objects.filter(migration__station__identity=identity).values_list(
+            "step", "action", "csms"
+        )
+    )
+
+
+def journal_of(journal: Path, identity: str) -> list[str]:
+    return [e["event"] for e in read_journal(journal) if e["station"] == identity]
+
+
+def test_stations_lacking_the_root_or_the_extension_are_skipped_and_left_untouched(
+    tls_stack, ca, tmp_path
+):
+    stack = tls_stack
+    mine = make_root("CSMS 1 Root CA")
+    specs = [
+        stack.station("CP-MISSING"),
+        stack.station("CP-NOEXT", behaviour=Behaviour(no_security_extension=True)),
+        # AdditionalRootCertificateCheck: a root not signed by its own cannot work, even
+        # though the batch would allow installing it.
+        stack.station(
+            "CP-STRICT",
+            root_certificates=(mine.pem,),
+            additional_root_certificate_check=True,
+        ),
+    ]
+    journal = tmp_path / "stations.jsonl"
+    with journaled_fleet(stack, specs, journal) as fleet:
+        code, report = migrate("--to", "csms-2", "--station", "CP-MISSING", "--station",
+                               "CP-NOEXT", "--rate-per-minute", "0")  # fmt: skip
+        assert code == 0, report
+        entries = by_identity(report)
+        assert {e["state"] for e in entries.values()} == {"skipped"}
+        assert {e["step"] for e in entries.values()} == {"skipped"}
+        serial = format(ca.certificate.serial_number, "x")
+        assert entries["CP-MISSING"]["reason"] == (
+            f"the root CA certificate of csms-2 (serial {serial}) is not installed on the "
+            "station: install it first (or allow it: migrate_fleet --install-root-ca)"
+        )
+        assert entries["CP-NOEXT"]["reason"].startswith(
+            "the station does not support the OCPP 1.6 security extension "
+            "(GetInstalledCertificateIds: station answered CALLERROR NotImplemented"
+        )
+        assert entries["CP-NOEXT"]["reason"].endswith("(batch option: require)")
+
+        code, report = migrate("--to", "csms-2", "--station", "CP-STRICT", "--install-root-ca")
+        assert code == 0, report
+        strict = by_identity(report)["CP-STRICT"]
+        assert strict["state"] == "skipped"
+        assert "AdditionalRootCertificateCheck is true" in strict["reason"]
+        assert "no installed root signed it" in strict["reason"]
+
+        for spec in specs:
+            station = fleet[spec.identity]
+            assert station.connected_url == stack.source_url
+            assert station.reset_count == 0
+    for identity in ("CP-MISSING", "CP-NOEXT", "CP-STRICT"):
+        # Asked, never changed: no ChangeConfiguration, no InstallCertificate, no Reset.
+        assert exchanges(identity) == [
+            ("reading_config", "GetConfiguration", "csms-1"),
+            ("checking_root_ca", "GetInstalledCertificateIds", "csms-1"),
+        ]
+        events = journal_of(journal, identity)
+        assert not {"config_changed", "reset", "certificate_installed"} & set(events), events
+    assert not (
+        StationMigration.objects.filter(station__identity="CP-STRICT")
+        .get()
+        .state_changes.filter(to_state=State.SETTING_URL)
+        .exists()
+    )
+
+
+def test_with_the_root_installed_allowed_or_not_checkable_stations_migrate_over_tls(
+    tls_stack, ca, tmp_path
+):
+    stack = tls_stack
+    specs = [
+        stack.station("CP-HAS", root_certificates=(ca.pem,)),
+        stack.station("CP-INSTALL"),
+        # Trusts the CA through its own store, but cannot say so.
+        stack.station(
+            "CP-NOEXT",
+            root_certificates=(ca.pem,),
+            behaviour=Behaviour(no_security_extension=True),
+        ),
+    ]
+    journal = tmp_path / "stations.jsonl"
+    with journaled_fleet(stack, specs, journal) as fleet:
+        code, report = migrate("--to", "csms-2", "--from", "csms-1", "--rate-per-minute", "0",
+                               "--install-root-ca", "--security-extension", "proceed")  # fmt: skip
+        assert code == 0, report
+        entries = by_identity(report)
+        assert {e["state"] for e in entries.values()} == {"done"}, report
+        for spec in specs:
+            # On the target through a verified TLS connection: the root really is there.
+            station = fleet[spec.identity]
+            assert station.connected_url == stack.target_url
+            assert station.reset_count == 1
+        installed = fleet["CP-INSTALL"].installed_root_hash_data()
+        assert installed == [hash_data(ca.certificate)]
+    assert entries["CP-HAS"]["warnings"] == [] and entries["CP-INSTALL"]["warnings"] == []
+    [warning] = entries["CP-NOEXT"]["warnings"]
+    assert warning.startswith("the station does not support the OCPP 1.6 security extension")
+    assert warning.endswith("proceeding as the batch allows")
+
+    steps = [(step, action) for step, action, _ in exchanges("CP-HAS")]
+    assert steps[:3] == [
+        ("reading_config", "GetConfiguration"),
+        ("checking_root_ca", "GetInstalledCertificateIds"),
+        ("setting_url", "ChangeConfiguration"),
+    ]
+    assert exchanges("CP-INSTALL")[:4] == [
+        ("reading_config", "GetConfiguration", "csms-1"),
+        ("checking_root_ca", "GetInstalledCertificateIds", "csms-1"),
+        ("checking_root_ca", "InstallCertificate", "csms-1"),
+        ("checking_root_ca", "GetInstalledCertificateIds", "csms-1"),
+    ]
+    install = OcppExchange.objects.get(
+        migration__station__identity="CP-INSTALL", action="InstallCertificate"
+    )
+    assert install.request == {
+        "certificate_type": "CentralSystemRootCertificate",
+        "certificate": ca.pem.strip(),
+    }
+    assert install.response == {"status": "Accepted"}
+    events = journal_of(journal, "CP-INSTALL")
+    # Installed before anything was written, and before the Reset.
+    assert events.index("certificate_installed") < events.index("config_changed")
+    reasons = dict(
+        StationMigration.objects.get(station__identity="CP-INSTALL")
+        .state_changes.filter(from_state=State.CHECKING_ROOT_CA)
+        .values_list("to_state", "reason")
+    )
+    assert "installed (InstallCertificate) and verified" in reasons[State.SETTING_URL]
+    assert CsmsBackend.objects.get(name="csms-2").root_ca_pem == ca.pem
