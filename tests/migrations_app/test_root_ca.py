@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,13 @@ def ca() -> Ca:
     return make_root("CSMS 2 Root CA")
 
 
+@dataclass
+class TlsStack(Stack):
+    worker_log: Path
+
+
 @pytest.fixture
-def tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca) -> Stack:
+def tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca) -> TlsStack:
     """csms-1 (ws://, open) and csms-2 at wss:// whose CsmsBackend carries the root CA."""
     certfile, keyfile = write_server_cert(ca, tmp_path, name="csms-2")
     source_url = start_gateway("csms-1", "--open")
@@ -40,8 +46,8 @@ def tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca) -> Stack:
     target.root_ca_pem = ca.pem
     target.full_clean()
     target.save(update_fields=["root_ca_pem"])
-    worker, _ = start_worker("w1", beat=True, **WORKER_ENV)
-    return Stack(source_url, target_url, start_worker, worker, redis_client, target)
+    worker, log = start_worker("w1", beat=True, **WORKER_ENV)
+    return TlsStack(source_url, target_url, start_worker, worker, redis_client, target, log)
 
 
 @contextlib.contextmanager
@@ -201,3 +207,6 @@ def test_with_the_root_installed_allowed_or_not_checkable_stations_migrate_over_
     )
     assert "installed (InstallCertificate) and verified" in reasons[State.SETTING_URL]
     assert CsmsBackend.objects.get(name="csms-2").root_ca_pem == ca.pem
+    # Its own task, named after the step, as Flower lists it.
+    log = stack.worker_log.read_text()
+    assert "Task migrations.check_root_ca[" in log and "succeeded" in log
