@@ -89,6 +89,7 @@ def test_stations_lacking_the_root_or_the_extension_are_skipped_and_left_untouch
     mine = make_root("CSMS 1 Root CA")
     specs = [
         stack.station("CP-MISSING"),
+        stack.station("CP-DRY"),
         stack.station("CP-NOEXT", behaviour=Behaviour(no_security_extension=True)),
         # AdditionalRootCertificateCheck: a root not signed by its own cannot work, even
         # though the batch would allow installing it.
@@ -124,11 +125,23 @@ def test_stations_lacking_the_root_or_the_extension_are_skipped_and_left_untouch
         assert "AdditionalRootCertificateCheck is true" in strict["reason"]
         assert "no installed root signed it" in strict["reason"]
 
+        # A dry run says what it would install, and installs nothing.
+        code, report = migrate(
+            "--to", "csms-2", "--station", "CP-DRY", "--install-root-ca", "--dry-run"
+        )  # fmt: skip
+        assert code == 0, report
+        dry = by_identity(report)["CP-DRY"]
+        assert dry["state"] == "done"
+        assert dry["reason"].startswith(
+            f"the root CA certificate of csms-2 (serial {serial}) is not installed: would "
+            "install it; dry run: would write NetworkConnectionProfile2="
+        )
+
         for spec in specs:
             station = fleet[spec.identity]
             assert station.connected_url == stack.source_url
             assert station.reset_count == 0
-    for identity in ("CP-MISSING", "CP-NOEXT", "CP-STRICT"):
+    for identity in ("CP-MISSING", "CP-DRY", "CP-NOEXT", "CP-STRICT"):
         # Asked, never changed: no ChangeConfiguration, no InstallCertificate, no Reset.
         assert exchanges(identity) == [
             ("reading_config", "GetConfiguration", "csms-1"),
