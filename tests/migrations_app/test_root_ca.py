@@ -19,7 +19,7 @@ from ocpp_gateway.simulator import Fleet, read_journal
 from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.migrations_app.conftest import WORKER_ENV, Stack, by_identity, migrate
 from tests.processes import wait_for
-from tests.simulator.certs import Ca, make_root, write_server_cert
+from tests.simulator.certs import Ca, make_root, make_signed_root, write_server_cert
 
 State = StationMigration.State
 
@@ -36,7 +36,12 @@ class TlsStack(Stack):
 
 @pytest.fixture
 def tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca) -> TlsStack:
-    """csms-1 (ws://, open) and csms-2 at wss:// whose CsmsBackend carries the root CA."""
+    return _tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca)
+
+
+def _tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca: Ca) -> TlsStack:
+    """csms-1 (ws://, open) and csms-2 at wss:// (a server certificate issued by ``ca``)
+    whose CsmsBackend carries ``ca`` as its root CA."""
     certfile, keyfile = write_server_cert(ca, tmp_path, name="csms-2")
     source_url = start_gateway("csms-1", "--open")
     served = start_gateway("csms-2", "--certfile", str(certfile), "--keyfile", str(keyfile))
@@ -223,3 +228,33 @@ def test_with_the_root_installed_allowed_or_not_checkable_stations_migrate_over_
     # Its own task, named after the step, as Flower lists it.
     log = stack.worker_log.read_text()
     assert "Task migrations.check_root_ca[" in log and "succeeded" in log
+
+
+def test_under_additional_root_check_a_root_signed_by_the_installed_one_is_installed(
+    start_gateway, start_worker, redis_client, tmp_path
+):
+    # The target's root was signed by the one the stations have: the firmware takes it.
+    old = make_root("CSMS 1 Root CA")
+    new = make_signed_root("CSMS 2 Root CA", old)
+    stack = _tls_stack(start_gateway, start_worker, redis_client, tmp_path, new)
+    spec = stack.station(
+        "CP-ROLL", root_certificates=(old.pem,), additional_root_certificate_check=True
+    )
+    with journaled_fleet(stack, [spec], tmp_path / "stations.jsonl") as fleet:
+        code, report = migrate("--to", "csms-2", "--station", "CP-ROLL", "--install-root-ca")
+        assert code == 0, report
+        assert by_identity(report)["CP-ROLL"]["state"] == "done", report
+        station = fleet["CP-ROLL"]
+        assert station.connected_url == stack.target_url
+        assert station.installed_root_hash_data() == [
+            hash_data(old.certificate),
+            hash_data(new.certificate, issuer=old.certificate),
+        ]
+    assert [action for _, action, _ in exchanges("CP-ROLL")][:4] == [
+        "GetConfiguration",
+        "GetInstalledCertificateIds",
+        "InstallCertificate",
+        "GetInstalledCertificateIds",
+    ]
+    snapshot = StationMigration.objects.get(station__identity="CP-ROLL").config_snapshot
+    assert snapshot["AdditionalRootCertificateCheck"] == "true"
