@@ -14,6 +14,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
+from functools import lru_cache
 from typing import Any
 
 from ocpp.v16 import call
@@ -73,6 +74,21 @@ _DEFAULT_TIMING = Timing()
 # Errors a background follow-up (status, trigger, transaction message) may meet when the
 # connection goes away under it; the next boot resends what matters.
 _LINK_ERRORS = (ConnectionClosed, TimeoutError)
+
+
+@lru_cache(maxsize=64)
+def _roots_hash_data(pems: tuple[str, ...]) -> tuple[CertificateHashData, ...]:
+    # Cached: a fleet installed with the same roots computes their hash data once.
+    certificates = [load_certificate(pem) for pem in pems]
+    found = []
+    for certificate in certificates:
+        issuer = None
+        if not is_self_issued(certificate):
+            issuer = next((c for c in certificates if is_signed_by(certificate, c)), None)
+            if issuer is None:
+                continue  # its issuer is not here: nothing to name it by
+        found.append(hash_data(certificate, issuer=issuer))
+    return tuple(found)
 
 
 class StationState(enum.Enum):
@@ -453,16 +469,7 @@ class SimulatedStation:
     def installed_root_hash_data(self) -> list[CertificateHashData]:
         """GetInstalledCertificateIds' answer: each root named by its issuer (itself when
         self-issued, else the installed root that signed it)."""
-        certificates = [load_certificate(pem) for pem in self.root_certificates]
-        found = []
-        for certificate in certificates:
-            issuer = None
-            if not is_self_issued(certificate):
-                issuer = next((c for c in certificates if is_signed_by(certificate, c)), None)
-                if issuer is None:
-                    continue  # its issuer is not here: nothing to name it by
-            found.append(hash_data(certificate, issuer=issuer))
-        return found
+        return list(_roots_hash_data(self.root_certificates))
 
     def install_root(self, pem: str) -> tuple[bool, str]:
         """InstallCertificate of a CentralSystemRootCertificate: (accepted, why not)."""

@@ -4,6 +4,7 @@ against the installed roots. Real sockets, a central system written with `ocpp`.
 
 from __future__ import annotations
 
+import json
 import ssl
 
 import pytest
@@ -192,3 +193,27 @@ def test_the_command_line_installs_roots_and_sets_the_security_options(tmp_path)
     assert [s.additional_root_certificate_check for s in specs] == [False, True, False]
     assert [s.behaviour.no_security_extension for s in specs] == [False, False, True]
     assert "--root-certificate FILE" in build_parser().format_help()
+
+
+def test_a_spec_file_entry_sets_roots_the_check_and_the_missing_extension(tmp_path):
+    root = make_root("Spec Root")
+    pem_file = tmp_path / "root.pem"
+    pem_file.write_text(root.pem)
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(
+        json.dumps(
+            [
+                {"identity": "SIM-0001", "root_certificates": [str(pem_file)],
+                 "additional_root_certificate_check": True},
+                {"identity": "LEGACY-1", "root_certificates": [root.pem],
+                 "behaviour": {"no_security_extension": True}},
+            ]
+        )
+    )  # fmt: skip
+    args = build_parser().parse_args(["--url", "ws://a/ocpp", "--spec", str(spec_file)])
+    specs = {spec.identity: spec for spec in build_specs(args)}
+    assert specs["SIM-0001"].root_certificates == (root.pem,)
+    assert specs["SIM-0001"].additional_root_certificate_check
+    assert specs["LEGACY-1"].behaviour.no_security_extension
+    with pytest.raises(ValueError, match="root certificate"):
+        StationSpec("X", url="ws://a/ocpp", root_certificates=("nope -----BEGIN x",))
