@@ -7,7 +7,10 @@ import importlib
 import importlib.util
 import os
 import signal
+import subprocess
 from contextlib import ExitStack
+
+import pytest
 
 from tests.deploy.helpers import (
     DEPLOY,
@@ -47,6 +50,36 @@ def test_beat_keeps_its_schedule_out_of_the_source_tree():
     beat = read_procfile()["beat"]
 
     assert "--schedule var/" in beat  # var/ is ignored by git
+
+
+def argv_of(line: str, env: dict[str, str]) -> list[str]:
+    """The words /bin/sh makes of a Procfile line (its command replaced by printing them)."""
+    result = subprocess.run(
+        ["/bin/sh", "-c", f'set -- {line}; printf "%s\\0" "$@"'],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=10,
+    )
+    return result.stdout.decode().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("csms", ["csms-1", "csms-2"])
+def test_a_gateway_line_proxies_when_its_upstream_is_set(csms):
+    line = read_procfile()[f"gateway-{csms}"]
+    variable = f"GATEWAY_{csms.upper().replace('-', '_')}_UPSTREAM"
+    # Credentials and an odd character survive as one word.
+    upstream = "wss://proxy:pa ss@real-csms.example.com/ocpp"
+
+    proxied = argv_of(line, shell_env(**{variable: upstream}))
+    endpoint = argv_of(line, shell_env(**{variable: ""}))
+
+    assert proxied[proxied.index("--upstream") + 1] == upstream
+    assert proxied[proxied.index("--csms") + 1] == csms
+    assert endpoint == proxied[: proxied.index("--upstream")]
+    assert "--upstream" not in argv_of(
+        line, {k: v for k, v in shell_env().items() if k != variable}
+    )
 
 
 def test_gateway_lines_serve_health_and_stop_on_sigterm(redis_client, redis_url, tmp_path):
