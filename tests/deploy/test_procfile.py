@@ -14,6 +14,7 @@ import pytest
 
 from tests.deploy.helpers import (
     DEPLOY,
+    gateway_has_proxy_mode,
     group_members,
     health,
     http_get,
@@ -163,3 +164,45 @@ def test_web_line_serves_the_admin_login_page(tmp_path):
             lambda: http_get(f"http://127.0.0.1:{port}/admin/login/"), 20, "gunicorn to answer"
         )
         assert answer[0] == 200, (tmp_path / "web.log").read_text()
+
+
+@pytest.mark.skipif(not gateway_has_proxy_mode(), reason="this gateway has no --upstream yet")
+def test_a_gateway_line_with_an_upstream_relays_its_stations_there(
+    transactional_db, redis_client, redis_url, tmp_path
+):
+    from fleet.services.inventory import csms_backend_upsert
+    from tests.conftest import process_env
+    from tests.ocpp_gateway.stations import station_on
+    from tests.upstream_csms import UpstreamCsms
+
+    port = free_port()
+    with UpstreamCsms.start(boot_status="Accepted") as upstream:
+        # Open admission (published to Redis on commit): the upstream has the last word.
+        csms_backend_upsert(
+            name="csms-2",
+            url=f"ws://127.0.0.1:{port}/ocpp",
+            open_admission=True,
+            upstream_url=upstream.url,
+        )
+        env = shell_env(
+            **process_env(redis_url),
+            GATEWAY_CSMS_2_PORT=str(port),
+            GATEWAY_CSMS_2_UPSTREAM=upstream.url,
+        )
+        log = tmp_path / "gateway.log"
+        with started(sh(read_procfile()["gateway-csms-2"]), env, log):
+            document = wait_for(lambda: health(port), 15, "gateway-csms-2 /health")
+            assert (document["mode"], document["upstream"]) == ("proxy", upstream.url)
+            wait_for(
+                lambda: health(port)["admission"] == "open", 15, "the gateway to read the registry"
+            )
+
+            async def boot() -> None:
+                async with station_on(f"ws://127.0.0.1:{port}/ocpp", "CP-PROXIED"):
+                    pass
+
+            asyncio.run(boot())
+
+            (boot_payload,) = upstream.wait_boots("CP-PROXIED", 1, 10)
+            assert boot_payload["chargePointVendor"]
+            assert "Traceback" not in log.read_text()
