@@ -132,16 +132,14 @@ def root_ca_summary(pem: str) -> str:
 
 
 def root_ca_pem_from_file(data: bytes) -> str:
-    """The PEM text of a root CA file as operators get it: PEM, or DER (.cer/.crt from
-    Windows tools), which is converted. Raises ValueError (with the reason) for anything
-    that is not one CA certificate."""
+    """The PEM of a root CA file as operators get it: PEM (also with the text `openssl x509
+    -text` puts before it) or DER (.cer/.crt from Windows tools). Raises ValueError (with
+    the reason) for anything that is not one CA certificate."""
     if not data.strip():
         raise ValueError("The file is empty.")
-    if data.lstrip().startswith(b"-----BEGIN"):
-        try:
-            pem = data.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError("The PEM file contains characters that are not ASCII.") from None
+    if b"-----BEGIN" in data:
+        # Latin-1 never fails: the checks below say what is wrong with the content.
+        pem = data.decode("latin-1")
     else:
         try:
             certificate = x509.load_der_x509_certificate(data)
@@ -160,4 +158,6 @@ def root_ca_pem_from_file(data: bytes) -> str:
     problems = root_ca_problems(pem)
     if problems:
         raise ValueError(" ".join(problems))
-    return pem.strip() + "\n"
+    # Stored as the certificate alone: no surrounding text, one canonical encoding.
+    certificate = x509.load_pem_x509_certificate(pem.strip().encode("latin-1"))
+    return certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")

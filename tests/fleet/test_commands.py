@@ -105,6 +105,13 @@ class TestAddCsms:
         assert good.returncode == 0, good.stderr
         assert CsmsBackend.objects.get().url == "ws://alpha.example.com/ocpp"
 
+        missing = manage(
+            "add_csms", "alpha", "wss://other.example.com/ocpp", "--root-ca", "/nonexistent.pem"
+        )
+        assert missing.returncode == 2, missing.stderr
+        assert "cannot read it" in missing.stderr
+        assert CsmsBackend.objects.get().url == "ws://alpha.example.com/ocpp"
+
 
 class TestAddCsmsProxyAndRootCa:
     UPSTREAM = "wss://real-csms-2.example.com/ocpp"
@@ -184,6 +191,19 @@ class TestAddCsmsProxyAndRootCa:
         )
 
         assert CsmsBackend.objects.get().root_ca_pem.strip() == root_ca.pem.strip()
+
+    def test_the_text_openssl_prints_before_a_pem_is_left_out(self, db, tmp_path, root_ca):
+        (tmp_path / "root.pem").write_text("Certificate:\n    Data: ...\n" + root_ca.pem)
+
+        run(
+            "add_csms",
+            "csms-2",
+            "wss://csms-2.example.com/ocpp",
+            "--root-ca",
+            str(tmp_path / "root.pem"),
+        )
+
+        assert CsmsBackend.objects.get().root_ca_pem == root_ca.pem
 
     def test_a_root_ca_on_a_ws_url_is_flagged_as_unchecked(self, db, tmp_path, root_ca):
         (tmp_path / "root.pem").write_text(root_ca.pem)
