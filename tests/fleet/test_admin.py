@@ -207,3 +207,21 @@ class TestCsmsBackendAdmin:
 
         assert response.status_code == 200
         assert b"not both" in response.content
+
+    def test_a_proxied_csms_with_its_root_ca_is_added_in_one_form(self, admin_client, root_ca):
+        add = reverse("admin:fleet_csmsbackend_add")
+        assert admin_client.get(add).status_code == 200
+
+        response = admin_client.post(
+            add,
+            {
+                "name": "csms-2",
+                "url": "wss://csms-2-proxy.example.com/ocpp",
+                "upstream_url": self.UPSTREAM,
+                "root_ca_file": SimpleUploadedFile("csms2-root.pem", root_ca.pem.encode()),
+            },
+        )
+
+        assert response.status_code == 302
+        backend = CsmsBackend.objects.get()
+        assert (backend.upstream_url, backend.root_ca_pem) == (self.UPSTREAM, root_ca.pem)
