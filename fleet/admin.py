@@ -13,7 +13,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from fleet.admin_readonly import ReadOnlyAdminMixin
-from fleet.forms import RegistrationForm, RegistrationImportForm
+from fleet.forms import CsmsBackendForm, RegistrationForm, RegistrationImportForm
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from fleet.selectors import (
     connector_status_summary,
@@ -28,6 +28,7 @@ from fleet.services.registrations import (
     registrations_parse,
 )
 from fleet.services.registry import registry_publish_on_commit
+from fleet.validators import root_ca_summary
 from migrations_app.admin import MigrateStationsActionMixin
 
 # What event ingestion owns: an operator editing it would be overwritten by the next event.
@@ -65,17 +66,26 @@ def _registry_changed(csms_ids: Any) -> None:
 
 @admin.register(CsmsBackend)
 class CsmsBackendAdmin(admin.ModelAdmin):
+    form = CsmsBackendForm
     list_display = (
         "name",
         "url",
+        "mode",
+        "has_root_ca",
         "open_admission",
         "station_count",
         "connected_count",
         "updated_at",
     )
     list_filter = ("open_admission",)
-    search_fields = ("name", "url")
-    readonly_fields = ("created_at", "updated_at")
+    search_fields = ("name", "url", "upstream_url")
+    readonly_fields = ("root_ca", "created_at", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("name", "url", "open_admission")}),
+        ("Proxy mode", {"fields": ("upstream_url",)}),
+        ("Root CA certificate", {"fields": ("root_ca", "root_ca_file", "clear_root_ca")}),
+        (None, {"fields": ("created_at", "updated_at")}),
+    )
 
     def save_model(
         self, request: HttpRequest, obj: CsmsBackend, form: ModelForm, change: bool
@@ -85,6 +95,26 @@ class CsmsBackendAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[CsmsBackend]:
         return csms_backend_list()
+
+    @admin.display(description="mode", ordering="upstream_url")
+    def mode(self, backend: CsmsBackend) -> str:
+        if backend.upstream_url:
+            return f"proxy -> {backend.upstream_shown}"
+        return "endpoint"
+
+    @admin.display(description="root CA", boolean=True)
+    def has_root_ca(self, backend: CsmsBackend) -> bool:
+        return bool(backend.root_ca_pem)
+
+    @admin.display(description="current root CA")
+    def root_ca(self, backend: CsmsBackend) -> str:
+        if not backend.root_ca_pem:
+            return "none"
+        try:
+            return root_ca_summary(backend.root_ca_pem)
+        except ValueError:
+            # Only a row written around the validators gets here; say so rather than fail.
+            return "unreadable: upload the certificate again"
 
     @admin.display(description="stations", ordering="station_count")
     def station_count(self, backend: CsmsBackend) -> int:

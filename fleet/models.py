@@ -11,7 +11,12 @@ from django.core.validators import validate_slug
 from django.db import models
 from django.utils import timezone
 
-from fleet.validators import CSMS_URL_MAX_LENGTH, validate_csms_url, validate_root_ca_pem
+from fleet.validators import (
+    CSMS_URL_MAX_LENGTH,
+    url_without_credentials,
+    validate_csms_url,
+    validate_root_ca_pem,
+)
 from ocpp_gateway.envelopes import EventKind
 
 # OCPP 1.6 BootNotification.chargePointSerialNumber is a CiString25.
@@ -63,6 +68,16 @@ class CsmsBackend(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def mode(self) -> str:
+        """'proxy' when its gateways run in front of an upstream CSMS, else 'endpoint'."""
+        return "proxy" if self.upstream_url else "endpoint"
+
+    @property
+    def upstream_shown(self) -> str:
+        """The upstream URL without user:password, fit for lists, logs and reports."""
+        return url_without_credentials(self.upstream_url)
 
 
 class ChargingStation(models.Model):

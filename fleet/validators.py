@@ -10,14 +10,17 @@ migration pre-flight.
 from __future__ import annotations
 
 import unicodedata
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from django.core.exceptions import ValidationError
 
 # OCPP 1.6 ChangeConfiguration.value is a CiString500: a longer URL cannot even be sent.
 CSMS_URL_MAX_LENGTH = 500
 CSMS_URL_SCHEMES = ("ws", "wss")
+# A root CA certificate is a few KiB: a file far larger is the wrong file.
+ROOT_CA_MAX_BYTES = 64 * 1024
 
 # Straight, typographic and CJK quotes: spreadsheets and word processors love to add them.
 _QUOTES = frozenset(
@@ -74,6 +77,17 @@ def csms_url_problems(url: object) -> list[str]:
     return problems
 
 
+def url_without_credentials(url: str) -> str:
+    """``url`` with any user:password@ taken out (an upstream URL may carry them)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def validate_csms_url(value: object) -> None:
     """Django validator: raise ValidationError with every problem of the URL."""
     problems = csms_url_problems(value)
@@ -107,3 +121,43 @@ def validate_root_ca_pem(value: object) -> None:
     problems = root_ca_problems(value)
     if problems:
         raise ValidationError(problems, code="invalid_root_ca")
+
+
+def root_ca_summary(pem: str) -> str:
+    """'CN=…, O=… (SHA-256 AB:CD:…)' of a valid root CA PEM: what an operator compares with
+    the certificate their CSMS vendor gave them."""
+    certificate = x509.load_pem_x509_certificate(pem.strip().encode())
+    fingerprint = certificate.fingerprint(hashes.SHA256()).hex(":").upper()
+    return f"{certificate.subject.rfc4514_string()} (SHA-256 {fingerprint})"
+
+
+def root_ca_pem_from_file(data: bytes) -> str:
+    """The PEM of a root CA file as operators get it: PEM (also with the text `openssl x509
+    -text` puts before it) or DER (.cer/.crt from Windows tools). Raises ValueError (with
+    the reason) for anything that is not one CA certificate."""
+    if not data.strip():
+        raise ValueError("The file is empty.")
+    if b"-----BEGIN" in data:
+        # Latin-1 never fails: the checks below say what is wrong with the content.
+        pem = data.decode("latin-1")
+    else:
+        try:
+            certificate = x509.load_der_x509_certificate(data)
+        except ValueError:
+            raise ValueError(
+                "This is neither a PEM nor a DER certificate (expected a file starting with "
+                "-----BEGIN CERTIFICATE-----)."
+            ) from None
+        pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    if "PRIVATE KEY-----" in pem:
+        # It would be stored in the database and shown to every operator: refuse it whole.
+        raise ValueError(
+            "The file contains a private key: give the CA certificate alone, and keep the key "
+            "secret."
+        )
+    problems = root_ca_problems(pem)
+    if problems:
+        raise ValueError(" ".join(problems))
+    # Stored as the certificate alone: no surrounding text, one canonical encoding.
+    certificate = x509.load_pem_x509_certificate(pem.strip().encode("latin-1"))
+    return certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")

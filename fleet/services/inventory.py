@@ -14,16 +14,27 @@ from fleet.validators import csms_url_problems
 
 
 def csms_backend_upsert(
-    *, name: str, url: str, open_admission: bool = False
+    *,
+    name: str,
+    url: str,
+    open_admission: bool = False,
+    upstream_url: str = "",
+    root_ca_pem: str = "",
 ) -> tuple[CsmsBackend, bool]:
-    """Create the backend ``name`` or set its URL and admission; return it and whether it
-    is new. Its gateways learn the admission (and, if new, an empty registry) on commit.
+    """Create the backend ``name`` or set everything about it; return it and whether it is
+    new. Its gateways learn the admission (and, if new, an empty registry) on commit.
 
-    Raises ValidationError, having written nothing, when the name or the URL is invalid.
+    Every field is set from the arguments, an existing backend's included: an empty
+    ``upstream_url`` means endpoint mode and an empty ``root_ca_pem`` no root CA, as a False
+    ``open_admission`` means registered stations only.
+
+    Raises ValidationError, having written nothing, when a value is invalid.
     """
-    # The URL check runs on its own first: full_clean would add Django's generic length
+    # The URL checks run on their own first: full_clean would add Django's generic length
     # message next to ours.
-    problems = csms_url_problems(url)
+    problems = {"url": csms_url_problems(url)}
+    if upstream_url:
+        problems["upstream_url"] = csms_url_problems(upstream_url)
     with transaction.atomic():
         backend = CsmsBackend.objects.select_for_update().filter(name=name).first()
         created = backend is None
@@ -31,13 +42,14 @@ def csms_backend_upsert(
             backend = CsmsBackend(name=name)
         backend.url = url
         backend.open_admission = open_admission
+        backend.upstream_url = upstream_url
+        backend.root_ca_pem = root_ca_pem
         errors: dict[str, list[str]] = {}
         try:
-            backend.full_clean(exclude=["url"])
+            backend.full_clean(exclude=list(problems))
         except ValidationError as exc:
             errors.update(exc.message_dict)
-        if problems:
-            errors["url"] = problems
+        errors.update({field: found for field, found in problems.items() if found})
         if errors:
             raise ValidationError(errors)
         backend.save()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import tomllib
 
 import pytest
 
-from tests.deploy.helpers import DEPLOY
+from tests.deploy.helpers import DEPLOY, gateway_has_proxy_mode, read_env_file
 from tests.processes import ROOT
 
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -175,9 +176,42 @@ def json_list(service_lines: list[str], key: str) -> list[str]:
     return json.loads(match.group(1))
 
 
-def interpolate(text: str) -> str:
-    """compose's ${VAR:-default} with nothing set: the default."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)
+def interpolate(text: str, env: dict[str, str] | None = None) -> str:
+    """compose's ${VAR}, ${VAR:-default} and ${VAR:+replacement} (nested), from ``env``."""
+    env = env or {}
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+            continue
+        if not text.startswith("${", i):
+            out.append(text[i])
+            i += 1
+            continue
+        depth, end = 0, i
+        for end in range(i, len(text)):
+            depth += text.startswith("${", end) - (text[end] == "}")
+            if text[end] == "}" and depth == 0:
+                break
+        body = text[i + 2 : end]
+        name, operator, operand = re.match(r"([A-Za-z_][A-Za-z0-9_]*)(:[-+?])?(.*)$", body).groups()
+        value = env.get(name, "")
+        if operator == ":-":
+            out.append(value or interpolate(operand, env))
+        elif operator == ":+":
+            out.append(interpolate(operand, env) if value else "")
+        else:
+            out.append(value)
+        i = end + 1
+    return "".join(out)
+
+
+def compose_command(service_lines: list[str], env: dict[str, str]) -> list[str]:
+    """A string-form command as compose runs it: interpolated, then split into words."""
+    command = value(service_lines, "command")
+    assert command and not command.startswith("["), "expected a string command"
+    return shlex.split(interpolate(command, env))
 
 
 def depends_on(service_lines: list[str]) -> dict[str, str]:
@@ -240,7 +274,7 @@ def test_each_gateway_listens_where_its_healthcheck_and_port_point(name):
     from ocpp_gateway.__main__ import parse_args
 
     lines = services()[name]
-    command = json_list(lines, "command")
+    command = compose_command(lines, env={})
     assert command[:3] == ["python", "-m", "ocpp_gateway"]
 
     config = parse_args(command[3:])
@@ -251,6 +285,43 @@ def test_each_gateway_listens_where_its_healthcheck_and_port_point(name):
     assert any(line.strip() == f'- "127.0.0.1:{config.port}:{config.port}"' for line in lines)
     assert int(re.match(r"(\d+)s$", value(lines, "stop_grace_period")).group(1)) >= 60
     assert "nofile:" in " ".join(lines)
+
+
+def example_env() -> dict[str, str]:
+    return read_env_file(DEPLOY / "compose.env.example")
+
+
+@pytest.mark.parametrize("csms", ["csms-1", "csms-2"])
+def test_each_gateway_proxies_to_the_upstream_of_the_example_env(csms):
+    number = csms.split("-")[1]
+    upstream = example_env()[f"CSMS_{number}_UPSTREAM"]
+
+    command = compose_command(services()[f"gateway-{csms}"], example_env())
+
+    assert upstream == f"wss://real-csms-{number}.example.com/ocpp"
+    assert command[command.index("--upstream") + 1] == upstream
+    assert command.count("--upstream") == 1
+
+
+def test_an_empty_upstream_is_endpoint_mode_with_no_empty_word():
+    for name in ("gateway-csms-1", "gateway-csms-2"):
+        env = {**example_env(), "CSMS_1_UPSTREAM": "", "CSMS_2_UPSTREAM": ""}
+        command = compose_command(services()[name], env)
+
+        assert "--upstream" not in command
+        assert "" not in command
+
+
+@pytest.mark.skipif(not gateway_has_proxy_mode(), reason="this gateway has no --upstream yet")
+@pytest.mark.parametrize("csms", ["csms-1", "csms-2"])
+def test_the_gateway_accepts_the_proxy_command(csms):
+    from ocpp_gateway.__main__ import parse_args
+
+    command = compose_command(services()[f"gateway-{csms}"], example_env())
+
+    config = parse_args(command[3:])
+
+    assert config.upstream.url == example_env()[f"CSMS_{csms.split('-')[1]}_UPSTREAM"]
 
 
 def test_web_healthcheck_asks_for_the_admin_login_page():
@@ -292,3 +363,7 @@ def test_compose_parses_as_yaml():
     assert document["services"]["migrate"]["restart"] == "no"
     assert document["services"]["web"]["build"]["dockerfile"] == "deploy/Dockerfile"
     assert document["services"]["flower"]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert (
+        "${CSMS_1_UPSTREAM:+--upstream ${CSMS_1_UPSTREAM}}"
+        in (document["services"]["gateway-csms-1"]["command"])
+    )

@@ -88,6 +88,68 @@ def test_tls_is_terminated_with_tls_12_or_later_only():
     assert set(protocols) <= {"TLSv1.2", "TLSv1.3"}
 
 
+def server_for(text: str, name: str) -> list[str]:
+    """The statements of the server block whose server_name is ``name``."""
+    items = statements(text)
+    for start, item in enumerate(items):
+        if item != "server {":
+            continue
+        depth, end = 0, start
+        for end in range(start, len(items)):
+            depth += items[end].endswith("{") - (items[end] == "}")
+            if depth == 0:
+                break
+        inside = items[start + 1 : end]
+        if f"server_name {name};" in inside:
+            return inside
+    raise AssertionError(f"no server block for {name}")
+
+
+WEBSOCKET = [
+    "proxy_http_version 1.1;",
+    "proxy_set_header Upgrade $http_upgrade;",
+    "proxy_set_header Connection $connection_upgrade;",
+    "proxy_set_header Authorization $http_authorization;",
+    "proxy_buffering off;",
+    "proxy_read_timeout 3600s;",
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "gateways", "certificate"),
+    [
+        # CSMS 1's own name (and certificate) now points at the csms-1 proxy gateways.
+        ("csms-1.example.com", "csms_1_gateways", "/etc/ssl/csms-1/fullchain.pem"),
+        # The proxy in front of CSMS 2, whose URL is written into the stations.
+        ("csms-2-proxy.example.com", "csms_2_gateways", "/etc/ssl/csms-2-proxy/fullchain.pem"),
+    ],
+)
+def test_each_proxy_name_has_its_certificate_and_goes_to_its_gateways(name, gateways, certificate):
+    server = server_for(CONF.read_text(), name)
+
+    assert "listen 443 ssl;" in server
+    assert f"ssl_certificate {certificate};" in [" ".join(item.split()) for item in server]
+    assert f"proxy_pass http://{gateways};" in server
+    for directive in WEBSOCKET:
+        assert directive in server, (name, directive)
+    protocols = next(item for item in server if item.startswith("ssl_protocols"))
+    assert set(protocols.rstrip(";").split()[1:]) <= {"TLSv1.2", "TLSv1.3"}
+
+
+def test_the_proxy_names_match_the_examples_of_the_gateways_and_add_csms():
+    text = CONF.read_text()
+    csms_2 = read_env_file(ETC / "gateway-csms-2.env")["GATEWAY_UPSTREAM_ARGS"].split()
+
+    # What add_csms records as csms-2's URL is the proxy's name, its upstream the real one.
+    assert "add_csms csms-2 wss://csms-2-proxy.example.com/ocpp" in text
+    assert "--upstream wss://real-csms-2.example.com/ocpp" in text
+    assert csms_2 == ["--upstream", "wss://real-csms-2.example.com/ocpp"]
+    # The proxy names are not the upstreams' names: nginx must not loop to itself.
+    assert "server_name real-" not in text
+    # Said plainly where the set-up is described.
+    assert "profile 3" in text
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
 def test_nginx_accepts_the_configuration(tmp_path):
     openssl = shutil.which("openssl")
@@ -103,8 +165,9 @@ def test_nginx_accepts_the_configuration(tmp_path):
         capture_output=True,
     )
     conf = CONF.read_text()
-    conf = conf.replace("/etc/ssl/csms-migrate/fullchain.pem", str(cert))
-    conf = conf.replace("/etc/ssl/csms-migrate/privkey.pem", str(key))
+    for directory in ("csms-migrate", "csms-1", "csms-2-proxy"):
+        conf = conf.replace(f"/etc/ssl/{directory}/fullchain.pem", str(cert))
+        conf = conf.replace(f"/etc/ssl/{directory}/privkey.pem", str(key))
     (tmp_path / "csms-migrate.conf").write_text(conf)
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"

@@ -7,10 +7,14 @@ import importlib
 import importlib.util
 import os
 import signal
+import subprocess
 from contextlib import ExitStack
+
+import pytest
 
 from tests.deploy.helpers import (
     DEPLOY,
+    gateway_has_proxy_mode,
     group_members,
     health,
     http_get,
@@ -47,6 +51,36 @@ def test_beat_keeps_its_schedule_out_of_the_source_tree():
     beat = read_procfile()["beat"]
 
     assert "--schedule var/" in beat  # var/ is ignored by git
+
+
+def argv_of(line: str, env: dict[str, str]) -> list[str]:
+    """The words /bin/sh makes of a Procfile line (its command replaced by printing them)."""
+    result = subprocess.run(
+        ["/bin/sh", "-c", f'set -- {line}; printf "%s\\0" "$@"'],
+        env=env,
+        capture_output=True,
+        check=True,
+        timeout=10,
+    )
+    return result.stdout.decode().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("csms", ["csms-1", "csms-2"])
+def test_a_gateway_line_proxies_when_its_upstream_is_set(csms):
+    line = read_procfile()[f"gateway-{csms}"]
+    variable = f"GATEWAY_{csms.upper().replace('-', '_')}_UPSTREAM"
+    # Credentials and an odd character survive as one word.
+    upstream = "wss://proxy:pa ss@real-csms.example.com/ocpp"
+
+    proxied = argv_of(line, shell_env(**{variable: upstream}))
+    endpoint = argv_of(line, shell_env(**{variable: ""}))
+
+    assert proxied[proxied.index("--upstream") + 1] == upstream
+    assert proxied[proxied.index("--csms") + 1] == csms
+    assert endpoint == proxied[: proxied.index("--upstream")]
+    assert "--upstream" not in argv_of(
+        line, {k: v for k, v in shell_env().items() if k != variable}
+    )
 
 
 def test_gateway_lines_serve_health_and_stop_on_sigterm(redis_client, redis_url, tmp_path):
@@ -130,3 +164,47 @@ def test_web_line_serves_the_admin_login_page(tmp_path):
             lambda: http_get(f"http://127.0.0.1:{port}/admin/login/"), 20, "gunicorn to answer"
         )
         assert answer[0] == 200, (tmp_path / "web.log").read_text()
+
+
+@pytest.mark.skipif(not gateway_has_proxy_mode(), reason="this gateway has no --upstream yet")
+def test_a_gateway_line_with_an_upstream_relays_its_stations_there(
+    transactional_db, redis_client, redis_url, tmp_path
+):
+    from fleet.services.inventory import csms_backend_upsert
+    from tests.conftest import process_env
+    from tests.ocpp_gateway.stations import station_on
+    from tests.upstream_csms import UpstreamCsms
+
+    port = free_port()
+    with UpstreamCsms.start(boot_status="Accepted") as upstream:
+        # Open admission (published to Redis on commit): the upstream has the last word.
+        csms_backend_upsert(
+            name="csms-2",
+            url=f"ws://127.0.0.1:{port}/ocpp",
+            open_admission=True,
+            upstream_url=upstream.url,
+        )
+        env = shell_env(
+            **process_env(redis_url),
+            GATEWAY_CSMS_2_PORT=str(port),
+            GATEWAY_CSMS_2_UPSTREAM=upstream.url,
+        )
+        log = tmp_path / "gateway.log"
+        with started(sh(read_procfile()["gateway-csms-2"]), env, log):
+            document = wait_for(lambda: health(port), 15, "gateway-csms-2 /health")
+            assert (document["mode"], document["upstream"]) == ("proxy", upstream.url)
+            wait_for(
+                lambda: health(port)["admission"] == "open", 15, "the gateway to read the registry"
+            )
+
+            async def boot() -> None:
+                async with station_on(f"ws://127.0.0.1:{port}/ocpp", "CP-PROXIED"):
+                    pass
+
+            asyncio.run(boot())
+
+            (boot_payload,) = upstream.wait_boots("CP-PROXIED", 1, 10)
+            # The station's own BootNotification, relayed unchanged (ocpp hands it over as
+            # keyword arguments, so snake_case here).
+            assert boot_payload.get("charge_point_vendor") or boot_payload["chargePointVendor"]
+            assert "Traceback" not in log.read_text()

@@ -14,12 +14,15 @@ from tests.deploy.helpers import (
     ETC,
     SYSTEMD,
     VENV_BIN,
+    environment_assignments,
     example_env_files,
     exec_argv,
     exec_variables,
+    gateway_has_proxy_mode,
     health,
     http_get,
     read_unit,
+    specifiers,
     started,
     unit_environment,
 )
@@ -49,12 +52,14 @@ def seconds(value: str) -> float:
     return sum(int(number) * scale[unit] for number, unit in parts)
 
 
-def command(name: str, **overrides: str) -> tuple[list[str], dict[str, str]]:
+def command(
+    name: str, instance: str = INSTANCE, **overrides: str
+) -> tuple[list[str], dict[str, str]]:
     """The unit's ExecStart as systemd would run it with the example /etc/csms-migrate files,
     the venv's interpreter standing in for /opt/csms-migrate/.venv/bin/python."""
     the_unit = unit(name)
-    env = {**unit_environment(the_unit, INSTANCE, example_env_files()), **overrides}
-    argv = exec_argv(the_unit.get("Service", "ExecStart"), env, INSTANCE)
+    env = {**unit_environment(the_unit, instance, example_env_files()), **overrides}
+    argv = exec_argv(the_unit.get("Service", "ExecStart"), env, instance)
     assert argv[0] == PYTHON
     return [sys.executable, *argv[1:]], env
 
@@ -177,7 +182,11 @@ def test_the_gateway_instance_serves_with_its_password_file(redis_client, redis_
     port = free_port()
     passwords = tmp_path / "csms-1.passwords"
     passwords.write_text("CP-1:correct-horse-battery-staple\n")
-    argv, env = command("gateway", REDIS_URL=redis_url, GATEWAY_PORT=str(port))
+    # Endpoint mode: the example's upstream (real-csms-1.example.com) does not exist here.
+    argv, env = command(
+        "gateway", REDIS_URL=redis_url, GATEWAY_PORT=str(port), GATEWAY_UPSTREAM_ARGS=""
+    )
+    assert "--upstream" not in argv
     # The example points --auth-file at /etc/csms-migrate: use the file written above.
     assert argv[argv.index("--auth-file") + 1] == "/etc/csms-migrate/csms-1.passwords"
     argv[argv.index("--auth-file") + 1] = str(passwords)
@@ -194,6 +203,41 @@ def test_the_gateway_instance_serves_with_its_password_file(redis_client, redis_
         proc.terminate()  # systemd's KillSignal=SIGTERM, to the main process
         assert proc.wait(timeout=seconds(unit("gateway").get("Service", "TimeoutStopSec"))) == 0
     assert "shutting down" in log.read_text()
+
+
+@pytest.mark.parametrize("instance", ["csms-1", "csms-2"])
+def test_each_example_gateway_proxies_to_its_real_csms(instance):
+    argv, _ = command("gateway", instance)
+
+    assert argv[argv.index("--csms") + 1] == instance
+    assert argv[argv.index("--upstream") + 1] == f"wss://real-{instance}.example.com/ocpp"
+    assert argv.count("--upstream") == 1
+
+
+def test_without_upstream_args_the_gateway_is_an_endpoint():
+    default: dict[str, str] = {}  # Environment= alone: what an instance file leaves out
+    for line in unit("gateway").all("Service", "Environment"):
+        default.update(environment_assignments(specifiers(line, INSTANCE)))
+    argv, _ = command("gateway", GATEWAY_UPSTREAM_ARGS="")
+
+    assert default["GATEWAY_UPSTREAM_ARGS"] == ""
+    assert not any(word.startswith("--upstream") for word in argv)
+    assert "" not in argv
+
+
+@pytest.mark.skipif(not gateway_has_proxy_mode(), reason="this gateway has no --upstream yet")
+@pytest.mark.parametrize("instance", ["csms-1", "csms-2"])
+def test_the_gateway_accepts_the_example_proxy_flags(instance, tmp_path):
+    from ocpp_gateway.__main__ import parse_args
+
+    argv, _ = command("gateway", instance)
+    passwords = tmp_path / "passwords"
+    passwords.write_text("CP-1:correct-horse-battery-staple\n")
+    argv[argv.index("--auth-file") + 1] = str(passwords)  # the example's is in /etc
+
+    config = parse_args(argv[3:])
+
+    assert config.upstream.url == f"wss://real-{instance}.example.com/ocpp"
 
 
 def test_flower_starts_with_the_example_settings(redis_client, redis_url, tmp_path):

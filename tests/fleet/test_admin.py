@@ -1,7 +1,8 @@
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
-from fleet.models import ChargingStation, Registration
+from fleet.models import ChargingStation, CsmsBackend, Registration
 from fleet.services.events import events_ingest
 from ocpp_gateway.envelopes import EventKind
 
@@ -96,3 +97,131 @@ def test_admission_changes_in_the_admin_reach_the_registry(
         )
     assert not ChargingStation.objects.exists()
     assert not redis_client.exists(registry_key("alpha"))
+
+
+class TestCsmsBackendAdmin:
+    UPSTREAM = "wss://real-csms-2.example.com/ocpp"
+
+    @pytest.fixture
+    def backend(self, db):
+        return CsmsBackend.objects.create(name="csms-2", url="wss://csms-2-proxy.example.com/ocpp")
+
+    def change(self, admin_client, backend, **fields):
+        data = {"name": backend.name, "url": backend.url, "upstream_url": "", **fields}
+        return admin_client.post(reverse("admin:fleet_csmsbackend_change", args=[backend.pk]), data)
+
+    def test_the_upstream_is_editable_and_the_list_shows_the_mode(self, admin_client, backend):
+        response = self.change(
+            admin_client, backend, upstream_url="wss://proxy:s3cret@real-csms-2.example.com/ocpp"
+        )
+        assert response.status_code == 302
+
+        listing = admin_client.get(reverse("admin:fleet_csmsbackend_changelist")).content
+
+        backend.refresh_from_db()
+        assert backend.upstream_url == "wss://proxy:s3cret@real-csms-2.example.com/ocpp"
+        assert f"proxy -&gt; {self.UPSTREAM}".encode() in listing
+        assert b"s3cret" not in listing
+
+    def test_without_an_upstream_the_list_says_endpoint(self, admin_client, backend):
+        listing = admin_client.get(reverse("admin:fleet_csmsbackend_changelist")).content
+
+        assert b'<td class="field-mode">endpoint</td>' in listing
+
+    def test_a_bad_upstream_is_refused_saying_why(self, admin_client, backend):
+        response = self.change(admin_client, backend, upstream_url="https://real.example.com/ocpp")
+
+        assert response.status_code == 200
+        assert b"must start with ws:// or wss://" in response.content
+        backend.refresh_from_db()
+        assert backend.upstream_url == ""
+
+    @pytest.mark.parametrize("encoding", ["pem", "der"])
+    def test_an_uploaded_root_ca_fills_the_certificate(
+        self, admin_client, backend, root_ca, encoding
+    ):
+        data = root_ca.pem.encode() if encoding == "pem" else root_ca.der
+        upload = SimpleUploadedFile(f"csms2-root.{encoding}", data)
+
+        response = self.change(admin_client, backend, root_ca_file=upload)
+
+        assert response.status_code == 302
+        backend.refresh_from_db()
+        assert backend.root_ca_pem.strip() == root_ca.pem.strip()
+        page = admin_client.get(reverse("admin:fleet_csmsbackend_change", args=[backend.pk]))
+        assert b"CN=CSMS 2 Root CA" in page.content
+        assert root_ca.sha256.encode() in page.content
+        listing = admin_client.get(reverse("admin:fleet_csmsbackend_changelist")).content
+        assert b'<td class="field-has_root_ca"><img src="/static/admin/img/icon-yes.svg"' in listing
+
+    def test_a_save_without_a_file_keeps_the_root_ca(self, admin_client, backend, root_ca):
+        CsmsBackend.objects.filter(pk=backend.pk).update(root_ca_pem=root_ca.pem)
+
+        assert self.change(admin_client, backend, open_admission="on").status_code == 302
+
+        backend.refresh_from_db()
+        assert backend.open_admission is True
+        assert backend.root_ca_pem == root_ca.pem
+
+    def test_the_root_ca_can_be_removed(self, admin_client, backend, root_ca):
+        CsmsBackend.objects.filter(pk=backend.pk).update(root_ca_pem=root_ca.pem)
+
+        assert self.change(admin_client, backend, clear_root_ca="on").status_code == 302
+
+        backend.refresh_from_db()
+        assert backend.root_ca_pem == ""
+
+    @pytest.mark.parametrize(
+        ("content", "expected"),
+        [
+            ("leaf", b"not a CA certificate"),
+            ("key", b"private key"),
+            ("garbage", b"neither a PEM nor a DER"),
+        ],
+    )
+    def test_a_file_that_is_not_a_ca_certificate_is_refused(
+        self, admin_client, backend, root_ca, leaf, content, expected
+    ):
+        data = {
+            "leaf": leaf.pem.encode(),
+            "key": (root_ca.key_pem + root_ca.pem).encode(),
+            "garbage": b"\x00\x01 not a certificate",
+        }[content]
+
+        response = self.change(
+            admin_client, backend, root_ca_file=SimpleUploadedFile("root.pem", data)
+        )
+
+        assert response.status_code == 200
+        assert expected in response.content
+        backend.refresh_from_db()
+        assert backend.root_ca_pem == ""
+
+    def test_upload_and_remove_together_is_refused(self, admin_client, backend, root_ca):
+        response = self.change(
+            admin_client,
+            backend,
+            clear_root_ca="on",
+            root_ca_file=SimpleUploadedFile("root.pem", root_ca.pem.encode()),
+        )
+
+        assert response.status_code == 200
+        assert b"not both" in response.content
+
+    def test_a_proxied_csms_with_its_root_ca_is_added_in_one_form(self, admin_client, root_ca):
+        add = reverse("admin:fleet_csmsbackend_add")
+        assert admin_client.get(add).status_code == 200
+
+        response = admin_client.post(
+            add,
+            {
+                "name": "csms-2",
+                "url": "wss://csms-2-proxy.example.com/ocpp",
+                "upstream_url": self.UPSTREAM,
+                "root_ca_file": SimpleUploadedFile("csms2-root.pem", root_ca.pem.encode()),
+            },
+        )
+
+        assert response.status_code == 302
+        backend = CsmsBackend.objects.get()
+        assert (backend.upstream_url, backend.root_ca_pem) == (self.UPSTREAM, root_ca.pem)

@@ -105,6 +105,191 @@ class TestAddCsms:
         assert good.returncode == 0, good.stderr
         assert CsmsBackend.objects.get().url == "ws://alpha.example.com/ocpp"
 
+        missing = manage(
+            "add_csms", "alpha", "wss://other.example.com/ocpp", "--root-ca", "/nonexistent.pem"
+        )
+        assert missing.returncode == 2, missing.stderr
+        assert "cannot read it" in missing.stderr
+        assert CsmsBackend.objects.get().url == "ws://alpha.example.com/ocpp"
+
+
+class TestAddCsmsProxyAndRootCa:
+    UPSTREAM = "wss://real-csms-2.example.com/ocpp"
+
+    def test_it_records_the_upstream_and_the_root_ca(self, db, tmp_path, root_ca):
+        (tmp_path / "csms2-root.pem").write_text(root_ca.pem)
+
+        output = run(
+            "add_csms",
+            "csms-2",
+            "wss://csms-2-proxy.example.com/ocpp",
+            "--upstream",
+            self.UPSTREAM,
+            "--root-ca",
+            str(tmp_path / "csms2-root.pem"),
+        )
+
+        backend = CsmsBackend.objects.get()
+        assert backend.url == "wss://csms-2-proxy.example.com/ocpp"
+        assert backend.upstream_url == self.UPSTREAM
+        assert backend.root_ca_pem.strip() == root_ca.pem.strip()
+        assert f"mode: proxy -> {self.UPSTREAM}" in output
+        assert "CN=CSMS 2 Root CA" in output
+        assert f"SHA-256 {root_ca.sha256}" in output
+
+    def test_without_the_options_it_is_an_endpoint_with_no_root_ca(self, db):
+        output = run("add_csms", "alpha", "wss://alpha.example.com/ocpp")
+
+        assert "mode: endpoint" in output
+        assert "root CA: none" in output
+        backend = CsmsBackend.objects.get()
+        assert (backend.upstream_url, backend.root_ca_pem) == ("", "")
+
+    def test_the_output_never_shows_upstream_credentials(self, db):
+        output = run(
+            "add_csms",
+            "csms-1",
+            "wss://csms-1.example.com/ocpp",
+            "--upstream",
+            "wss://proxy:s3cret-passw0rd@real-csms-1.example.com/ocpp",
+        )
+
+        assert "s3cret" not in output
+        assert "mode: proxy -> wss://real-csms-1.example.com/ocpp" in output
+        # The inventory keeps what the operator gave (the gateway is given the same).
+        assert "s3cret" in CsmsBackend.objects.get().upstream_url
+
+    def test_a_rerun_without_the_options_removes_them_and_says_so(self, db, tmp_path, root_ca):
+        (tmp_path / "root.pem").write_text(root_ca.pem)
+        url = "wss://csms-2-proxy.example.com/ocpp"
+        run(
+            "add_csms",
+            "csms-2",
+            url,
+            "--upstream",
+            self.UPSTREAM,
+            "--root-ca",
+            str(tmp_path / "root.pem"),
+        )
+
+        output = run("add_csms", "csms-2", url)
+
+        backend = CsmsBackend.objects.get()
+        assert (backend.upstream_url, backend.root_ca_pem) == ("", "")
+        assert f"upstream {self.UPSTREAM} removed" in output
+        assert "root CA removed" in output
+
+    def test_a_der_root_ca_is_stored_as_pem(self, db, tmp_path, root_ca):
+        (tmp_path / "root.cer").write_bytes(root_ca.der)
+
+        run(
+            "add_csms",
+            "csms-2",
+            "wss://csms-2.example.com/ocpp",
+            "--root-ca",
+            str(tmp_path / "root.cer"),
+        )
+
+        assert CsmsBackend.objects.get().root_ca_pem.strip() == root_ca.pem.strip()
+
+    def test_the_text_openssl_prints_before_a_pem_is_left_out(self, db, tmp_path, root_ca):
+        (tmp_path / "root.pem").write_text("Certificate:\n    Data: ...\n" + root_ca.pem)
+
+        run(
+            "add_csms",
+            "csms-2",
+            "wss://csms-2.example.com/ocpp",
+            "--root-ca",
+            str(tmp_path / "root.pem"),
+        )
+
+        assert CsmsBackend.objects.get().root_ca_pem == root_ca.pem
+
+    def test_a_root_ca_on_a_ws_url_is_flagged_as_unchecked(self, db, tmp_path, root_ca):
+        (tmp_path / "root.pem").write_text(root_ca.pem)
+
+        output = run(
+            "add_csms", "lab", "ws://lab.example.com/ocpp", "--root-ca", str(tmp_path / "root.pem")
+        )
+
+        assert "not checked by pre-flight" in output
+
+    @pytest.mark.parametrize(
+        ("content", "expected"),
+        [
+            ("leaf", "not a CA certificate"),
+            ("two", "not a chain"),
+            ("key", "private key"),
+            ("garbage", "neither a PEM nor a DER"),
+            ("empty", "empty"),
+            ("bad-pem", "not a PEM certificate"),
+        ],
+    )
+    def test_a_file_that_is_not_one_ca_certificate_saves_nothing(
+        self, db, tmp_path, root_ca, leaf, content, expected
+    ):
+        data = {
+            "leaf": leaf.pem.encode(),
+            "two": (root_ca.pem + leaf.pem).encode(),
+            "key": (root_ca.key_pem + root_ca.pem).encode(),
+            "garbage": b"\x00\x01 not a certificate",
+            "empty": b"",
+            "bad-pem": b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        }[content]
+        (tmp_path / "root.pem").write_bytes(data)
+
+        with pytest.raises(CommandError) as raised:
+            run(
+                "add_csms",
+                "csms-2",
+                "wss://csms-2.example.com/ocpp",
+                "--root-ca",
+                str(tmp_path / "root.pem"),
+            )
+
+        assert raised.value.returncode == 2
+        assert expected in str(raised.value)
+        assert "Nothing saved" in str(raised.value)
+        assert not CsmsBackend.objects.exists()
+
+    def test_an_unreadable_file_saves_nothing_and_keeps_the_old_record(self, db, tmp_path, root_ca):
+        (tmp_path / "root.pem").write_text(root_ca.pem)
+        run(
+            "add_csms",
+            "csms-2",
+            "wss://csms-2.example.com/ocpp",
+            "--root-ca",
+            str(tmp_path / "root.pem"),
+        )
+
+        for missing in (tmp_path / "nope.pem", tmp_path):  # absent, a directory
+            with pytest.raises(CommandError) as raised:
+                run("add_csms", "csms-2", "wss://other.example.com/ocpp", "--root-ca", str(missing))
+            assert raised.value.returncode == 2
+            assert "cannot read it" in str(raised.value)
+
+        backend = CsmsBackend.objects.get()
+        assert backend.url == "wss://csms-2.example.com/ocpp"
+        assert backend.root_ca_pem.strip() == root_ca.pem.strip()
+
+    @pytest.mark.parametrize("upstream", BAD_URLS)
+    def test_it_refuses_a_bad_upstream_writing_nothing(self, db, upstream):
+        with pytest.raises(CommandError) as raised:
+            run("add_csms", "csms-1", "wss://csms-1.example.com/ocpp", "--upstream", upstream)
+
+        assert raised.value.returncode == 2
+        assert "upstream_url:" in str(raised.value)
+        assert "url:" not in str(raised.value).replace("upstream_url:", "")
+        assert not CsmsBackend.objects.exists()
+
+    def test_the_help_says_what_a_rerun_without_an_option_does(self):
+        from fleet.management.commands.add_csms import Command
+
+        text = " ".join(Command().create_parser("manage.py", "add_csms").format_help().split())
+
+        assert "an option left out on a rerun is turned off (--open), removed (--upstream" in text
+        assert "--root-ca FILE.pem" in text
+
 
 class TestListStations:
     @pytest.fixture

@@ -2,7 +2,12 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from fleet.models import CsmsBackend
-from fleet.validators import csms_url_problems, validate_csms_url
+from fleet.validators import (
+    csms_url_problems,
+    root_ca_summary,
+    url_without_credentials,
+    validate_csms_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -67,3 +72,22 @@ def test_the_model_uses_it(db):
     with pytest.raises(ValidationError) as raised:
         backend.full_clean()
     assert "url" in raised.value.message_dict
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("wss://user:pass@real.example.com/ocpp", "wss://real.example.com/ocpp"),
+        ("wss://user@real.example.com:8443/ocpp", "wss://real.example.com:8443/ocpp"),
+        ("wss://real.example.com/ocpp", "wss://real.example.com/ocpp"),
+        ("", ""),
+    ],
+)
+def test_an_upstream_is_shown_without_credentials(url, shown):
+    assert url_without_credentials(url) == shown
+    assert CsmsBackend(upstream_url=url).upstream_shown == shown
+    assert CsmsBackend(upstream_url=url).mode == ("proxy" if url else "endpoint")
+
+
+def test_the_root_ca_summary_names_the_subject_and_the_fingerprint(root_ca):
+    assert root_ca_summary(root_ca.pem) == f"CN=CSMS 2 Root CA (SHA-256 {root_ca.sha256})"
