@@ -8,6 +8,7 @@ or an upstream CSMS does (proxy mode); only who decides the final status differs
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from ocpp_gateway.envelopes import EventKind
@@ -18,6 +19,10 @@ from ocpp_gateway.registry import OTHER_HARDWARE, BootStatus, BootVerdict, Regis
 PENDING_INTERVAL = 5
 # Policy violation: the close code a station gets after its boot was Rejected.
 CLOSE_REJECTED = 1008
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def boot_hardware(payload: Mapping[str, Any]) -> dict[str, str]:

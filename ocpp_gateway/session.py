@@ -8,7 +8,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from ocpp.exceptions import OCPPError
@@ -28,6 +27,7 @@ from ocpp_gateway.boot import (
     admit_boot,
     boot_hardware,
     close_reason,
+    now_iso,
     report_boot,
 )
 from ocpp_gateway.commands import Progress, run_command
@@ -41,10 +41,6 @@ logger = logging.getLogger(__name__)
 # Transaction ids must be unique per central system; seeding from the clock keeps them
 # unique across gateway restarts without shared state.
 _transaction_ids = itertools.count(int(time.time()) % 1_000_000_000)
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 class StationSession(ChargePoint):
@@ -123,7 +119,7 @@ class StationSession(ChargePoint):
             logger.warning("%s: boot %s (%s)", self.id, verdict.status.value, verdict.reason)
         interval = PENDING_INTERVAL if verdict.status is BootStatus.PENDING else 0
         return call_result.BootNotification(
-            current_time=_now_iso(),
+            current_time=now_iso(),
             interval=interval or self._heartbeat_interval,
             status=RegistrationStatus(verdict.status.value),
         )
@@ -140,7 +136,7 @@ class StationSession(ChargePoint):
 
     @on(Action.heartbeat)
     def on_heartbeat(self) -> call_result.Heartbeat:
-        return call_result.Heartbeat(current_time=_now_iso())
+        return call_result.Heartbeat(current_time=now_iso())
 
     @on(Action.status_notification)
     def on_status_notification(
