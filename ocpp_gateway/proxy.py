@@ -123,6 +123,7 @@ class ProxySession:
         self._watched: OrderedDict[str, _Watched] = OrderedDict()
         self._transactions: OrderedDict[int, int] = OrderedDict()  # transaction -> connector
         self._closing: asyncio.Task[None] | None = None
+        self._gone = False  # the station's connection is closed
 
     # --- the interface the server uses -----------------------------------------------------
 
@@ -135,8 +136,15 @@ class ProxySession:
             from_upstream.cancel()
             for task in list(self._upstream_calls):
                 task.cancel()
-            if self._outstanding is not None:
-                self._outstanding.answer.cancel()
+            self._gone = True
+            outstanding = self._outstanding
+            if outstanding is not None and not outstanding.answer.done():
+                if outstanding.from_upstream:
+                    outstanding.answer.cancel()  # its task is cancelled too
+                else:
+                    # An injected command learns at once that the station left (DISCONNECTED),
+                    # instead of waiting for its deadline.
+                    outstanding.answer.set_exception(ConnectionError("station disconnected"))
             code = self._station.close_code
             # Normal closure passed on as such; anything else is the station going away.
             await close_quietly(
@@ -374,6 +382,8 @@ class ProxySession:
     async def _exchange(self, command: Command, message: Call, progress: Progress) -> Any:
         # Bounded by run_command's deadline, the wait for the slot included.
         async with self._slot:
+            if self._gone:  # waited for the slot while the station left
+                raise ConnectionError("station disconnected")
             outstanding = _Outstanding(
                 message.unique_id, asyncio.get_running_loop().create_future(), False
             )

@@ -514,3 +514,165 @@ def test_the_allow_list_applies_to_injected_commands(proxy, upstream, redis_clie
         # The upstream is not bound by it: its own UnlockConnector goes through.
         assert upstream.call("CP-A", call.UnlockConnector(connector_id=1)).status
     assert not any("csmsm-" in raw for raw in upstream.received("CP-A"))
+
+
+def test_a_command_outstanding_when_the_station_leaves_is_disconnected_not_timed_out(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+
+    async def scenario():
+        async with raw_station(base, "CP-D") as station:
+            await station.call("b1", "BootNotification", BOOT)
+            ours = asyncio.create_task(
+                asyncio.to_thread(
+                    send_command, redis_client, "CP-D", "GetConfiguration", {}, timeout=20
+                )
+            )
+            assert (await station.next())[1].startswith("csmsm-")
+            await station.ws.close()
+            return await asyncio.wait_for(ours, 10)
+
+    reply = asyncio.run(scenario())
+    assert reply.outcome is Outcome.DISCONNECTED and reply.sent
+
+
+def test_a_station_taking_over_its_identity_gets_a_new_link_and_the_old_one_is_closed(
+    proxy, upstream, tmp_path
+):
+    auth = tmp_path / "passwords"
+    auth.write_text("CP-2X:station-key\n")
+    base = proxy("--open", "--auth-file", str(auth))
+    credentials = {"Authorization": _basic("CP-2X", "station-key")}
+
+    async def scenario():
+        async with raw_station(base, "CP-2X", additional_headers=credentials) as first:
+            await first.call("b1", "BootNotification", BOOT)
+            # With its password a new connection replaces the live one at once.
+            async with raw_station(base, "CP-2X", additional_headers=credentials) as second:
+                assert await first.close_code() == 1000
+                await second.call("b2", "BootNotification", BOOT)
+                links = upstream.links("CP-2X")
+                assert len(links) == 2 and not links[1].closed.is_set()
+                assert await asyncio.to_thread(links[0].closed.wait, 5)
+                # The station's password was passed on to the upstream (no --upstream-auth-file).
+                assert links[1].headers["Authorization"] == credentials["Authorization"]
+
+    asyncio.run(scenario())
+    assert [boot["charge_point_vendor"] for boot in upstream.boots("CP-2X")] == ["RawVendor"] * 2
+
+
+# --- wss:// upstream ----------------------------------------------------------------------------
+
+
+def _certificates(directory):
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test upstream CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "up.pem", directory / "up.key"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_file, cert_file, key_file
+
+
+def test_a_wss_upstream_is_trusted_through_upstream_ca_and_refused_without_it(
+    start_gateway, tmp_path
+):
+    import ssl
+
+    ca_file, cert_file, key_file = _certificates(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    with UpstreamCsms.start(ssl_context=context) as upstream:
+        assert upstream.url.startswith("wss://")
+        trusted = start_gateway(
+            "csms-1", "--open", "--upstream", upstream.url, "--upstream-ca", str(ca_file)
+        )
+        untrusted = start_gateway("csms-2", "--open", "--upstream", upstream.url)
+
+        async def scenario():
+            async with raw_station(trusted, "CP-TLS") as station:
+                answer = await station.call("b1", "BootNotification", BOOT)
+                assert answer[2]["status"] == "Accepted"
+            with pytest.raises(InvalidStatus) as refused:
+                async with raw_station(untrusted, "CP-TLS"):
+                    pass
+            assert refused.value.response.status_code == 502
+
+        asyncio.run(scenario())
+        assert len(upstream.boots("CP-TLS")) == 1
+
+
+def test_the_command_line_checks_the_proxy_flags(tmp_path, capsys):
+    from ocpp_gateway.__main__ import parse_args
+
+    config = parse_args(["--csms", "c", "--upstream", "wss://u:p@csms.example.com/ocpp"])
+    assert config.upstream is not None
+    assert (config.upstream.connect_timeout, config.upstream.call_timeout) == (5, 30)
+    assert parse_args(["--csms", "c"]).upstream is None
+    for argv in (
+        ["--upstream", "http://csms.example.com/ocpp"],
+        ["--upstream", "ws://csms.example.com/ocpp", "--upstream-ca", str(tmp_path / "ca.pem")],
+        ["--upstream-auth-file", str(tmp_path / "missing")],
+        ["--upstream", "ws://csms.example.com/ocpp", "--upstream-call-timeout", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--csms", "c", *argv])
+    assert "--upstream-ca needs a wss:// upstream" in capsys.readouterr().err
