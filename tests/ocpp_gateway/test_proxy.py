@@ -169,6 +169,26 @@ def test_a_pending_upstream_answer_is_what_the_station_gets_and_commands_wait(
     assert (event["status"], event["reason"]) == ("Pending", "upstream CSMS answered Pending")
 
 
+def test_a_boot_the_upstream_answers_with_a_callerror_leaves_the_station_not_accepted(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+    upstream.set_boot_error("CP-E", "database down")
+
+    async def scenario():
+        async with raw_station(base, "CP-E") as station:
+            answer = await station.call("b1", "BootNotification", BOOT)
+            assert answer[:3] == [4, "b1", "InternalError"]  # passed on unchanged
+            return await asyncio.to_thread(
+                send_command, redis_client, "CP-E", "GetConfiguration", {}, timeout=5
+            )
+
+    reply = asyncio.run(scenario())
+    assert reply.outcome is Outcome.REJECTED and not reply.sent
+    (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-E"), 5, "the boot event")
+    assert event["status"] == "Pending" and "CALLERROR" in event["reason"]
+
+
 def test_an_upstream_rejection_closes_the_station_1008_and_holds_it_off(
     start_gateway, redis_client
 ):
