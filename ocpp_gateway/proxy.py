@@ -272,6 +272,15 @@ class ProxySession:
     # --- upstream -> station ------------------------------------------------------------------
 
     async def _from_upstream(self) -> None:
+        try:
+            await self._relay_from_upstream()
+        except Exception:
+            # A station left connected with nobody reading its upstream would look alive
+            # and be deaf: close it so that it reconnects.
+            logger.exception("%s: relaying from the upstream CSMS failed", self.id)
+            await close_quietly(self._station, 1011, "gateway error")
+
+    async def _relay_from_upstream(self) -> None:
         while True:
             try:
                 raw = await self._upstream.recv()
