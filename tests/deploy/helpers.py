@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -218,19 +217,3 @@ def exec_variables(command: str) -> set[str]:
 def example_env_files(etc: Path = ETC) -> dict[str, Path]:
     """The example files under deploy/systemd/etc, keyed by the path they are installed at."""
     return {f"/etc/csms-migrate/{path.name}": path for path in sorted(etc.iterdir())}
-
-
-# --- proxy mode ---------------------------------------------------------------------------
-
-
-def gateway_has_proxy_mode() -> bool:
-    """Whether this checkout's gateway takes --upstream (issue 8 is built on several branches:
-    the deploy files can be pinned before the gateway has it)."""
-    from ocpp_gateway.__main__ import parse_args
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            parse_args(["--csms", "probe", "--upstream", "ws://127.0.0.1:9/ocpp"])
-    except SystemExit:
-        return False
-    return True

@@ -17,7 +17,7 @@ import tomllib
 
 import pytest
 
-from tests.deploy.helpers import DEPLOY, gateway_has_proxy_mode, read_env_file
+from tests.deploy.helpers import DEPLOY, read_env_file
 from tests.processes import ROOT
 
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -312,7 +312,6 @@ def test_an_empty_upstream_is_endpoint_mode_with_no_empty_word():
         assert "" not in command
 
 
-@pytest.mark.skipif(not gateway_has_proxy_mode(), reason="this gateway has no --upstream yet")
 @pytest.mark.parametrize("csms", ["csms-1", "csms-2"])
 def test_the_gateway_accepts_the_proxy_command(csms):
     from ocpp_gateway.__main__ import parse_args

@@ -14,7 +14,6 @@ import pytest
 
 from tests.deploy.helpers import (
     DEPLOY,
-    gateway_has_proxy_mode,
     group_members,
     health,
     http_get,
@@ -166,7 +165,6 @@ def test_web_line_serves_the_admin_login_page(tmp_path):
         assert answer[0] == 200, (tmp_path / "web.log").read_text()
 
 
-@pytest.mark.skipif(not gateway_has_proxy_mode(), reason="this gateway has no --upstream yet")
 def test_a_gateway_line_with_an_upstream_relays_its_stations_there(
     transactional_db, redis_client, redis_url, tmp_path
 ):

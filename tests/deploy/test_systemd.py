@@ -18,7 +18,6 @@ from tests.deploy.helpers import (
     example_env_files,
     exec_argv,
     exec_variables,
-    gateway_has_proxy_mode,
     health,
     http_get,
     read_unit,
@@ -225,7 +224,6 @@ def test_without_upstream_args_the_gateway_is_an_endpoint():
     assert "" not in argv
 
 
-@pytest.mark.skipif(not gateway_has_proxy_mode(), reason="this gateway has no --upstream yet")
 @pytest.mark.parametrize("instance", ["csms-1", "csms-2"])
 def test_the_gateway_accepts_the_example_proxy_flags(instance, tmp_path):
     from ocpp_gateway.__main__ import parse_args
