@@ -422,7 +422,7 @@ def batches_tick() -> None:
 
 def batch_report(batch: MigrationBatch) -> dict[str, Any]:
     """The final report: one entry per station, counts by state."""
-    rows = batch.stations.select_related("station").order_by("station__identity")
+    rows = batch.stations.select_related("station", "source").order_by("station__identity")
     stations = [
         {
             "identity": m.station.identity,
@@ -434,4 +434,24 @@ def batch_report(batch: MigrationBatch) -> dict[str, Any]:
         for m in rows
     ]
     counts = Counter(entry["state"] for entry in stations)
-    return {"batch": batch.id, "stations": stations, "counts": dict(sorted(counts.items()))}
+    return {
+        "batch": batch.id,
+        "target": csms_summary(batch.target),
+        # Each station's own source (a batch may gather stations from several CSMS).
+        "sources": [
+            csms_summary(source)
+            for source in sorted({m.source for m in rows if m.source}, key=lambda c: c.name)
+        ],
+        "stations": stations,
+        "counts": dict(sorted(counts.items())),
+    }
+
+
+def csms_summary(csms: CsmsBackend) -> dict[str, Any]:
+    """Where a report's CSMS is: its stations' URL and, in proxy mode, the real CSMS behind."""
+    return {
+        "name": csms.name,
+        "url": csms.url,
+        "mode": csms.mode,
+        "upstream": csms.upstream_shown or None,
+    }

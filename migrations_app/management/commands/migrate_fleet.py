@@ -322,6 +322,12 @@ class Command(BaseCommand):
             self.stderr.write(last_line)
 
     def _print_report(self, report: dict[str, Any]) -> None:
+        for role, csms in [
+            *(("source", s) for s in report["sources"]),
+            ("target", report["target"]),
+        ]:
+            behind = f" in front of {csms['upstream']}" if csms["upstream"] else ""
+            self.stdout.write(f"{role}: {csms['name']} {csms['url']} ({csms['mode']}{behind})")
         width = max([len(s["identity"]) for s in report["stations"]] + [8])
         self.stdout.write(f"{'STATION':<{width}}  {'STATE':<9}  {'STEP':<16}  REASON")
         for s in report["stations"]:
