@@ -1,4 +1,5 @@
-"""python -m ocpp_gateway --csms NAME --host HOST --port PORT (Redis from REDIS_URL)."""
+"""python -m ocpp_gateway --csms NAME --host HOST --port PORT [--upstream URL] (Redis from
+REDIS_URL)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ocpp.v16 import call
 
 from ocpp_gateway.envelopes import RELAYED_ACTIONS
 from ocpp_gateway.server import GatewayConfig, load_passwords, run_gateway
+from ocpp_gateway.upstream import UpstreamConfig, public_url
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
@@ -77,6 +80,40 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         help="also relay this OCPP action (repeatable; also OCPP_GATEWAY_ALLOWED_ACTIONS, "
         f"comma separated); always relayed: {', '.join(RELAYED_ACTIONS)}",
     )
+    proxy = parser.add_argument_group(
+        "proxy mode",
+        "with --upstream, each station that connects is relayed to its own OCPP-J connection "
+        "to UPSTREAM/<identity>; without it the gateway is the CSMS itself (endpoint mode)",
+    )
+    proxy.add_argument("--upstream", metavar="URL", help="ws:// or wss:// URL of the upstream CSMS")
+    proxy.add_argument(
+        "--upstream-auth-file",
+        type=Path,
+        metavar="FILE",
+        help="identity:password lines: HTTP Basic credentials for the upstream per station; "
+        "a station not in it has its own Authorization header passed on unchanged",
+    )
+    proxy.add_argument(
+        "--upstream-ca",
+        metavar="FILE.pem",
+        help="trust this CA for a wss:// upstream (default: the system's trust store)",
+    )
+    proxy.add_argument(
+        "--upstream-connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="upstream not reached in time: the station's handshake is refused with HTTP 502 "
+        "(default %(default)s)",
+    )
+    proxy.add_argument(
+        "--upstream-call-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="deadline of an upstream CALL to the station, waiting behind an injected command "
+        "included; past it the upstream gets a CALLERROR (default %(default)s)",
+    )
     parser.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     parser.add_argument("--keyfile", help="TLS private key (PEM)")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
@@ -94,6 +131,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         parser.error(f"--auth-file: {exc}")
     if args.registry_refresh <= 0 or args.rejected_hold < 0:
         parser.error("--registry-refresh must be > 0 and --rejected-hold >= 0")
+    upstream = _upstream_config(parser, args)
     extra = [*args.allow_action, *os.environ.get("OCPP_GATEWAY_ALLOWED_ACTIONS", "").split(",")]
     allowed = set(RELAYED_ACTIONS)
     for action in filter(None, (name.strip() for name in extra)):
@@ -115,6 +153,36 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         registry_refresh=args.registry_refresh,
         rejected_hold=args.rejected_hold,
         allowed_actions=frozenset(allowed),
+        upstream=upstream,
+    )
+
+
+def _upstream_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> UpstreamConfig | None:
+    if not args.upstream:
+        if args.upstream_auth_file or args.upstream_ca:
+            parser.error("--upstream-auth-file and --upstream-ca need --upstream")
+        return None
+    parts = urlsplit(args.upstream)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        parser.error(f"--upstream: {public_url(args.upstream)!r} is not a ws:// or wss:// URL")
+    if args.upstream_ca and parts.scheme != "wss":
+        parser.error("--upstream-ca needs a wss:// upstream")
+    if args.upstream_connect_timeout <= 0 or args.upstream_call_timeout <= 0:
+        parser.error("--upstream-connect-timeout and --upstream-call-timeout must be > 0")
+    try:
+        credentials = load_passwords(args.upstream_auth_file) if args.upstream_auth_file else None
+    except (OSError, ValueError) as exc:
+        parser.error(f"--upstream-auth-file: {exc}")
+    if args.upstream_ca and not Path(args.upstream_ca).is_file():
+        parser.error(f"--upstream-ca: {args.upstream_ca} is not a file")
+    return UpstreamConfig(
+        url=args.upstream,
+        credentials=credentials,
+        ca_file=args.upstream_ca,
+        connect_timeout=args.upstream_connect_timeout,
+        call_timeout=args.upstream_call_timeout,
     )
 
 

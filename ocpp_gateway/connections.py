@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+import asyncio
+import contextlib
+from typing import Any, Generic, TypeVar
+
+from websockets.exceptions import ConnectionClosed
 
 Session = TypeVar("Session")
 
@@ -32,3 +36,20 @@ class ConnectionRegistry(Generic[Session]):
 
     def __contains__(self, identity: str) -> bool:
         return identity in self._sessions
+
+
+async def answers_ping(connection: Any, within: float) -> bool:
+    """Whether a websocket connection is alive: it answers a ping in time."""
+    try:
+        pong = await connection.ping()
+        async with asyncio.timeout(within):
+            await pong
+    except (TimeoutError, ConnectionClosed, ConnectionError):
+        return False
+    return True
+
+
+async def close_quietly(connection: Any, code: int, reason: str) -> None:
+    """Close a websocket; one already closed (or closing) is fine."""
+    with contextlib.suppress(ConnectionClosed, ConnectionError):
+        await connection.close(code, reason)

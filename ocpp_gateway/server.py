@@ -16,15 +16,17 @@ import weakref
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ocpp_gateway.connections import ConnectionRegistry
+from ocpp_gateway.connections import ConnectionRegistry, close_quietly
 from ocpp_gateway.envelopes import (
     PUBLISH_REGISTRY_TASK,
     RELAYED_ACTIONS,
@@ -34,9 +36,11 @@ from ocpp_gateway.envelopes import (
     password_matches,
 )
 from ocpp_gateway.events import EventReporter, celery_sender, ingest_nudger
+from ocpp_gateway.proxy import ProxySession
 from ocpp_gateway.registry import Registry
 from ocpp_gateway.relay import CommandRelay
 from ocpp_gateway.session import StationSession
+from ocpp_gateway.upstream import Upstream, UpstreamConfig, UpstreamUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ MAX_IDENTITY_LENGTH = 64
 # much more (a station's own open timeout is often 10 s).
 LIVENESS_TIMEOUT = 5.0
 SUBSCRIBE_WAIT_SECONDS = 1.0
+# websockets' default handshake timeout, which covers process_request (and so, in proxy
+# mode, the liveness check and the upstream's connect timeout as well).
+HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,14 @@ class GatewayConfig:
     # station's own profile fallback takes it back to its previous CSMS.
     rejected_hold: float = 60.0
     allowed_actions: frozenset[str] = field(default=frozenset(RELAYED_ACTIONS))
+    # Proxy mode: relay each station to its own link with this upstream CSMS.
+    upstream: UpstreamConfig | None = None
+
+    @property
+    def handshake_timeout(self) -> float:
+        if self.upstream is None:
+            return HANDSHAKE_TIMEOUT
+        return max(HANDSHAKE_TIMEOUT, LIVENESS_TIMEOUT + self.upstream.connect_timeout + 2)
 
 
 def load_passwords(path: Path) -> dict[str, str]:
@@ -127,7 +142,19 @@ class Gateway:
     def __init__(self, config: GatewayConfig, redis: aioredis.Redis) -> None:
         self.config = config
         self.redis = redis
-        self.sessions: ConnectionRegistry[StationSession] = ConnectionRegistry()
+        self.sessions: ConnectionRegistry[StationSession | ProxySession] = ConnectionRegistry()
+        self.upstream = (
+            Upstream(
+                config.upstream,
+                max_size=config.max_frame_bytes,
+                ping_interval=config.ping_interval,
+            )
+            if config.upstream
+            else None
+        )
+        # Handshake -> its open upstream link, until handle() takes it; a handshake that
+        # fails after process_request never reaches handle(), so a timer closes its link.
+        self._links: dict[ServerConnection, tuple[ClientConnection, asyncio.TimerHandle]] = {}
         send = celery_sender(config.redis_url) if config.nudge_consumer else None
         self.reporter = EventReporter(redis, config.csms, ingest_nudger(send) if send else None)
         self.registry = Registry(
@@ -202,8 +229,39 @@ class Gateway:
             return connection.respond(
                 HTTPStatus.CONFLICT, f"Station {identity} is already connected.\n"
             )
+        if self.upstream is not None:
+            # Before the station's upgrade: an upstream it cannot reach through us must
+            # refuse it, so that its own profile fallback works.
+            try:
+                link = await self.upstream.open(identity, request.headers)
+            except UpstreamUnavailable as exc:
+                logger.warning("refused %s: %s", identity, exc)
+                return connection.respond(exc.status, f"Upstream CSMS: {exc}.\n")
+            reaper = asyncio.get_running_loop().call_later(
+                self.config.handshake_timeout + 1, self._reap_link, connection
+            )
+            self._links[connection] = (link, reaper)
         self._authenticated[connection] = authenticated
         return None
+
+    def _take_link(self, connection: ServerConnection) -> ClientConnection | None:
+        entry = self._links.pop(connection, None)
+        if entry is None:
+            return None
+        link, reaper = entry
+        reaper.cancel()
+        return link
+
+    def _reap_link(self, connection: ServerConnection) -> None:
+        link = self._take_link(connection)
+        if link is not None:
+            logger.info("closing an upstream link whose station's handshake did not finish")
+            self._spawn(close_quietly(link, 1001, "station handshake failed"))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _is_held(self, identity: str) -> bool:
         until = self._held.get(identity)
@@ -247,6 +305,8 @@ class Gateway:
                 "registered": self.registry.registered,
                 "redis": "ok" if self.relay.connected and self.registry.redis_ok else "down",
                 "event_backlog": self.reporter.backlog,
+                "mode": "proxy" if self.upstream else "endpoint",
+                "upstream": self.upstream.public_url if self.upstream else None,
             }
         )
         response = connection.respond(HTTPStatus.OK, body + "\n")
@@ -261,23 +321,42 @@ class Gateway:
         assert identity is not None  # process_request refused anything else
         address = _address(connection)
         authenticated = self._authenticated.pop(connection, None)
-        session = StationSession(
-            identity,
-            connection,
-            csms=self.config.csms,
-            reporter=self.reporter,
-            heartbeat_interval=self.config.heartbeat_interval,
-            registry=self.registry,
-            on_rejected=self._hold,
-            address=address,
-            authenticated=bool(authenticated),
-        )
+        session: StationSession | ProxySession
+        if self.upstream is not None:
+            link = self._take_link(connection)
+            if link is None:  # reaped: the handshake took longer than it may
+                await connection.close(1011, "upstream link lost during the handshake")
+                return
+            assert self.config.upstream is not None
+            session = ProxySession(
+                identity,
+                connection,
+                link,
+                csms=self.config.csms,
+                reporter=self.reporter,
+                registry=self.registry,
+                on_rejected=self._hold,
+                heartbeat_interval=self.config.heartbeat_interval,
+                call_timeout=self.config.upstream.call_timeout,
+                address=address,
+                authenticated=bool(authenticated),
+            )
+        else:
+            session = StationSession(
+                identity,
+                connection,
+                csms=self.config.csms,
+                reporter=self.reporter,
+                heartbeat_interval=self.config.heartbeat_interval,
+                registry=self.registry,
+                on_rejected=self._hold,
+                address=address,
+                authenticated=bool(authenticated),
+            )
         stale = self.sessions.register(identity, session)
         if stale is not None:
             logger.info("%s reconnected; closing its stale connection", identity)
-            closing = asyncio.create_task(stale.close("replaced by a new connection"))
-            self._background.add(closing)
-            closing.add_done_callback(self._background.discard)
+            self._spawn(stale.close("replaced by a new connection"))
         self.reporter.report(
             EventKind.CONNECT, identity, {"address": address, "authenticated": bool(authenticated)}
         )
@@ -348,11 +427,16 @@ async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
         ping_interval=config.ping_interval,
         ping_timeout=config.ping_interval,
         ssl=_ssl_context(config),
+        open_timeout=config.handshake_timeout,
     ) as server:
         scheme = "wss" if config.certfile else "ws"
         logger.info(
             "gateway %s listening on %s://%s:%d/", config.csms, scheme, config.host, config.port
         )
+        if gateway.upstream is not None:
+            logger.info(
+                "proxy mode: each station relayed to %s/<identity>", gateway.upstream.public_url
+            )
         await stop.wait()
         logger.info("shutting down: closing %d station connections", len(gateway.sessions))
         server.close(close_connections=True)  # close code 1001, going away

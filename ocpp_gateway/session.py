@@ -8,45 +8,39 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-from ocpp.charge_point import (
-    camel_to_snake_case,
-    remove_nones,
-    serialize_as_dict,
-    snake_to_camel_case,
-)
 from ocpp.exceptions import OCPPError
-from ocpp.messages import Call, CallError, MessageType, unpack, validate_payload
+from ocpp.messages import Call, CallError, unpack
 from ocpp.routing import after, on
-from ocpp.v16 import ChargePoint, call, call_result
+from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import (
     Action,
     AuthorizationStatus,
     DataTransferStatus,
     RegistrationStatus,
 )
-from websockets.exceptions import ConnectionClosed
 
-from ocpp_gateway.envelopes import Command, EventKind, Outcome, Reply
+from ocpp_gateway.boot import (
+    CLOSE_REJECTED,
+    PENDING_INTERVAL,
+    admit_boot,
+    boot_hardware,
+    close_reason,
+    now_iso,
+    report_boot,
+)
+from ocpp_gateway.commands import Progress, run_command
+from ocpp_gateway.connections import answers_ping
+from ocpp_gateway.envelopes import Command, EventKind, Reply
 from ocpp_gateway.events import EventReporter
-from ocpp_gateway.registry import OTHER_HARDWARE, BootStatus, Registry
+from ocpp_gateway.registry import BootStatus, Registry
 
 logger = logging.getLogger(__name__)
 
-OCPP_VERSION = "1.6"
 # Transaction ids must be unique per central system; seeding from the clock keeps them
 # unique across gateway restarts without shared state.
 _transaction_ids = itertools.count(int(time.time()) % 1_000_000_000)
-# Boot retry interval while the registry is unknown: it is usually loaded within seconds.
-PENDING_INTERVAL = 5
-# Policy violation: the close code a station gets after its boot was Rejected.
-CLOSE_REJECTED = 1008
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 class StationSession(ChargePoint):
@@ -87,13 +81,7 @@ class StationSession(ChargePoint):
 
     async def answers_ping(self, within: float) -> bool:
         """Whether the station's connection is alive: it answers a websocket ping in time."""
-        try:
-            pong = await self._connection.ping()
-            async with asyncio.timeout(within):
-                await pong
-        except (TimeoutError, ConnectionClosed, ConnectionError):
-            return False
-        return True
+        return await answers_ping(self._connection, within)
 
     # --- inbound: what the station sends -------------------------------------------------
 
@@ -112,50 +100,26 @@ class StationSession(ChargePoint):
         await super().route_message(raw_msg)
 
     @on(Action.boot_notification)
-    def on_boot_notification(
-        self, charge_point_vendor: str, charge_point_model: str, **kwargs: Any
-    ) -> call_result.BootNotification:
-        charge_point_serial = kwargs.get("charge_point_serial_number") or ""
-        charge_box_serial = kwargs.get("charge_box_serial_number") or ""
-        verdict = self._registry.boot_verdict(
-            self.id, (charge_point_serial, charge_box_serial), authenticated=self._authenticated
+    def on_boot_notification(self, **kwargs: Any) -> call_result.BootNotification:
+        self.boot_hardware = boot_hardware(kwargs)
+        verdict = admit_boot(
+            self._registry,
+            self._reporter,
+            self.id,
+            self.boot_hardware,
+            authenticated=self._authenticated,
+            address=self._address,
         )
         self.boot_status = verdict.status
         self._rejection = verdict.reason if verdict.status is BootStatus.REJECTED else ""
-        if verdict.reason == OTHER_HARDWARE:
-            entry = self._registry.entry(self.id)
-            self._reporter.report(
-                EventKind.SECURITY,
-                self.id,
-                {
-                    "reason": OTHER_HARDWARE,
-                    "expected_serial": entry.serial if entry else "",
-                    "serial": charge_point_serial or charge_box_serial,
-                    "address": self._address,
-                },
-            )
-        self.boot_hardware = {
-            "vendor": charge_point_vendor,
-            "model": charge_point_model,
-            "serial": charge_point_serial or charge_box_serial,
-            "charge_point_serial": charge_point_serial,
-            "charge_box_serial": charge_box_serial,
-        }
-        self._reporter.report(
-            EventKind.BOOT,
-            self.id,
-            {
-                **self.boot_hardware,
-                "firmware": kwargs.get("firmware_version") or "",
-                "status": verdict.status.value,
-                "reason": verdict.reason,
-            },
+        report_boot(
+            self._reporter, self.id, self.boot_hardware, kwargs, verdict.status, verdict.reason
         )
         if verdict.status is not BootStatus.ACCEPTED:
             logger.warning("%s: boot %s (%s)", self.id, verdict.status.value, verdict.reason)
         interval = PENDING_INTERVAL if verdict.status is BootStatus.PENDING else 0
         return call_result.BootNotification(
-            current_time=_now_iso(),
+            current_time=now_iso(),
             interval=interval or self._heartbeat_interval,
             status=RegistrationStatus(verdict.status.value),
         )
@@ -167,12 +131,12 @@ class StationSession(ChargePoint):
         if self._rejection and self._closing is None:
             self._on_rejected(self.id)
             self._closing = asyncio.create_task(
-                self._connection.close(CLOSE_REJECTED, _close_reason(self._rejection))
+                self._connection.close(CLOSE_REJECTED, close_reason(self._rejection))
             )
 
     @on(Action.heartbeat)
     def on_heartbeat(self) -> call_result.Heartbeat:
-        return call_result.Heartbeat(current_time=_now_iso())
+        return call_result.Heartbeat(current_time=now_iso())
 
     @on(Action.status_notification)
     def on_status_notification(
@@ -222,113 +186,18 @@ class StationSession(ChargePoint):
 
     async def run_command(self, command: Command) -> Reply:
         """Send one OCPP call and describe what came back; never raises."""
-        started = time.time()
+        return await run_command(command, self, self._exchange)
 
-        def reply(outcome: Outcome, **fields: Any) -> Reply:
-            return Reply(
-                command_id=command.id,
-                station=self.id,
-                csms=self.csms,
-                outcome=outcome,
-                sent_at=started,
-                finished_at=time.time(),
-                boot=self.boot_hardware,
-                **fields,
-            )
-
-        if self.boot_status in (BootStatus.REJECTED, BootStatus.PENDING):
-            # Nothing that answers through a station this CSMS has not accepted may count
-            # as the station being here (the migration's confirmation asks exactly that).
-            return reply(
-                Outcome.REJECTED,
-                error_description=f"station not accepted by this CSMS ({self.boot_status})",
-                sent=False,
-            )
-        request_type = getattr(call, command.action, None)
-        if not isinstance(request_type, type):
-            return reply(
-                Outcome.REJECTED,
-                error_description=f"unknown action {command.action!r}",
-                sent=False,
-            )
-        try:
-            request = request_type(**command.payload)
-        except TypeError as exc:
-            return reply(Outcome.REJECTED, error_description=f"bad payload: {exc}", sent=False)
-        remaining = command.remaining()
-        if remaining <= 0:
-            return reply(
-                Outcome.TIMEOUT, error_description="deadline passed before sending", sent=False
-            )
-        progress = _Progress()
-        try:
-            async with asyncio.timeout(remaining):
-                return await self._exchange(command, request, reply, progress)
-        except TimeoutError:
-            waited = "no answer" if progress.sent else "not sent: the station was busy"
-            return reply(
-                Outcome.TIMEOUT,
-                error_description=f"{waited} within {remaining:.1f}s",
-                sent=progress.sent,
-            )
-        except OCPPError as exc:
-            # Raised by validating our own request: nothing was sent.
-            return reply(
-                Outcome.REJECTED, error_description=f"{exc.code}: {exc.description}", sent=False
-            )
-        except (ConnectionError, ConnectionClosed) as exc:
-            return reply(
-                Outcome.DISCONNECTED,
-                error_description=str(exc) or "connection lost",
-                sent=progress.sent,
-            )
-
-    async def _exchange(
-        self, command: Command, request: Any, reply: Any, progress: _Progress
-    ) -> Reply:
+    async def _exchange(self, command: Command, message: Call, progress: Progress) -> Any:
         # ChargePoint.call() turns an unknown CALLERROR code into a different exception and
         # hides CALLERRORs behind None by default; this keeps the station's exact answer.
         # It uses the library's call lock, so calls to one station still go one at a time.
-        message = Call(
-            unique_id=command.id,
-            action=command.action,
-            payload=remove_nones(snake_to_camel_case(serialize_as_dict(request))),
-        )
-        await validate_payload(message, OCPP_VERSION)
         async with self._call_lock:
             progress.sent = True  # from here on the frame may have reached the station
             await self._send(message.to_json())
-            response = await self._get_specific_response(
+            return await self._get_specific_response(
                 message.unique_id, max(command.remaining(), 0.001)
             )
-        if response.message_type_id == MessageType.CallError:
-            return reply(
-                Outcome.CALL_ERROR,
-                error_code=response.error_code,
-                error_description=response.error_description or "",
-            )
-        response.action = command.action
-        try:
-            await validate_payload(response, OCPP_VERSION)
-        except OCPPError as exc:
-            return reply(
-                Outcome.BAD_RESPONSE,
-                payload=response.payload,
-                error_code=exc.code,
-                error_description=str(exc.description),
-            )
-        return reply(Outcome.RESULT, payload=camel_to_snake_case(response.payload))
-
-
-class _Progress:
-    """How far one command got: whether its frame was handed to the socket."""
-
-    sent = False
-
-
-def _close_reason(why: str) -> str:
-    # A websocket close reason is at most 123 bytes.
-    return f"boot rejected: {why}".encode()[:123].decode(errors="ignore")
 
 
 def _unique_id_of(raw_msg: str) -> str | None:

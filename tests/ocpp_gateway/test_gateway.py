@@ -40,6 +40,8 @@ def test_it_answers_the_health_check(start_gateway):
         "registered": 0,
         "redis": "ok",
         "event_backlog": 0,
+        "mode": "endpoint",
+        "upstream": None,
     }
 
 

@@ -1,0 +1,126 @@
+"""Proxy mode: the gateway's own OCPP-J connection to the upstream CSMS, one per station."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+
+logger = logging.getLogger(__name__)
+
+SUBPROTOCOL = "ocpp1.6"
+# Refusals of the upstream that say something about the station itself (its credentials,
+# its registration): the station gets the same status, as if it had connected directly.
+# Anything else (the upstream down, broken, slow) is the gateway's failure to reach it: 502.
+PASSED_ON_STATUSES = frozenset(
+    {HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN, HTTPStatus.NOT_FOUND}
+)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str  # ws[s]://host/path; a station's link is url/<identity>
+    # Station identity -> password for the upstream (HTTP Basic); None or a missing
+    # identity: the station's own Authorization header is passed on unchanged.
+    credentials: dict[str, str] | None = None
+    ca_file: str | None = None  # trusted for a wss:// upstream instead of the system's CAs
+    connect_timeout: float = 5.0
+    # The deadline of one upstream CALL to the station, waiting for the call slot included.
+    call_timeout: float = 30.0
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached (or refused): the station's handshake is refused."""
+
+    def __init__(self, why: str, status: HTTPStatus = HTTPStatus.BAD_GATEWAY) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+def public_url(url: str) -> str:
+    """The URL without user:password (fit for /health and logs)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def station_url(base: str, identity: str) -> str:
+    return f"{base.rstrip('/')}/{quote(identity, safe='')}"
+
+
+def client_ssl_context(config: UpstreamConfig) -> ssl.SSLContext | None:
+    if not config.url.startswith("wss://"):
+        return None
+    context = ssl.create_default_context(cafile=config.ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _authorization(config: UpstreamConfig, identity: str, station_headers: Headers) -> str | None:
+    password = (config.credentials or {}).get(identity)
+    if password is not None:
+        token = base64.b64encode(f"{identity}:{password}".encode()).decode()
+        return f"Basic {token}"
+    return station_headers.get("Authorization")
+
+
+class Upstream:
+    """Opens station links to one upstream CSMS."""
+
+    def __init__(self, config: UpstreamConfig, *, max_size: int, ping_interval: float) -> None:
+        self.config = config
+        self._ssl = client_ssl_context(config)
+        self._max_size = max_size
+        self._ping_interval = ping_interval
+
+    @property
+    def public_url(self) -> str:
+        return public_url(self.config.url)
+
+    async def open(self, identity: str, station_headers: Headers) -> ClientConnection:
+        """The station's link to the upstream, open, or UpstreamUnavailable within the
+        connect timeout (the station's own handshake waits for this)."""
+        url = station_url(self.config.url, identity)
+        headers = {}
+        authorization = _authorization(self.config, identity, station_headers)
+        if authorization:
+            headers["Authorization"] = authorization
+        try:
+            connection = await connect(
+                url,
+                subprotocols=[SUBPROTOCOL],
+                additional_headers=headers,
+                open_timeout=self.config.connect_timeout,
+                ssl=self._ssl,
+                max_size=self._max_size,
+                # OCPP frames are small; per-message deflate would triple memory per link.
+                compression=None,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_interval,
+            )
+        except InvalidStatus as exc:
+            code = exc.response.status_code
+            passed_on = HTTPStatus(code) if code in PASSED_ON_STATUSES else HTTPStatus.BAD_GATEWAY
+            raise UpstreamUnavailable(f"upstream refused: HTTP {code}", passed_on) from exc
+        except TimeoutError as exc:
+            raise UpstreamUnavailable(
+                f"upstream not reached within {self.config.connect_timeout:g}s"
+            ) from exc
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
+        if connection.subprotocol != SUBPROTOCOL:
+            await connection.close(1002, f"{SUBPROTOCOL} required")
+            raise UpstreamUnavailable(f"upstream did not accept the {SUBPROTOCOL} subprotocol")
+        return connection

@@ -1,0 +1,678 @@
+"""Proxy mode: a real gateway process in front of an upstream CSMS that is not our code.
+
+The upstream is tests.upstream_csms (the ``ocpp`` library's central system, real sockets);
+stations are the simulator, or a raw websocket client where a test needs a station that
+answers late, never, or sends frames by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+import urllib.request
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from ocpp.exceptions import GenericError
+from ocpp.v16 import call
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from ocpp_gateway.client import send_command
+from ocpp_gateway.envelopes import EventKind, Outcome
+from ocpp_gateway.simulator import Fleet, StationSpec, Timing
+from tests.ocpp_gateway.registry import events_of, publish_registry, stream_events
+from tests.ocpp_gateway.stations import station_on
+from tests.processes import free_port, wait_for
+from tests.upstream_csms import UpstreamCsms
+
+FAST = Timing(reboot_delay=0.3, retry_interval=0.2, reconnect_delay=0.3)
+BOOT = {"chargePointVendor": "RawVendor", "chargePointModel": "R1", "firmwareVersion": "1.0"}
+
+
+@pytest.fixture
+def upstream():
+    with UpstreamCsms.start() as csms:
+        yield csms
+
+
+@pytest.fixture
+def proxy(start_gateway, upstream):
+    """start(*extra) -> the ws base URL of a gateway proxying to the upstream fixture."""
+
+    def start(*extra: str, csms: str = "csms-1", to: str | None = None) -> str:
+        return start_gateway(csms, "--upstream", to or upstream.url, *extra)
+
+    return start
+
+
+def health(ws_url: str) -> dict:
+    base = ws_url.replace("ws://", "http://").rsplit("/", 1)[0]
+    with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+        return json.load(response)
+
+
+class RawStation:
+    """A station speaking OCPP-J by hand: every frame it gets is queued for the test."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=100)
+        self.seen: list[list[Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in self.ws:
+                frame = json.loads(raw)
+                self.seen.append(frame)
+                await self.frames.put(frame)
+
+    async def next(self, within: float = 5) -> list[Any]:
+        async with asyncio.timeout(within):
+            return await self.frames.get()
+
+    async def call(self, unique_id: str, action: str, payload: dict, within: float = 5) -> list:
+        """Send a CALL and return the answer frame with that id (other frames stay queued)."""
+        await self.ws.send(json.dumps([2, unique_id, action, payload]))
+        skipped = []
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    frame = await self.frames.get()
+                    if frame[0] in (3, 4) and frame[1] == unique_id:
+                        return frame
+                    skipped.append(frame)
+        finally:
+            for frame in skipped:
+                self.frames.put_nowait(frame)
+
+    async def answer(self, unique_id: str, payload: dict) -> None:
+        await self.ws.send(json.dumps([3, unique_id, payload]))
+
+    async def close_code(self, within: float = 5) -> int | None:
+        async with asyncio.timeout(within):
+            await self.ws.wait_closed()
+        return self.ws.close_code
+
+
+@contextlib.asynccontextmanager
+async def raw_station(base: str, identity: str, **kwargs: Any) -> AsyncIterator[RawStation]:
+    kwargs.setdefault("subprotocols", ["ocpp1.6"])
+    async with connect(f"{base}/{identity}", open_timeout=10, **kwargs) as ws:
+        station = RawStation(ws)
+        try:
+            yield station
+        finally:
+            station._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await station._reader
+
+
+def boots_in_stream(redis_client, identity: str) -> list[dict]:
+    return [
+        e.data
+        for e in stream_events(redis_client)
+        if e.kind is EventKind.BOOT and e.station == identity
+    ]
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+# --- booting through the proxy ---------------------------------------------------------------
+
+
+def test_a_station_boots_through_the_proxy_and_the_upstreams_answer_is_recorded(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+    body = wait_for(lambda: (b := health(base))["redis"] == "ok" and b, 5, "redis ok in /health")
+    assert (body["mode"], body["upstream"]) == ("proxy", upstream.url)
+    spec = StationSpec("CP-1", url=base, vendor="Acme", model="AC22", serial_number="SN-1")
+    with Fleet([spec], timing=FAST) as fleet:
+        fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
+        link = upstream.wait_connected("CP-1", 5)
+        assert link.path == "/ocpp/CP-1" and link.subprotocol == "ocpp1.6"
+        (boot,) = upstream.boots("CP-1")
+        assert (boot["charge_point_vendor"], boot["charge_point_serial_number"]) == ("Acme", "SN-1")
+        (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-1"), 5, "the boot event")
+        assert (event["status"], event["reason"], event["serial"]) == ("Accepted", "", "SN-1")
+        # What the station sent reached the upstream unchanged, and the other way round.
+        assert upstream.received_frames("CP-1")[0][2] == "BootNotification"
+        reply = send_command(redis_client, "CP-1", "GetConfiguration", {"key": ["X"]}, timeout=5)
+        assert reply.outcome is Outcome.RESULT and reply.boot["serial"] == "SN-1"
+
+
+def test_a_pending_upstream_answer_is_what_the_station_gets_and_commands_wait(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+    upstream.set_boot_status("CP-P", "Pending")
+
+    async def scenario():
+        async with station_on(base, "CP-P") as station:
+            assert station.boot_result.status == "Pending"
+            reply = await asyncio.to_thread(
+                send_command, redis_client, "CP-P", "GetConfiguration", {}, timeout=5
+            )
+            assert reply.outcome is Outcome.REJECTED and not reply.sent
+
+    asyncio.run(scenario())
+    (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-P"), 5, "the boot event")
+    assert (event["status"], event["reason"]) == ("Pending", "upstream CSMS answered Pending")
+
+
+def test_an_upstream_rejection_closes_the_station_1008_and_holds_it_off(
+    start_gateway, redis_client
+):
+    with UpstreamCsms.start(reject={"CP-R"}) as upstream:
+        base = start_gateway("csms-1", "--open", "--upstream", upstream.url)
+
+        async def scenario():
+            async with raw_station(base, "CP-R") as station:
+                answer = await station.call("b1", "BootNotification", BOOT)
+                assert answer[0] == 3 and answer[2]["status"] == "Rejected"
+                assert await station.close_code() == 1008
+            with pytest.raises(InvalidStatus) as refused:
+                async with raw_station(base, "CP-R"):
+                    pass
+            assert refused.value.response.status_code == 403
+
+        asyncio.run(scenario())
+        assert len(upstream.boots("CP-R")) == 1 and len(upstream.links("CP-R")) == 1
+    (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-R"), 5, "the boot event")
+    assert (event["status"], event["reason"]) == ("Rejected", "upstream CSMS answered Rejected")
+
+
+# --- the call slot: the upstream's CALLs and ours, each with its own answers ---------------
+
+
+def test_upstream_calls_and_injected_commands_run_together_each_getting_its_own_answers(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+    spec = StationSpec("CP-1", url=base, url2="ws://csms-2.example.com/ocpp")
+    with Fleet([spec], timing=FAST) as fleet:
+        fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
+        upstream.wait_connected("CP-1", 5)
+
+        def ours(n: int):
+            key = "NetworkConnectionProfile2" if n % 2 else "HeartbeatInterval"
+            return key, send_command(
+                redis_client, "CP-1", "GetConfiguration", {"key": [key]}, timeout=10
+            )
+
+        def theirs(n: int):
+            if n == 0:
+                return "remote", upstream.call("CP-1", call.RemoteStartTransaction(id_tag="T1"))
+            if n == 1:
+                trigger = call.TriggerMessage(requested_message="StatusNotification")
+                return "trigger", upstream.call("CP-1", trigger)
+            return "config", upstream.call("CP-1", call.GetConfiguration(key=["ConnectorType"]))
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            mine = [pool.submit(ours, n) for n in range(6)]
+            upstreams = [pool.submit(theirs, n) for n in range(5)]
+            mine_done = [future.result(20) for future in mine]
+            upstream_done = [future.result(20) for future in upstreams]
+        for key, reply in mine_done:
+            assert reply.outcome is Outcome.RESULT, reply
+            (entry,) = reply.payload["configuration_key"]
+            assert entry["key"] == key and entry["value"] == fleet["CP-1"].config[key]
+        answers = dict(upstream_done[:2])
+        assert answers["remote"].status == "Accepted" and answers["trigger"].status == "Accepted"
+        for kind, answer in upstream_done[2:]:
+            assert kind == "config" and answer.unknown_key == ["ConnectorType"]
+        # The station's own CALLs that followed reached the upstream too.
+        wait_for(
+            lambda: any(
+                f[0] == 2 and f[2] == "StartTransaction" for f in upstream.received_frames("CP-1")
+            ),
+            5,
+            "the StartTransaction at the upstream",
+        )
+    received = upstream.received("CP-1")
+    assert not any("csmsm-" in raw for raw in received)
+    assert not any("NetworkConnectionProfile2" in raw for raw in received)
+    assert not any("HeartbeatInterval" in raw for raw in received)
+    # Every frame the upstream sent got exactly one answer.
+    asked = [json.loads(raw)[1] for raw in upstream.sent("CP-1") if json.loads(raw)[0] == 2]
+    answered = [f[1] for f in upstream.received_frames("CP-1") if f[0] in (3, 4)]
+    assert sorted(asked) == sorted(answered)
+
+
+def test_injected_wire_ids_fit_ocpp_j_and_their_answers_stay_with_the_bridge(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+
+    async def scenario():
+        async with raw_station(base, "CP-W") as station:
+            assert (await station.call("b1", "BootNotification", BOOT))[2]["status"] == "Accepted"
+
+            async def answer_three():
+                ids = []
+                for _ in range(3):
+                    frame = await station.next()
+                    assert frame[0] == 2 and frame[2] == "GetConfiguration"
+                    ids.append(frame[1])
+                    await station.answer(frame[1], {"configurationKey": [], "unknownKey": ["K"]})
+                return ids
+
+            answering = asyncio.create_task(answer_three())
+            replies = await asyncio.gather(
+                *(
+                    asyncio.to_thread(
+                        send_command,
+                        redis_client,
+                        "CP-W",
+                        "GetConfiguration",
+                        {"key": ["K"]},
+                        timeout=5,
+                    )
+                    for _ in range(3)
+                )
+            )
+            ids = await answering
+            return ids, replies
+
+    ids, replies = asyncio.run(scenario())
+    assert all(reply.outcome is Outcome.RESULT for reply in replies)
+    assert {reply.command_id for reply in replies}.isdisjoint(ids)  # wire ids are the gateway's
+    assert len(set(ids)) == 3
+    assert all(len(i) == 36 and i.startswith("csmsm-") for i in ids)
+    assert all(int(i[6:], 16) >= 0 for i in ids)
+    assert not any(i in raw for raw in upstream.received("CP-W") for i in ids)
+
+
+def test_an_upstream_call_behind_a_slow_command_is_errored_and_never_delivered(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open", "--upstream-call-timeout", "1")
+
+    async def scenario():
+        async with raw_station(base, "CP-S") as station:
+            await station.call("b1", "BootNotification", BOOT)
+            ours = asyncio.create_task(
+                asyncio.to_thread(
+                    send_command, redis_client, "CP-S", "GetConfiguration", {}, timeout=10
+                )
+            )
+            slow = await station.next()
+            assert slow[1].startswith("csmsm-")
+            # Ours holds the slot; the upstream's CALL waits for it past its deadline.
+            with pytest.raises(GenericError) as errored:
+                await asyncio.to_thread(upstream.call, "CP-S", call.GetConfiguration(key=["X"]), 5)
+            assert "not delivered" in errored.value.description
+            await station.answer(slow[1], {"configurationKey": []})
+            assert (await ours).outcome is Outcome.RESULT
+            # A second command after it: the errored CALL would have come before it.
+            follow = asyncio.create_task(
+                asyncio.to_thread(
+                    send_command, redis_client, "CP-S", "GetConfiguration", {}, timeout=5
+                )
+            )
+            frame = await station.next()
+            assert frame[1].startswith("csmsm-")
+            await station.answer(frame[1], {"configurationKey": []})
+            assert (await follow).outcome is Outcome.RESULT
+            return station.seen
+
+    seen = asyncio.run(scenario())
+    upstream_calls = [json.loads(raw)[1] for raw in upstream.sent("CP-S") if raw.startswith("[2")]
+    assert upstream_calls and not any(frame[1] in upstream_calls for frame in seen)
+
+
+def test_a_station_that_never_answers_the_upstream_gets_it_errored_and_its_late_answer_dropped(
+    proxy, upstream
+):
+    base = proxy("--open", "--upstream-call-timeout", "1")
+
+    async def scenario():
+        async with raw_station(base, "CP-L") as station:
+            await station.call("b1", "BootNotification", BOOT)
+            asking = asyncio.create_task(
+                asyncio.to_thread(upstream.call, "CP-L", call.GetConfiguration(key=["X"]), 5)
+            )
+            theirs = await station.next()
+            assert theirs[0] == 2 and not theirs[1].startswith("csmsm-")
+            with pytest.raises(GenericError) as errored:
+                await asyncio.wait_for(asyncio.shield(asking), 10)
+            assert "did not answer within 1s" in errored.value.description
+            await station.answer(theirs[1], {"configurationKey": []})  # too late
+            # A CALL after the late answer: had that been relayed, it would be there first.
+            await station.call("h1", "Heartbeat", {})
+            return theirs[1]
+
+    late_id = asyncio.run(scenario())
+    frames = upstream.received_frames("CP-L")
+    assert [f[1] for f in frames] == ["b1", late_id, "h1"]
+    assert frames[1][0] == 4  # the gateway's CALLERROR, and not the late CALLRESULT after it
+
+
+# --- events the idle check needs ----------------------------------------------------------
+
+
+def test_start_and_stop_transaction_report_the_connector_charging_then_finishing(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+
+    async def scenario():
+        async with raw_station(base, "CP-T") as station:
+            await station.call("b1", "BootNotification", BOOT)
+            start = {
+                "connectorId": 2,
+                "idTag": "T1",
+                "meterStart": 0,
+                "timestamp": "2026-01-01T00:00:00Z",
+            }
+            started = await station.call("s1", "StartTransaction", start)
+            transaction = started[2]["transactionId"]
+            stop = {
+                "transactionId": transaction,
+                "meterStop": 10,
+                "timestamp": "2026-01-01T01:00:00Z",
+            }
+            assert (await station.call("s2", "StopTransaction", stop))[0] == 3
+
+    asyncio.run(scenario())
+    statuses = events_of(redis_client, EventKind.STATUS, 2)
+    assert [(e.data["connector_id"], e.data["status"]) for e in statuses] == [
+        (2, "Charging"),
+        (2, "Finishing"),
+    ]
+    assert [f[2] for f in upstream.received_frames("CP-T")] == [
+        "BootNotification",
+        "StartTransaction",
+        "StopTransaction",
+    ]
+
+
+# --- failure semantics ----------------------------------------------------------------------
+
+
+def test_an_unreachable_upstream_refuses_the_station_with_502(start_gateway):
+    nowhere = f"ws://127.0.0.1:{free_port()}/ocpp"
+    base = start_gateway("csms-1", "--open", "--upstream", nowhere)
+    with socket.socket() as silent:  # accepts TCP, never answers the upgrade
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        mute = f"ws://127.0.0.1:{silent.getsockname()[1]}/ocpp"
+        slow = start_gateway(
+            "csms-2", "--open", "--upstream", mute, "--upstream-connect-timeout", "0.5"
+        )
+
+        async def attempt(url: str) -> int:
+            with pytest.raises(InvalidStatus) as refused:
+                async with raw_station(url, "CP-1"):
+                    pass
+            return refused.value.response.status_code
+
+        assert asyncio.run(attempt(base)) == 502
+        assert asyncio.run(attempt(slow)) == 502
+
+
+def test_upstream_closing_closes_the_station_1012_and_a_station_closing_closes_the_link(
+    proxy, upstream
+):
+    base = proxy("--open")
+
+    async def scenario():
+        async with raw_station(base, "CP-C") as station:
+            await station.call("b1", "BootNotification", BOOT)
+            await asyncio.to_thread(upstream.close, "CP-C", 1001, "restarting")
+            assert await station.close_code() == 1012
+        async with raw_station(base, "CP-C") as station:
+            await station.call("b2", "BootNotification", BOOT)
+            await station.ws.close()
+        link = upstream.links("CP-C")[-1]
+        assert await asyncio.to_thread(link.closed.wait, 5)
+        return link.close_code
+
+    assert asyncio.run(scenario()) == 1000
+    assert len(upstream.links("CP-C")) == 2
+
+
+# --- admission, credentials and the allow-list in front of the upstream ----------------------
+
+
+def test_admission_applies_in_front_of_the_upstream(proxy, upstream, redis_client):
+    publish_registry(redis_client, "csms-1", {"CP-OK": "SN-OK"})
+    base = proxy("--registry-refresh", "0.2")
+
+    async def scenario():
+        with pytest.raises(InvalidStatus) as refused:
+            async with raw_station(base, "CP-UNKNOWN"):
+                pass
+        assert refused.value.response.status_code == 403
+        async with raw_station(base, "CP-OK") as station:
+            other = {**BOOT, "chargePointSerialNumber": "SN-OTHER"}
+            answer = await station.call("b1", "BootNotification", other)
+            assert answer[2]["status"] == "Rejected"
+            assert await station.close_code() == 1008
+        with pytest.raises(InvalidStatus) as held:  # held off after the Rejected boot
+            async with raw_station(base, "CP-OK"):
+                pass
+        assert held.value.response.status_code == 403
+
+    asyncio.run(scenario())
+    assert upstream.links("CP-UNKNOWN") == []
+    assert upstream.boots("CP-OK") == [] and upstream.received("CP-OK") == []
+    (event,) = boots_in_stream(redis_client, "CP-OK")
+    assert event["status"] == "Rejected"
+    security = events_of(redis_client, EventKind.SECURITY, 1)
+    assert security[0].data["serial"] == "SN-OTHER"
+
+
+def test_credentials_for_the_upstream_come_from_the_file_or_the_station(start_gateway, tmp_path):
+    auth = tmp_path / "upstream-passwords"
+    auth.write_text("CP-F:from-file\n")
+    passwords = {"CP-F": "from-file", "CP-H": "own-key"}
+    with UpstreamCsms.start(passwords=passwords) as upstream:
+        base = start_gateway(
+            "csms-1", "--open", "--upstream", upstream.url, "--upstream-auth-file", str(auth)
+        )
+
+        async def scenario():
+            async with raw_station(base, "CP-F") as station:
+                assert (await station.call("b1", "BootNotification", BOOT))[2][
+                    "status"
+                ] == "Accepted"
+            own = {"Authorization": _basic("CP-H", "own-key")}
+            async with raw_station(base, "CP-H", additional_headers=own) as station:
+                assert (await station.call("b1", "BootNotification", BOOT))[2][
+                    "status"
+                ] == "Accepted"
+            with pytest.raises(InvalidStatus) as refused:
+                wrong = {"Authorization": _basic("CP-H", "wrong")}
+                async with raw_station(base, "CP-H", additional_headers=wrong):
+                    pass
+            return refused.value.response.status_code
+
+        assert asyncio.run(scenario()) == 401  # the upstream's refusal, passed on
+        assert upstream.links("CP-F")[0].headers["Authorization"] == _basic("CP-F", "from-file")
+        assert upstream.links("CP-H")[0].headers["Authorization"] == _basic("CP-H", "own-key")
+
+
+def test_the_allow_list_applies_to_injected_commands(proxy, upstream, redis_client):
+    base = proxy("--open")
+    with Fleet([StationSpec("CP-A", url=base)], timing=FAST) as fleet:
+        fleet.wait_until(lambda: fleet["CP-A"].online, 10, "the station online")
+        reply = send_command(
+            redis_client, "CP-A", "UnlockConnector", {"connector_id": 1}, timeout=5
+        )
+        assert reply.outcome is Outcome.REJECTED and not reply.sent
+        assert "not allowed" in reply.error_description
+        # The upstream is not bound by it: its own UnlockConnector goes through.
+        assert upstream.call("CP-A", call.UnlockConnector(connector_id=1)).status
+    assert not any("csmsm-" in raw for raw in upstream.received("CP-A"))
+
+
+def test_a_command_outstanding_when_the_station_leaves_is_disconnected_not_timed_out(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+
+    async def scenario():
+        async with raw_station(base, "CP-D") as station:
+            await station.call("b1", "BootNotification", BOOT)
+            ours = asyncio.create_task(
+                asyncio.to_thread(
+                    send_command, redis_client, "CP-D", "GetConfiguration", {}, timeout=20
+                )
+            )
+            assert (await station.next())[1].startswith("csmsm-")
+            await station.ws.close()
+            return await asyncio.wait_for(ours, 10)
+
+    reply = asyncio.run(scenario())
+    assert reply.outcome is Outcome.DISCONNECTED and reply.sent
+
+
+def test_a_station_taking_over_its_identity_gets_a_new_link_and_the_old_one_is_closed(
+    proxy, upstream, tmp_path
+):
+    auth = tmp_path / "passwords"
+    auth.write_text("CP-2X:station-key\n")
+    base = proxy("--open", "--auth-file", str(auth))
+    credentials = {"Authorization": _basic("CP-2X", "station-key")}
+
+    async def scenario():
+        async with raw_station(base, "CP-2X", additional_headers=credentials) as first:
+            await first.call("b1", "BootNotification", BOOT)
+            # With its password a new connection replaces the live one at once.
+            async with raw_station(base, "CP-2X", additional_headers=credentials) as second:
+                assert await first.close_code() == 1000
+                await second.call("b2", "BootNotification", BOOT)
+                links = upstream.links("CP-2X")
+                assert len(links) == 2 and not links[1].closed.is_set()
+                assert await asyncio.to_thread(links[0].closed.wait, 5)
+                # The station's password was passed on to the upstream (no --upstream-auth-file).
+                assert links[1].headers["Authorization"] == credentials["Authorization"]
+
+    asyncio.run(scenario())
+    assert [boot["charge_point_vendor"] for boot in upstream.boots("CP-2X")] == ["RawVendor"] * 2
+
+
+# --- wss:// upstream ----------------------------------------------------------------------------
+
+
+def _certificates(directory):
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test upstream CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "up.pem", directory / "up.key"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca_file, cert_file, key_file
+
+
+def test_a_wss_upstream_is_trusted_through_upstream_ca_and_refused_without_it(
+    start_gateway, tmp_path
+):
+    import ssl
+
+    ca_file, cert_file, key_file = _certificates(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    with UpstreamCsms.start(ssl_context=context) as upstream:
+        assert upstream.url.startswith("wss://")
+        trusted = start_gateway(
+            "csms-1", "--open", "--upstream", upstream.url, "--upstream-ca", str(ca_file)
+        )
+        untrusted = start_gateway("csms-2", "--open", "--upstream", upstream.url)
+
+        async def scenario():
+            async with raw_station(trusted, "CP-TLS") as station:
+                answer = await station.call("b1", "BootNotification", BOOT)
+                assert answer[2]["status"] == "Accepted"
+            with pytest.raises(InvalidStatus) as refused:
+                async with raw_station(untrusted, "CP-TLS"):
+                    pass
+            assert refused.value.response.status_code == 502
+
+        asyncio.run(scenario())
+        assert len(upstream.boots("CP-TLS")) == 1
+
+
+def test_the_command_line_checks_the_proxy_flags(tmp_path, capsys):
+    from ocpp_gateway.__main__ import parse_args
+
+    config = parse_args(["--csms", "c", "--upstream", "wss://u:p@csms.example.com/ocpp"])
+    assert config.upstream is not None
+    assert (config.upstream.connect_timeout, config.upstream.call_timeout) == (5, 30)
+    assert parse_args(["--csms", "c"]).upstream is None
+    for argv in (
+        ["--upstream", "http://csms.example.com/ocpp"],
+        ["--upstream", "ws://csms.example.com/ocpp", "--upstream-ca", str(tmp_path / "ca.pem")],
+        ["--upstream-auth-file", str(tmp_path / "missing")],
+        ["--upstream", "ws://csms.example.com/ocpp", "--upstream-call-timeout", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--csms", "c", *argv])
+    assert "--upstream-ca needs a wss:// upstream" in capsys.readouterr().err
