@@ -50,9 +50,10 @@ logger = logging.getLogger(__name__)
 CLOSE_UPSTREAM_GONE = 1012
 # Wire ids of injected commands: 6 + 30 hex = 36 characters, OCPP-J's limit for a message id.
 INJECTED_ID_PREFIX = "csmsm-"
-# OCPP-J lets a CSMS keep one CALL outstanding; a few more waiting in line are tolerated,
-# beyond that the upstream is answered at once instead of queueing without a bound.
-MAX_WAITING_UPSTREAM_CALLS = 8
+# OCPP-J lets a CSMS keep one CALL outstanding; a few more under way (waiting in line for
+# the slot) are tolerated, beyond that the upstream is answered at once, never queued
+# without a bound.
+MAX_UPSTREAM_CALLS = 8
 # Station CALLs whose upstream answer the gateway reads (boot, transaction start). The
 # station keeps one outstanding, so this only ever holds more when the upstream is silent.
 MAX_WATCHED = 8
@@ -271,6 +272,15 @@ class ProxySession:
     # --- upstream -> station ------------------------------------------------------------------
 
     async def _from_upstream(self) -> None:
+        try:
+            await self._relay_from_upstream()
+        except Exception:
+            # A station left connected with nobody reading its upstream would look alive
+            # and be deaf: close it so that it reconnects.
+            logger.exception("%s: relaying from the upstream CSMS failed", self.id)
+            await close_quietly(self._station, 1011, "gateway error")
+
+    async def _relay_from_upstream(self) -> None:
         while True:
             try:
                 raw = await self._upstream.recv()
@@ -296,13 +306,13 @@ class ProxySession:
                 self._reject(rejected)
 
     async def _upstream_call(self, unique_id: str, raw: str) -> None:
-        if len(self._upstream_calls) >= MAX_WAITING_UPSTREAM_CALLS:
+        if len(self._upstream_calls) >= MAX_UPSTREAM_CALLS:
             await self._to_upstream(
                 CallError(
                     unique_id,
                     "GenericError",
-                    f"not delivered: {len(self._upstream_calls)} CALLs already wait for "
-                    "this station (OCPP-J allows one outstanding)",
+                    f"not delivered: {len(self._upstream_calls)} CALLs of yours are already "
+                    "under way to this station (OCPP-J allows one outstanding)",
                     {},
                 ).to_json()
             )

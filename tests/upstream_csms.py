@@ -34,6 +34,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+from ocpp.exceptions import InternalError
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, DataTransferStatus, RegistrationStatus
@@ -85,6 +86,9 @@ class _CentralSystem(ChargePoint):
     @on(Action.boot_notification)
     def on_boot_notification(self, **kwargs: Any) -> call_result.BootNotification:
         self._owner._record(self._owner._boots, self.id, kwargs)
+        error = self._owner.boot_error_of(self.id)
+        if error:
+            raise InternalError(description=error)  # answered with a CALLERROR
         status = self._owner.boot_status_of(self.id)
         return call_result.BootNotification(
             current_time=_now_iso(), interval=self._owner.heartbeat_interval, status=status
@@ -151,6 +155,7 @@ class UpstreamCsms:
         self._boot_status: dict[str, RegistrationStatus] = {
             identity: RegistrationStatus.rejected for identity in reject
         }
+        self._boot_errors: dict[str, str] = {}
         # identity -> password: when given, a link must carry HTTP Basic for it (else 401).
         self._passwords = dict(passwords) if passwords is not None else None
         self._ssl = ssl_context
@@ -237,6 +242,18 @@ class UpstreamCsms:
         """What this CSMS answers to identity's next BootNotification."""
         with self._lock:
             self._boot_status[identity] = RegistrationStatus(status)
+
+    def set_boot_error(self, identity: str, description: str | None) -> None:
+        """Answer identity's next BootNotifications with a CALLERROR (None: stop doing so)."""
+        with self._lock:
+            if description:
+                self._boot_errors[identity] = description
+            else:
+                self._boot_errors.pop(identity, None)
+
+    def boot_error_of(self, identity: str) -> str | None:
+        with self._lock:
+            return self._boot_errors.get(identity)
 
     def boot_status_of(self, identity: str) -> RegistrationStatus:
         with self._lock:

@@ -169,6 +169,26 @@ def test_a_pending_upstream_answer_is_what_the_station_gets_and_commands_wait(
     assert (event["status"], event["reason"]) == ("Pending", "upstream CSMS answered Pending")
 
 
+def test_a_boot_the_upstream_answers_with_a_callerror_leaves_the_station_not_accepted(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+    upstream.set_boot_error("CP-E", "database down")
+
+    async def scenario():
+        async with raw_station(base, "CP-E") as station:
+            answer = await station.call("b1", "BootNotification", BOOT)
+            assert answer[:3] == [4, "b1", "InternalError"]  # passed on unchanged
+            return await asyncio.to_thread(
+                send_command, redis_client, "CP-E", "GetConfiguration", {}, timeout=5
+            )
+
+    reply = asyncio.run(scenario())
+    assert reply.outcome is Outcome.REJECTED and not reply.sent
+    (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-E"), 5, "the boot event")
+    assert event["status"] == "Pending" and "CALLERROR" in event["reason"]
+
+
 def test_an_upstream_rejection_closes_the_station_1008_and_holds_it_off(
     start_gateway, redis_client
 ):
@@ -355,6 +375,41 @@ def test_a_station_that_never_answers_the_upstream_gets_it_errored_and_its_late_
     frames = upstream.received_frames("CP-L")
     assert [f[1] for f in frames] == ["b1", late_id, "h1"]
     assert frames[1][0] == 4  # the gateway's CALLERROR, and not the late CALLRESULT after it
+
+
+def test_upstream_calls_waiting_for_the_station_are_bounded_and_each_answered_once(proxy, upstream):
+    base = proxy("--open", "--upstream-call-timeout", "2")
+
+    async def scenario():
+        async with raw_station(base, "CP-B") as station:
+            await station.call("b1", "BootNotification", BOOT)
+            for n in range(12):  # a CSMS ignoring OCPP-J's one outstanding CALL
+                frame = json.dumps([2, f"u{n}", "GetConfiguration", {}])
+                await asyncio.to_thread(upstream.send_raw, "CP-B", frame)
+            errors = await asyncio.to_thread(
+                wait_for,
+                lambda: (
+                    (e := [f for f in upstream.received_frames("CP-B") if f[0] == 4])
+                    and len(e) >= 12
+                    and e
+                ),
+                10,
+                "a CALLERROR for each of the upstream's CALLs",
+            )
+            return errors, [frame for frame in station.seen if frame[0] == 2]
+
+    errors, delivered = asyncio.run(scenario())
+    assert sorted(f[1] for f in errors) == sorted(f"u{n}" for n in range(12))
+    assert len(errors) == 12  # each exactly once
+    refused = [f for f in errors if "already under way" in f[3]]
+    assert len(refused) == 12 - 8  # one outstanding and seven in line: the rest at once
+    # Each CALL's error says what happened to it: delivered ones went unanswered, the others
+    # waited past their deadline and never reached the station.
+    reached = {f[1] for f in delivered}
+    assert "u0" in reached
+    for frame in errors:
+        expected = "did not answer" if frame[1] in reached else "not delivered"
+        assert expected in frame[3], frame
 
 
 # --- events the idle check needs ----------------------------------------------------------
