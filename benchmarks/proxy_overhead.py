@@ -13,12 +13,13 @@ Processes, all on 127.0.0.1 and free ports:
 The client process holds N stations connected **direct** to the upstream and N connected
 **through the proxy** at the same time, and measures round trips (send the CALL → its
 CALLRESULT) at a fixed offered rate (``--rates``, round trips/s over the N stations, each
-station with at most one CALL outstanding), in alternating windows: direct, proxy, direct,
-proxy (``--windows``, ``--seconds`` each), so both paths see the same machine load. Added
-latency = proxied percentile - direct percentile. CPU per relayed frame = the gateway
-process's user+system CPU (``/proc``) over the proxy windows / the frames it relayed (a CALL
-and its CALLRESULT per round trip); the gateway's idle CPU over a window of the same length
-is measured too and given apart.
+station with at most one CALL outstanding) on both sets at once, interleaved round trip by
+round trip in the same windows (``--windows`` of ``--seconds`` each), so both paths see the
+same machine load. Added latency = proxied percentile - direct percentile. CPU per relayed
+frame = the gateway process's user+system CPU (``/proc``) over the windows / the frames it
+relayed (a CALL and its CALLRESULT per proxied round trip); the gateway's idle CPU over a
+window of the same length is measured too and given apart; the upstream's CPU per round
+trip (both paths) is the yardstick.
 
 Memory per proxied station: the gateway's VmRSS after a warm-up of 20 proxied stations and
 again with N more connected (each holds two sockets: the station's and its upstream link),
@@ -139,19 +140,21 @@ async def open_set(name, url, count, prefix):
     out(event="connected", name=name, count=len(held), failed=len(failed),
         errors=failed[:3], seconds=round(time.monotonic() - started, 2))
 
-async def measure(name, rate, seconds):
-    conns = sets[name]
-    idle = list(conns)
-    busy_skips, samples, errors = 0, [], []
+# rate round trips/s on each named set, interleaved in one window: the sets share whatever
+# the machine does meanwhile.
+async def measure(names, rate, seconds):
+    idle = {name: list(sets[name]) for name in names}
+    samples = {name: [] for name in names}
+    busy_skips, errors = 0, []
     tasks = set()
 
-    async def one(ws):
+    async def one(name, ws):
         try:
-            samples.append(await round_trip(ws, "Heartbeat", {}))
+            samples[name].append(await round_trip(ws, "Heartbeat", {}))
         except Exception as exc:
             errors.append(repr(exc))
         finally:
-            idle.append(ws)
+            idle[name].append(ws)
 
     tick = 0.005
     per_tick = rate * tick
@@ -159,23 +162,25 @@ async def measure(name, rate, seconds):
     start = time.perf_counter()
     deadline = start + seconds
     next_tick = start
+    order = list(names)
     while time.perf_counter() < deadline:
         credit += per_tick
         while credit >= 1:
             credit -= 1
-            if not idle:
-                busy_skips += 1
-                continue
-            task = asyncio.create_task(one(idle.pop(0)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            order.reverse()  # neither set always goes first
+            for name in order:
+                if not idle[name]:
+                    busy_skips += 1
+                    continue
+                task = asyncio.create_task(one(name, idle[name].pop(0)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         next_tick += tick
         await asyncio.sleep(max(0.0, next_tick - time.perf_counter()))
     if tasks:
         await asyncio.wait(tasks, timeout=15)
-    out(event="measured", name=name, samples=samples, errors=len(errors),
-        error_examples=errors[:3], busy_skips=busy_skips,
-        seconds=round(time.perf_counter() - start, 3))
+    out(event="measured", samples=samples, errors=len(errors), error_examples=errors[:3],
+        busy_skips=busy_skips, seconds=round(time.perf_counter() - start, 3))
 
 async def close_set(name):
     held = sets.pop(name, [])
@@ -290,46 +295,46 @@ def measure_latency(
     client: Client, gateway_session: int, upstream_session: int, rate: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     samples: dict[str, list[int]] = {"direct": [], "proxy": []}
-    upstream_cpu = {"direct": 0.0, "proxy": 0.0}
-    proxy_cpu = proxy_seconds = 0.0
+    gateway_cpu = upstream_cpu = seconds = 0.0
     problems = {"errors": 0, "busy_skips": 0}
     for _ in range(args.windows):
-        for name in ("direct", "proxy"):
-            cpu_before = cpu_seconds(gateway_session)
-            upstream_before = cpu_seconds(upstream_session)
-            answer = client.ask(
-                args.seconds + 30, command="measure", name=name, rate=rate, seconds=args.seconds
-            )
-            upstream_cpu[name] += cpu_seconds(upstream_session) - upstream_before
-            if name == "proxy":
-                proxy_cpu += cpu_seconds(gateway_session) - cpu_before
-                proxy_seconds += answer["seconds"]
-            samples[name] += answer["samples"]
-            problems["errors"] += answer["errors"]
-            problems["busy_skips"] += answer["busy_skips"]
-            if answer["errors"]:
-                print(f"  {name}: {answer['errors']} errors, e.g. {answer['error_examples']}")
+        gateway_before = cpu_seconds(gateway_session)
+        upstream_before = cpu_seconds(upstream_session)
+        answer = client.ask(
+            args.seconds + 30, command="measure", names=list(samples), rate=rate,
+            seconds=args.seconds,
+        )  # fmt: skip
+        gateway_cpu += cpu_seconds(gateway_session) - gateway_before
+        upstream_cpu += cpu_seconds(upstream_session) - upstream_before
+        seconds += answer["seconds"]
+        for name in samples:
+            samples[name] += answer["samples"][name]
+        problems["errors"] += answer["errors"]
+        problems["busy_skips"] += answer["busy_skips"]
+        if answer["errors"]:
+            print(f"  {answer['errors']} errors, e.g. {answer['error_examples']}")
     # The gateway's cost with nobody sending (keepalive pings, its Redis loops), as long.
     idle_before = cpu_seconds(gateway_session)
-    time.sleep(proxy_seconds / args.windows)
-    idle_per_second = (cpu_seconds(gateway_session) - idle_before) / (proxy_seconds / args.windows)
+    time.sleep(seconds / args.windows)
+    idle_per_second = (cpu_seconds(gateway_session) - idle_before) / (seconds / args.windows)
     direct, proxied = latency_summary(samples["direct"]), latency_summary(samples["proxy"])
+    # The gateway carries only the proxied round trips: a CALL and its CALLRESULT each.
     frames = 2 * proxied["n"]
-    busy_cpu = proxy_cpu - idle_per_second * proxy_seconds
+    busy_cpu = gateway_cpu - idle_per_second * seconds
+    round_trips = direct["n"] + proxied["n"]
     return {
         "rate": rate,
         "direct": direct,
         "proxy": proxied,
         "added_p50_ms": round(proxied["p50_ms"] - direct["p50_ms"], 3),
         "added_p99_ms": round(proxied["p99_ms"] - direct["p99_ms"], 3),
-        "gateway_cpu_us_per_frame": round(1e6 * proxy_cpu / frames, 1) if frames else None,
+        "gateway_cpu_us_per_frame": round(1e6 * gateway_cpu / frames, 1) if frames else None,
         "gateway_cpu_us_per_frame_over_idle": round(1e6 * busy_cpu / frames, 1) if frames else None,
         "gateway_idle_cpu_percent": round(100 * idle_per_second, 2),
-        # The yardstick: what the upstream itself spends on a round trip, on each path.
-        "upstream_cpu_us_per_round_trip": {
-            name: round(1e6 * upstream_cpu[name] / len(samples[name]), 1) if samples[name] else None
-            for name in samples
-        },
+        # The yardstick: what the upstream itself spends on a round trip (both paths).
+        "upstream_cpu_us_per_round_trip": (
+            round(1e6 * upstream_cpu / round_trips, 1) if round_trips else None
+        ),
         **problems,
     }
 
@@ -384,8 +389,7 @@ def main() -> int:
             memory = [proxied_memory(client, gateway, port, url, args.stations, "proxy",
                                      "PX-", args.settle)]  # fmt: skip
             open_set(client, "direct", upstream, args.stations, "DX-")
-            client.ask(30, command="measure", name="proxy", rate=200, seconds=1)  # warm
-            client.ask(30, command="measure", name="direct", rate=200, seconds=1)
+            client.ask(30, command="measure", names=["direct", "proxy"], rate=200, seconds=1)
             latency = [
                 measure_latency(client, session, upstream_session, rate, args) for rate in rates
             ]
