@@ -3,6 +3,11 @@ and simulated stations over real sockets.
 
 The source csms-1 is a lab CSMS that admits any station; the target csms-2 admits only the
 stations registered on it, as in the field (Stack.fleet registers them by default).
+
+``stack`` runs both gateways in endpoint mode (they are the CSMS). ``proxied_stack`` runs them
+in proxy mode instead, each in front of its own upstream CSMS (tests/upstream_csms.py, an
+`ocpp` library central system in this process): ``stack.upstreams["csms-1"]`` and
+``["csms-2"]``, also ``stack.upstream_source`` / ``stack.upstream_target``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import io
 import json
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -25,6 +30,7 @@ from ocpp_gateway.envelopes import registry_key, registry_meta_key
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.processes import wait_for
+from tests.upstream_csms import UpstreamCsms
 
 # Short enough for tests, long enough for a loaded 2-core machine.
 WORKER_ENV = {"OCPP_COMMAND_TIMEOUT": "5", "MIGRATION_STEP_LEASE_SECONDS": "8"}
@@ -38,6 +44,17 @@ class Stack:
     worker: subprocess.Popen
     redis: redis.Redis
     target: CsmsBackend
+    # Proxy mode: the upstream CSMS each gateway relays to, by CSMS name; empty in endpoint
+    # mode.
+    upstreams: dict[str, UpstreamCsms] = field(default_factory=dict)
+
+    @property
+    def upstream_source(self) -> UpstreamCsms:
+        return self.upstreams["csms-1"]
+
+    @property
+    def upstream_target(self) -> UpstreamCsms:
+        return self.upstreams["csms-2"]
 
     def station(self, identity: str, **overrides) -> StationSpec:
         fields = {"url": self.source_url, "profile_timeout": 3, "behaviour": Behaviour()}
@@ -92,15 +109,60 @@ class Stack:
             yield fleet
 
 
-@pytest.fixture
-def stack(start_gateway, start_worker, redis_client) -> Stack:
-    source_url = start_gateway("csms-1", "--open")
-    target_url = start_gateway("csms-2")
+def build_stack(
+    start_gateway, start_worker, redis_client, upstreams: dict[str, UpstreamCsms] | None = None
+) -> Stack:
+    """The gateways of csms-1 (--open) and csms-2 (registered stations only), the backends in
+    the inventory, a worker with its beat. With ``upstreams`` (by CSMS name), each gateway
+    runs in proxy mode (`--upstream`) in front of its upstream CSMS, and the inventory
+    records that upstream."""
+    upstreams = upstreams or {}
+
+    def proxy(csms: str) -> tuple[str, ...]:
+        return ("--upstream", upstreams[csms].url) if csms in upstreams else ()
+
+    source_url = start_gateway("csms-1", "--open", *proxy("csms-1"))
+    target_url = start_gateway("csms-2", *proxy("csms-2"))
     # Through the service: each backend's registry (open flag, empty set) is published.
     csms_backend_upsert(name="csms-1", url=source_url, open_admission=True)
     target, _ = csms_backend_upsert(name="csms-2", url=target_url)
+    for csms, upstream in upstreams.items():
+        CsmsBackend.objects.filter(name=csms).update(upstream_url=upstream.url)
+    target.refresh_from_db()
     worker, _ = start_worker("w1", beat=True, **WORKER_ENV)
-    return Stack(source_url, target_url, start_worker, worker, redis_client, target)
+    return Stack(
+        source_url, target_url, start_worker, worker, redis_client, target, dict(upstreams)
+    )
+
+
+@pytest.fixture
+def stack(start_gateway, start_worker, redis_client) -> Stack:
+    return build_stack(start_gateway, start_worker, redis_client)
+
+
+@pytest.fixture
+def upstream_options() -> dict:
+    """UpstreamCsms.start() options of both upstreams; a test overrides it with
+    ``@pytest.mark.parametrize("upstream_options", [{...}])``."""
+    return {}
+
+
+@pytest.fixture
+def upstreams(upstream_options) -> Iterator[dict[str, UpstreamCsms]]:
+    """An upstream CSMS for csms-1 and one for csms-2 (by default both accept every boot),
+    stopped at the end of the test; a test may stop one earlier (stop() is idempotent)."""
+    with contextlib.ExitStack() as servers:
+        yield {
+            csms: servers.enter_context(UpstreamCsms.start(**upstream_options))
+            for csms in ("csms-1", "csms-2")
+        }
+
+
+@pytest.fixture
+def proxied_stack(upstreams, start_gateway, start_worker, redis_client) -> Stack:
+    """The same stack with both gateways in proxy mode, each in front of its upstream
+    (started first, so stopped after the gateways)."""
+    return build_stack(start_gateway, start_worker, redis_client, upstreams)
 
 
 def migrate(*args: str) -> tuple[int, dict]:
