@@ -10,11 +10,15 @@ migration pre-flight.
 from __future__ import annotations
 
 import unicodedata
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from django.core.exceptions import ValidationError
+
+# One definition, the gateway's (Django may import the gateway, never the reverse): /health
+# and the inventory show an upstream the same way. Re-exported for fleet.models and forms.
+from ocpp_gateway.upstream import url_without_credentials  # noqa: F401
 
 # OCPP 1.6 ChangeConfiguration.value is a CiString500: a longer URL cannot even be sent.
 CSMS_URL_MAX_LENGTH = 500
@@ -75,17 +79,6 @@ def csms_url_problems(url: object) -> list[str]:
     if not hostname:
         problems.append("The URL has no host (expected ws://host/path or wss://host/path).")
     return problems
-
-
-def url_without_credentials(url: str) -> str:
-    """``url`` with any user:password@ taken out (an upstream URL may carry them)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def validate_csms_url(value: object) -> None:

@@ -16,7 +16,7 @@ from ocpp.v16 import call
 
 from ocpp_gateway.envelopes import RELAYED_ACTIONS
 from ocpp_gateway.server import GatewayConfig, load_passwords, run_gateway
-from ocpp_gateway.upstream import UpstreamConfig, public_url
+from ocpp_gateway.upstream import UpstreamConfig, url_without_credentials
 
 
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
@@ -166,7 +166,9 @@ def _upstream_config(
         return None
     parts = urlsplit(args.upstream)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        parser.error(f"--upstream: {public_url(args.upstream)!r} is not a ws:// or wss:// URL")
+        parser.error(
+            f"--upstream: {url_without_credentials(args.upstream)!r} is not a ws:// or wss:// URL"
+        )
     if args.upstream_ca and parts.scheme != "wss":
         parser.error("--upstream-ca needs a wss:// upstream")
     if args.upstream_connect_timeout <= 0 or args.upstream_call_timeout <= 0:

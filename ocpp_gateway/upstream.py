@@ -7,7 +7,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
@@ -44,16 +44,22 @@ class UpstreamUnavailable(Exception):
         self.status = status
 
 
-def public_url(url: str) -> str:
-    """The URL without user:password (fit for /health and logs)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+def url_without_credentials(url: str) -> str:
+    """``url`` with any user:password@ taken out (fit for /health, logs and reports).
+
+    Cut by hand rather than rebuilt from urlsplit(): that raises on some malformed URLs
+    (an unclosed IPv6 bracket) and its .port on a port out of range, and a URL shown in an
+    error message about exactly that must still not show the password. The userinfo ends
+    at the last '@' of the authority, as in urlsplit (a password may contain '@').
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if "@" not in authority:
+        return url
+    return f"{scheme}://{authority.rpartition('@')[2]}{tail}"
 
 
 def station_url(base: str, identity: str) -> str:
@@ -87,7 +93,7 @@ class Upstream:
 
     @property
     def public_url(self) -> str:
-        return public_url(self.config.url)
+        return url_without_credentials(self.config.url)
 
     async def open(self, identity: str, station_headers: Headers) -> ClientConnection:
         """The station's link to the upstream, open, or UpstreamUnavailable within the

@@ -731,3 +731,20 @@ def test_the_command_line_checks_the_proxy_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(["--csms", "c", *argv])
     assert "--upstream-ca needs a wss:// upstream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("wss://user:pass@real.example.com/ocpp", "wss://real.example.com/ocpp"),
+        ("ws://u:p@ss@h.example.com/ocpp?q=a@b", "ws://h.example.com/ocpp?q=a@b"),
+        ("ws://u:p@h.example.com:99999/x", "ws://h.example.com:99999/x"),  # port out of range
+        ("ws://u:p@[::1/x", "ws://[::1/x"),  # urlsplit() raises on this one
+        ("ws://h.example.com/a@b", "ws://h.example.com/a@b"),  # an @ in the path stays
+        ("", ""),
+    ],
+)
+def test_an_upstream_url_is_shown_without_its_credentials(url, shown):
+    from ocpp_gateway.upstream import url_without_credentials
+
+    assert url_without_credentials(url) == shown
