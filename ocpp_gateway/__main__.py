@@ -164,11 +164,16 @@ def _upstream_config(
         if args.upstream_auth_file or args.upstream_ca:
             parser.error("--upstream-auth-file and --upstream-ca need --upstream")
         return None
-    parts = urlsplit(args.upstream)
+    shown = url_without_credentials(args.upstream)
+    try:
+        parts = urlsplit(args.upstream)
+        port = parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        parser.error(f"--upstream: {shown!r} cannot be parsed ({exc})")
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        parser.error(
-            f"--upstream: {url_without_credentials(args.upstream)!r} is not a ws:// or wss:// URL"
-        )
+        parser.error(f"--upstream: {shown!r} is not a ws:// or wss:// URL")
+    if port == 0:
+        parser.error(f"--upstream: {shown!r} has port 0")
     if args.upstream_ca and parts.scheme != "wss":
         parser.error("--upstream-ca needs a wss:// upstream")
     if args.upstream_connect_timeout <= 0 or args.upstream_call_timeout <= 0:

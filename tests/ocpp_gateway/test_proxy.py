@@ -715,22 +715,43 @@ def test_a_wss_upstream_is_trusted_through_upstream_ca_and_refused_without_it(
         assert len(upstream.boots("CP-TLS")) == 1
 
 
-def test_the_command_line_checks_the_proxy_flags(tmp_path, capsys):
+def test_the_command_line_takes_the_proxy_flags():
     from ocpp_gateway.__main__ import parse_args
 
     config = parse_args(["--csms", "c", "--upstream", "wss://u:p@csms.example.com/ocpp"])
     assert config.upstream is not None
     assert (config.upstream.connect_timeout, config.upstream.call_timeout) == (5, 30)
     assert parse_args(["--csms", "c"]).upstream is None
-    for argv in (
-        ["--upstream", "http://csms.example.com/ocpp"],
-        ["--upstream", "ws://csms.example.com/ocpp", "--upstream-ca", str(tmp_path / "ca.pem")],
-        ["--upstream-auth-file", str(tmp_path / "missing")],
-        ["--upstream", "ws://csms.example.com/ocpp", "--upstream-call-timeout", "0"],
-    ):
-        with pytest.raises(SystemExit):
-            parse_args(["--csms", "c", *argv])
-    assert "--upstream-ca needs a wss:// upstream" in capsys.readouterr().err
+
+
+UP = "ws://csms.example.com/ocpp"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--upstream", "http://csms.example.com/ocpp"], "is not a ws:// or wss:// URL"),
+        (["--upstream", UP, "--upstream-ca", "{tmp}/ca.pem"], "--upstream-ca needs a wss://"),
+        (["--upstream", "wss://h.example.com/x", "--upstream-ca", "{tmp}/ca.pem"], "not a file"),
+        (["--upstream-auth-file", "{tmp}/passwords"], "and --upstream-ca need --upstream"),
+        (["--upstream", UP, "--upstream-auth-file", "{tmp}/missing"], "No such file"),
+        (["--upstream", UP, "--upstream-call-timeout", "0"], "must be > 0"),
+        (["--upstream", UP, "--upstream-connect-timeout", "-1"], "must be > 0"),
+        (["--upstream", "ws://h.example.com:99999/x"], "Port out of range"),
+        (["--upstream", "ws://u:secret@h.example.com:99999/x"], "Port out of range"),
+        (["--upstream", "ws://u:secret@[::1/x"], "cannot be parsed"),
+        (["--upstream", "ws://h.example.com:0/x"], "has port 0"),
+    ],
+)
+def test_the_command_line_refuses_bad_proxy_flags(argv, message, tmp_path, capsys):
+    from ocpp_gateway.__main__ import parse_args
+
+    (tmp_path / "passwords").write_text("CP-1:x\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--csms", "c", *(arg.format(tmp=tmp_path) for arg in argv)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+    assert "secret" not in error  # an upstream password is never shown
 
 
 @pytest.mark.parametrize(
