@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -174,6 +175,10 @@ def _upstream_config(
         parser.error(f"--upstream: {shown!r} is not a ws:// or wss:// URL")
     if port == 0:
         parser.error(f"--upstream: {shown!r} has port 0")
+    port = port or (443 if parts.scheme == "wss" else 80)
+    if port == args.port and _same_host(parts.hostname, args.host):
+        # Each station's link would come back in as a new station, which opens a new link...
+        parser.error(f"--upstream: {shown!r} is this gateway itself (--host, --port)")
     if args.upstream_ca and parts.scheme != "wss":
         parser.error("--upstream-ca needs a wss:// upstream")
     if args.upstream_connect_timeout <= 0 or args.upstream_call_timeout <= 0:
@@ -191,6 +196,29 @@ def _upstream_config(
         connect_timeout=args.upstream_connect_timeout,
         call_timeout=args.upstream_call_timeout,
     )
+
+
+def _same_host(upstream_host: str, bind_host: str) -> bool:
+    """Whether connecting to upstream_host reaches a gateway bound to bind_host.
+
+    Only what is known without DNS: the very name or address, or a loopback one when the
+    gateway listens on loopback or on every address (its other names are not looked up).
+    """
+    upstream_host, bind_host = upstream_host.lower().rstrip("."), bind_host.lower().strip("[]")
+    if upstream_host == bind_host:
+        return True
+    return _local(bind_host) and _local(upstream_host)
+
+
+def _local(host: str) -> bool:
+    """A loopback name or address, or the unspecified one (which connects to this host)."""
+    if host in ("", "localhost") or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
 
 
 async def _main(config: GatewayConfig) -> None:

@@ -722,6 +722,13 @@ def test_the_command_line_takes_the_proxy_flags():
     assert config.upstream is not None
     assert (config.upstream.connect_timeout, config.upstream.call_timeout) == (5, 30)
     assert parse_args(["--csms", "c"]).upstream is None
+    # Another port, or another host, of the same machine is not a loop.
+    for argv in (
+        ["--upstream", "ws://127.0.0.1:9001/ocpp"],
+        ["--upstream", "ws://csms.example.com:9000/ocpp", "--host", "0.0.0.0"],
+        ["--upstream", "ws://127.0.0.1:9000/ocpp", "--host", "10.0.0.5"],
+    ):
+        assert parse_args(["--csms", "c", *argv]).upstream is not None
 
 
 UP = "ws://csms.example.com/ocpp"
@@ -741,6 +748,18 @@ UP = "ws://csms.example.com/ocpp"
         (["--upstream", "ws://u:secret@h.example.com:99999/x"], "Port out of range"),
         (["--upstream", "ws://u:secret@[::1/x"], "cannot be parsed"),
         (["--upstream", "ws://h.example.com:0/x"], "has port 0"),
+        # The gateway itself (default --host 127.0.0.1 --port 9000): each link would loop.
+        (["--upstream", "ws://127.0.0.1:9000/ocpp"], "is this gateway itself"),
+        (["--upstream", "ws://localhost:9000/ocpp"], "is this gateway itself"),
+        (
+            ["--upstream", "ws://h.example.com/x", "--host", "h.example.com", "--port", "80"],
+            "is this gateway itself",
+        ),
+        (
+            ["--upstream", "wss://localhost/x", "--host", "0.0.0.0", "--port", "443"],
+            "is this gateway itself",
+        ),
+        (["--upstream", "ws://[::1]:9000/x", "--host", "::"], "is this gateway itself"),
     ],
 )
 def test_the_command_line_refuses_bad_proxy_flags(argv, message, tmp_path, capsys):
