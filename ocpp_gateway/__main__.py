@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         type=Path,
         metavar="FILE",
         help="identity:password lines: HTTP Basic credentials for the upstream per station; "
-        "a station not in it has its own Authorization header passed on unchanged",
+        "a station not in it has its own Authorization header passed on unchanged (without "
+        "one, the user:password of the --upstream URL is sent, if it has them)",
     )
     proxy.add_argument(
         "--upstream-ca",
@@ -179,6 +180,9 @@ def _upstream_config(
     if port == args.port and _same_host(parts.hostname, args.host):
         # Each station's link would come back in as a new station, which opens a new link...
         parser.error(f"--upstream: {shown!r} is this gateway itself (--host, --port)")
+    if parts.username is not None and parts.password is None:
+        # As websockets refuses it; an empty password sent for it would only confuse.
+        parser.error(f"--upstream: {shown!r} has a user name but no password")
     if args.upstream_ca and parts.scheme != "wss":
         parser.error("--upstream-ca needs a wss:// upstream")
     if args.upstream_connect_timeout <= 0 or args.upstream_call_timeout <= 0:

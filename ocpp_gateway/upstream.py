@@ -7,7 +7,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
@@ -28,7 +28,8 @@ PASSED_ON_STATUSES = frozenset(
 class UpstreamConfig:
     url: str  # ws[s]://host/path; a station's link is url/<identity>
     # Station identity -> password for the upstream (HTTP Basic); None or a missing
-    # identity: the station's own Authorization header is passed on unchanged.
+    # identity: the station's own Authorization header is passed on unchanged, and a
+    # station without one gets the URL's user:password, if it has them.
     credentials: dict[str, str] | None = None
     ca_file: str | None = None  # trusted for a wss:// upstream instead of the system's CAs
     connect_timeout: float = 5.0
@@ -74,12 +75,17 @@ def client_ssl_context(config: UpstreamConfig) -> ssl.SSLContext | None:
     return context
 
 
-def _authorization(config: UpstreamConfig, identity: str, station_headers: Headers) -> str | None:
-    password = (config.credentials or {}).get(identity)
-    if password is not None:
-        token = base64.b64encode(f"{identity}:{password}".encode()).decode()
-        return f"Basic {token}"
-    return station_headers.get("Authorization")
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _url_authorization(url: str) -> str | None:
+    """HTTP Basic for the user:password of the upstream URL, if it has them."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return None
+    # Percent-decoded, as websockets would have done with the URL's userinfo.
+    return _basic(unquote(parts.username), unquote(parts.password or ""))
 
 
 class Upstream:
@@ -87,20 +93,32 @@ class Upstream:
 
     def __init__(self, config: UpstreamConfig, *, max_size: int, ping_interval: float) -> None:
         self.config = config
+        # The userinfo is taken out of the URL and sent as our one Authorization header:
+        # left in, websockets would add a second one from it beside ours.
+        self._base_url = url_without_credentials(config.url)
+        self._url_authorization = _url_authorization(config.url)
         self._ssl = client_ssl_context(config)
         self._max_size = max_size
         self._ping_interval = ping_interval
 
     @property
     def public_url(self) -> str:
-        return url_without_credentials(self.config.url)
+        return self._base_url
+
+    def _authorization(self, identity: str, station_headers: Headers) -> str | None:
+        """The one Authorization the upstream gets: the station's entry in the upstream
+        credentials file, else the station's own header, else the URL's user:password."""
+        password = (self.config.credentials or {}).get(identity)
+        if password is not None:
+            return _basic(identity, password)
+        return station_headers.get("Authorization") or self._url_authorization
 
     async def open(self, identity: str, station_headers: Headers) -> ClientConnection:
         """The station's link to the upstream, open, or UpstreamUnavailable within the
         connect timeout (the station's own handshake waits for this)."""
-        url = station_url(self.config.url, identity)
+        url = station_url(self._base_url, identity)
         headers = {}
-        authorization = _authorization(self.config, identity, station_headers)
+        authorization = self._authorization(identity, station_headers)
         if authorization:
             headers["Authorization"] = authorization
         try:

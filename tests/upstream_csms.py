@@ -60,12 +60,13 @@ class Link:
 
     identity: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # a header sent twice shows once here: see authorizations
     subprotocol: str | None
     connection: ServerConnection
     side: _CentralSystem | None = None
     close_code: int | None = None
     closed: threading.Event = field(default_factory=threading.Event)
+    authorizations: list[str] = field(default_factory=list)  # every Authorization header
 
 
 class _CentralSystem(ChargePoint):
@@ -384,6 +385,7 @@ class UpstreamCsms:
             headers=dict(connection.request.headers.raw_items()),
             subprotocol=connection.subprotocol,
             connection=connection,
+            authorizations=connection.request.headers.get_all("Authorization"),
         )
         link.side = _CentralSystem(identity, connection, self)
         self._record(self._links, identity, link)

@@ -557,6 +557,35 @@ def test_credentials_for_the_upstream_come_from_the_file_or_the_station(start_ga
         assert upstream.links("CP-H")[0].headers["Authorization"] == _basic("CP-H", "own-key")
 
 
+def test_the_upstream_gets_one_authorization_the_file_then_the_station_then_the_url(
+    start_gateway, tmp_path
+):
+    auth = tmp_path / "upstream-passwords"
+    auth.write_text("CP-F:from-file\n")
+    with UpstreamCsms.start() as upstream:
+        url = upstream.url.replace("ws://", "ws://gw%40x:s%3Acret@")
+        base = start_gateway(
+            "csms-1", "--open", "--upstream", url, "--upstream-auth-file", str(auth)
+        )
+        assert health(base)["upstream"] == upstream.url
+
+        async def scenario():
+            # CP-F has an entry in the file and sends its own header too: the file wins.
+            sent = {"CP-F": _basic("CP-F", "own-key"), "CP-H": _basic("CP-H", "own-key")}
+            for identity in ("CP-F", "CP-H", "CP-U"):
+                own = {"Authorization": sent[identity]} if identity in sent else {}
+                async with raw_station(base, identity, additional_headers=own) as station:
+                    await station.call("b1", "BootNotification", BOOT)
+
+        asyncio.run(scenario())
+        links = {identity: upstream.links(identity)[0] for identity in ("CP-F", "CP-H", "CP-U")}
+    # Exactly one header each (websockets would add the URL's userinfo beside ours).
+    assert links["CP-F"].authorizations == [_basic("CP-F", "from-file")]
+    assert links["CP-H"].authorizations == [_basic("CP-H", "own-key")]
+    assert links["CP-U"].authorizations == [_basic("gw@x", "s:cret")]  # percent-decoded
+    assert all(link.path.startswith("/ocpp/CP-") for link in links.values())
+
+
 def test_the_allow_list_applies_to_injected_commands(proxy, upstream, redis_client):
     base = proxy("--open")
     with Fleet([StationSpec("CP-A", url=base)], timing=FAST) as fleet:
