@@ -133,6 +133,10 @@ class Upstream:
                 compression=None,
                 ping_interval=self._ping_interval,
                 ping_timeout=self._ping_interval,
+                # websockets would otherwise follow HTTP(S)_PROXY / ALL_PROXY from the
+                # environment: a proxy set for something else would silently sit in every
+                # station's path (and see its credentials on a ws:// upstream).
+                proxy=None,
             )
         except InvalidStatus as exc:
             code = exc.response.status_code

@@ -586,6 +586,27 @@ def test_the_upstream_gets_one_authorization_the_file_then_the_station_then_the_
     assert all(link.path.startswith("/ocpp/CP-") for link in links.values())
 
 
+def test_the_upstream_link_ignores_a_proxy_set_in_the_environment(upstream, redis_url, tmp_path):
+    from tests.processes import port_open, python, running
+
+    port = free_port()
+    nowhere = f"http://127.0.0.1:{free_port()}"  # a proxy that is not there
+    env = {"REDIS_URL": redis_url, "no_proxy": "", "NO_PROXY": ""}
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        env[name] = env[name.upper()] = nowhere
+    args = python("-m", "ocpp_gateway", "--csms", "csms-1", "--port", str(port), "--open",
+                  "--upstream", upstream.url)  # fmt: skip
+    with running(args, env=env, log=tmp_path / "gateway.log"):
+        wait_for(lambda: port_open(port), 15, "the gateway to listen")
+
+        async def scenario():
+            async with raw_station(f"ws://127.0.0.1:{port}/ocpp", "CP-X") as station:
+                return await station.call("b1", "BootNotification", BOOT)
+
+        assert asyncio.run(scenario())[2]["status"] == "Accepted"
+    assert len(upstream.boots("CP-X")) == 1
+
+
 def test_the_allow_list_applies_to_injected_commands(proxy, upstream, redis_client):
     base = proxy("--open")
     with Fleet([StationSpec("CP-A", url=base)], timing=FAST) as fleet:
