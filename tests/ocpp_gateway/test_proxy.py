@@ -798,6 +798,7 @@ UP = "ws://csms.example.com/ocpp"
         (["--upstream", "ws://u:secret@h.example.com:99999/x"], "Port out of range"),
         (["--upstream", "ws://u:secret@[::1/x"], "cannot be parsed"),
         (["--upstream", "ws://h.example.com:0/x"], "has port 0"),
+        (["--upstream", "ws://user@h.example.com/x"], "has a user name but no password"),
         # The gateway itself (default --host 127.0.0.1 --port 9000): each link would loop.
         (["--upstream", "ws://127.0.0.1:9000/ocpp"], "is this gateway itself"),
         (["--upstream", "ws://localhost:9000/ocpp"], "is this gateway itself"),
