@@ -235,8 +235,9 @@ class Gateway:
             try:
                 link = await self.upstream.open(identity, request.headers)
             except UpstreamUnavailable as exc:
+                # The detail (an OS error, an address of the upstream) is for our log only.
                 logger.warning("refused %s: %s", identity, exc)
-                return connection.respond(exc.status, f"Upstream CSMS: {exc}.\n")
+                return connection.respond(exc.status, _UPSTREAM_REFUSALS[exc.status])
             reaper = asyncio.get_running_loop().call_later(
                 self.config.handshake_timeout + 1, self._reap_link, connection
             )
@@ -377,6 +378,15 @@ class Gateway:
             self.reporter.report(EventKind.DISCONNECT, identity, data)  # queued, never lost
             if current:
                 self.relay.detach(identity)
+
+
+# What a station is told when its upstream link could not be opened (see upstream.py).
+_UPSTREAM_REFUSALS = {
+    HTTPStatus.BAD_GATEWAY: "Upstream CSMS unavailable.\n",
+    HTTPStatus.UNAUTHORIZED: "Unauthorized by the upstream CSMS.\n",
+    HTTPStatus.FORBIDDEN: "Forbidden by the upstream CSMS.\n",
+    HTTPStatus.NOT_FOUND: "Not found on the upstream CSMS.\n",
+}
 
 
 def _address(connection: ServerConnection) -> str:

@@ -19,6 +19,7 @@ SUBPROTOCOL = "ocpp1.6"
 # Refusals of the upstream that say something about the station itself (its credentials,
 # its registration): the station gets the same status, as if it had connected directly.
 # Anything else (the upstream down, broken, slow) is the gateway's failure to reach it: 502.
+# (server._UPSTREAM_REFUSALS has the body a station gets for each.)
 PASSED_ON_STATUSES = frozenset(
     {HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN, HTTPStatus.NOT_FOUND}
 )

@@ -465,14 +465,15 @@ def test_an_unreachable_upstream_refuses_the_station_with_502(start_gateway):
             "csms-2", "--open", "--upstream", mute, "--upstream-connect-timeout", "0.5"
         )
 
-        async def attempt(url: str) -> int:
+        async def attempt(url: str) -> tuple[int, bytes]:
             with pytest.raises(InvalidStatus) as refused:
                 async with raw_station(url, "CP-1"):
                     pass
-            return refused.value.response.status_code
+            return refused.value.response.status_code, refused.value.response.body
 
-        assert asyncio.run(attempt(base)) == 502
-        assert asyncio.run(attempt(slow)) == 502
+        # The station learns nothing of why (an OS error, the upstream's address).
+        assert asyncio.run(attempt(base)) == (502, b"Upstream CSMS unavailable.\n")
+        assert asyncio.run(attempt(slow)) == (502, b"Upstream CSMS unavailable.\n")
 
 
 def test_upstream_closing_closes_the_station_1012_and_a_station_closing_closes_the_link(
