@@ -125,6 +125,11 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     )
     # The ocpp library logs every frame at INFO: far too much for thousands of stations.
     logging.getLogger("ocpp").setLevel(logging.WARNING)
+    # websockets logs every handshake's headers at DEBUG: the stations' Authorization (their
+    # passwords, merely base64) and the upstream credentials would land in the log. Its
+    # DEBUG lines are frame dumps otherwise, so they are not worth a redacting filter.
+    root_level = logging.getLogger().getEffectiveLevel()
+    logging.getLogger("websockets").setLevel(max(logging.INFO, root_level))
     if args.keyfile and not args.certfile:
         parser.error("--keyfile needs --certfile")
     try:

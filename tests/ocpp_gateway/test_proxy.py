@@ -608,6 +608,26 @@ def test_the_upstream_link_ignores_a_proxy_set_in_the_environment(upstream, redi
     assert len(upstream.boots("CP-X")) == 1
 
 
+def test_credentials_stay_out_of_the_log_at_debug(start_gateway, upstream, tmp_path):
+    base = start_gateway(
+        "csms-1", "--open", "--log-level", "DEBUG", "--upstream",
+        upstream.url.replace("ws://", "ws://gw:url-secret@"),
+    )  # fmt: skip
+    own = _basic("CP-1", "station-secret")
+
+    async def scenario():
+        async with raw_station(base, "CP-1", additional_headers={"Authorization": own}) as st:
+            await st.call("b1", "BootNotification", BOOT)
+
+    asyncio.run(scenario())
+    assert upstream.links("CP-1")[0].authorizations == [own]
+    log = (tmp_path / "gateway-csms-1.log").read_text()
+    assert " DEBUG " in log  # the level took: other libraries' DEBUG lines are there
+    for secret in ("url-secret", own.split()[1], _basic("gw", "url-secret").split()[1]):
+        assert secret not in log
+    assert "authorization" not in log.lower()
+
+
 def test_the_allow_list_applies_to_injected_commands(proxy, upstream, redis_client):
     base = proxy("--open")
     with Fleet([StationSpec("CP-A", url=base)], timing=FAST) as fleet:
