@@ -153,8 +153,9 @@ class Gateway:
             else None
         )
         # Handshake -> its open upstream link, until handle() takes it; a handshake that
-        # fails after process_request never reaches handle(), so a timer closes its link.
-        self._links: dict[ServerConnection, tuple[ClientConnection, asyncio.TimerHandle]] = {}
+        # fails after process_request never reaches handle(), so a watcher of the station's
+        # connection closes its link as soon as that connection is gone.
+        self._links: dict[ServerConnection, tuple[ClientConnection, asyncio.Task[None]]] = {}
         send = celery_sender(config.redis_url) if config.nudge_consumer else None
         self.reporter = EventReporter(redis, config.csms, ingest_nudger(send) if send else None)
         self.registry = Registry(
@@ -238,10 +239,14 @@ class Gateway:
                 # The detail (an OS error, an address of the upstream) is for our log only.
                 logger.warning("refused %s: %s", identity, exc)
                 return connection.respond(exc.status, _UPSTREAM_REFUSALS[exc.status])
-            reaper = asyncio.get_running_loop().call_later(
-                self.config.handshake_timeout + 1, self._reap_link, connection
-            )
-            self._links[connection] = (link, reaper)
+            if connection.transport.is_closing():
+                # The station left while its link was being opened: nobody would claim the
+                # link, and a station dropping in a loop would pile them up.
+                logger.info("%s left during its handshake; closing its upstream link", identity)
+                self._spawn(close_quietly(link, 1001, "station left during the handshake"))
+                # Never sent (the connection is gone); it keeps handle() from running.
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Station gone.\n")
+            self._links[connection] = (link, self._spawn(self._watch_link(connection)))
         self._authenticated[connection] = authenticated
         return None
 
@@ -249,20 +254,27 @@ class Gateway:
         entry = self._links.pop(connection, None)
         if entry is None:
             return None
-        link, reaper = entry
-        reaper.cancel()
+        link, watcher = entry
+        watcher.cancel()
         return link
 
-    def _reap_link(self, connection: ServerConnection) -> None:
-        link = self._take_link(connection)
-        if link is not None:
+    async def _watch_link(self, connection: ServerConnection) -> None:
+        """Close a handshake's upstream link once the station's connection is gone and
+        handle() never took the link (the handshake failed after process_request)."""
+        # Bounded: past the handshake timeout no handshake is still under way.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.handshake_timeout + 1):
+                await connection.wait_closed()
+        entry = self._links.pop(connection, None)  # not _take_link: it would cancel us
+        if entry is not None:
             logger.info("closing an upstream link whose station's handshake did not finish")
-            self._spawn(close_quietly(link, 1001, "station handshake failed"))
+            await close_quietly(entry[0], 1001, "station handshake failed")
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def _is_held(self, identity: str) -> bool:
         until = self._held.get(identity)
@@ -325,7 +337,7 @@ class Gateway:
         session: StationSession | ProxySession
         if self.upstream is not None:
             link = self._take_link(connection)
-            if link is None:  # reaped: the handshake took longer than it may
+            if link is None:  # the watcher closed it: the station's connection ended first
                 await connection.close(1011, "upstream link lost during the handshake")
                 return
             assert self.config.upstream is not None

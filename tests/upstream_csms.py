@@ -65,6 +65,7 @@ class Link:
     connection: ServerConnection
     side: _CentralSystem | None = None
     close_code: int | None = None
+    close_reason: str | None = None
     closed: threading.Event = field(default_factory=threading.Event)
     authorizations: list[str] = field(default_factory=list)  # every Authorization header
 
@@ -157,6 +158,7 @@ class UpstreamCsms:
             identity: RegistrationStatus.rejected for identity in reject
         }
         self._boot_errors: dict[str, str] = {}
+        self._handshake_delays: dict[str, float] = {}
         # identity -> password: when given, a link must carry HTTP Basic for it (else 401).
         self._passwords = dict(passwords) if passwords is not None else None
         self._ssl = ssl_context
@@ -251,6 +253,11 @@ class UpstreamCsms:
                 self._boot_errors[identity] = description
             else:
                 self._boot_errors.pop(identity, None)
+
+    def set_handshake_delay(self, identity: str, seconds: float) -> None:
+        """Answer identity's websocket handshakes this much later (a slow upstream)."""
+        with self._lock:
+            self._handshake_delays[identity] = seconds
 
     def boot_error_of(self, identity: str) -> str | None:
         with self._lock:
@@ -366,6 +373,10 @@ class UpstreamCsms:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         identity = _identity(request.path)
+        with self._lock:
+            delay = self._handshake_delays.get(identity, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         if self._passwords is None:
             return None
         expected = self._passwords.get(identity)
@@ -395,6 +406,7 @@ class UpstreamCsms:
             pass
         finally:
             link.close_code = connection.close_code
+            link.close_reason = connection.close_reason
             link.closed.set()
 
 

@@ -497,6 +497,29 @@ def test_upstream_closing_closes_the_station_1012_and_a_station_closing_closes_t
     assert len(upstream.links("CP-C")) == 2
 
 
+def _upgrade_request(identity: str) -> bytes:
+    return (
+        f"GET /ocpp/{identity} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ocpp1.6\r\n\r\n"
+    ).encode()
+
+
+def test_a_station_gone_while_its_link_opens_has_that_link_closed_at_once(proxy, upstream):
+    base = proxy("--open")
+    port = int(base.rsplit(":", 1)[1].split("/")[0])
+    for n in range(3):  # a client dropping in a loop leaves no link behind
+        identity = f"CP-GONE-{n}"
+        upstream.set_handshake_delay(identity, 1.0)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(_upgrade_request(identity))
+            # Gone before the upstream answers: the gateway is still opening the link.
+        link = wait_for(lambda i=identity: upstream.links(i), 10, f"{identity}'s upstream link")[0]
+        assert link.closed.wait(5), "the link outlived its station"
+        assert (link.close_code, link.close_reason) == (1001, "station left during the handshake")
+        assert upstream.received(identity) == []
+
+
 # --- admission, credentials and the allow-list in front of the upstream ----------------------
 
 
