@@ -53,6 +53,10 @@ MAX_IDENTITY_LENGTH = 64
 # much more (a station's own open timeout is often 10 s).
 LIVENESS_TIMEOUT = 5.0
 SUBSCRIBE_WAIT_SECONDS = 1.0
+# At shutdown, how long the closes still under way (upstream links, replaced sessions) may
+# take after the server closed: the close frames go out at once, this only bounds the wait
+# for the peers' answers.
+SHUTDOWN_CLOSE_TIMEOUT = 5.0
 # websockets' default handshake timeout, which covers process_request (and so, in proxy
 # mode, the liveness check and the upstream's connect timeout as well).
 HANDSHAKE_TIMEOUT = 10.0
@@ -276,6 +280,22 @@ class Gateway:
         task.add_done_callback(self._background.discard)
         return task
 
+    async def close_leftovers(self) -> None:
+        """After the server closed: close the links of handshakes that never reached
+        handle() (1001, going away) and wait, bounded, for every close under way."""
+        for connection in list(self._links):
+            link = self._take_link(connection)
+            if link is not None:
+                self._spawn(close_quietly(link, 1001, "gateway shutting down"))
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(set(self._background), timeout=SHUTDOWN_CLOSE_TIMEOUT)
+        if pending:
+            logger.warning("%d closes not finished at shutdown; abandoned", len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     def _is_held(self, identity: str) -> bool:
         until = self._held.get(identity)
         if until is None:
@@ -463,6 +483,7 @@ async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
         logger.info("shutting down: closing %d station connections", len(gateway.sessions))
         server.close(close_connections=True)  # close code 1001, going away
         await server.wait_closed()
+        await gateway.close_leftovers()
     try:
         async with asyncio.timeout(10):
             await gateway.reporter.flush()

@@ -170,6 +170,7 @@ class UpstreamCsms:
         self._boots: dict[str, list[Any]] = {}
         self._links: dict[str, list[Link]] = {}
         self._refused: dict[str, list[int]] = {}
+        self._handshakes: dict[str, list[str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
@@ -298,6 +299,11 @@ class UpstreamCsms:
         with self._lock:
             return list(self._refused.get(identity, ()))
 
+    def handshakes(self, identity: str) -> list[str]:
+        """The paths of identity's websocket handshakes this CSMS began, accepted or not."""
+        with self._lock:
+            return list(self._handshakes.get(identity, ()))
+
     def connected(self, identity: str) -> bool:
         links = self.links(identity)
         return bool(links) and not links[-1].closed.is_set()
@@ -373,6 +379,7 @@ class UpstreamCsms:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         identity = _identity(request.path)
+        self._record(self._handshakes, identity, request.path)
         with self._lock:
             delay = self._handshake_delays.get(identity, 0.0)
         if delay:

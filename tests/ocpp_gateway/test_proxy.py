@@ -520,6 +520,43 @@ def test_a_station_gone_while_its_link_opens_has_that_link_closed_at_once(proxy,
         assert upstream.received(identity) == []
 
 
+def test_shutdown_closes_every_upstream_link_with_1001_handshakes_under_way_included(
+    upstream, redis_url, tmp_path
+):
+    import signal
+
+    from tests.processes import port_open, python, running
+
+    port = free_port()
+    upstream.set_handshake_delay("CP-SLOW", 2.0)
+    args = python("-m", "ocpp_gateway", "--csms", "csms-1", "--port", str(port), "--open",
+                  "--upstream", upstream.url)  # fmt: skip
+    log = tmp_path / "gateway.log"
+    with running(args, env={"REDIS_URL": redis_url}, log=log) as gateway:
+        wait_for(lambda: port_open(port), 15, "the gateway to listen")
+        base = f"ws://127.0.0.1:{port}/ocpp"
+
+        async def scenario():
+            async with raw_station(base, "CP-1") as station:
+                await station.call("b1", "BootNotification", BOOT)
+                slow = asyncio.create_task(raw_station(base, "CP-SLOW").__aenter__())
+                # SIGTERM while CP-SLOW's handshake waits for its upstream link to open.
+                await asyncio.to_thread(
+                    wait_for, lambda: upstream.handshakes("CP-SLOW"), 5, "CP-SLOW's link opening"
+                )
+                gateway.send_signal(signal.SIGTERM)
+                with pytest.raises(InvalidStatus) as refused:
+                    await asyncio.wait_for(slow, 10)
+                return await station.close_code(10), refused.value.response.status_code
+
+        assert asyncio.run(scenario()) == (1001, 503)
+        assert gateway.wait(15) == 0
+    for identity in ("CP-1", "CP-SLOW"):
+        (link,) = upstream.links(identity)
+        assert link.closed.wait(5), f"{identity}'s upstream link left open"
+        assert link.close_code == 1001, (identity, link.close_code, link.close_reason)
+
+
 # --- admission, credentials and the allow-list in front of the upstream ----------------------
 
 
