@@ -118,6 +118,10 @@ class ProxySession:
         # while the upstream has not answered it yet); None: no boot on this connection.
         self.boot_status: BootStatus | None = None
         self.boot_hardware: dict[str, str] | None = None
+        # Cleared while a forwarded boot awaits the upstream's answer: its status decides
+        # whether a command may go, so a command arriving meanwhile waits for it.
+        self._boot_answered = asyncio.Event()
+        self._boot_answered.set()
         self._slot = asyncio.Lock()  # the one CALL towards the station
         self._outstanding: _Outstanding | None = None
         self._upstream_calls: set[asyncio.Task[None]] = set()
@@ -138,6 +142,7 @@ class ProxySession:
             for task in list(self._upstream_calls):
                 task.cancel()
             self._gone = True
+            self._boot_answered.set()  # no answer will come: nobody waits for it
             outstanding = self._outstanding
             if outstanding is not None and not outstanding.answer.done():
                 if outstanding.from_upstream:
@@ -164,6 +169,14 @@ class ProxySession:
 
     async def run_command(self, command: Command) -> Reply:
         """An injected command, in turn with the upstream's CALLs; never raises."""
+        if not self._boot_answered.is_set():
+            # A re-boot (after the upstream's TriggerMessage, say) makes the status Pending
+            # until the upstream answers; refusing the command in that window would fail a
+            # station the upstream is about to accept again. Waiting is bounded by the
+            # command's deadline; past it, run_command refuses it as not accepted.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(command.remaining(), 0)):
+                    await self._boot_answered.wait()
         return await run_command(command, self, self._exchange, unique_id=injected_id())
 
     # --- station -> upstream ------------------------------------------------------------------
@@ -219,8 +232,9 @@ class ProxySession:
         )
         if verdict.status is BootStatus.ACCEPTED:
             # The upstream has the last word; until it answers, no command counts as
-            # reaching an accepted station.
+            # reaching an accepted station (commands wait for that answer: run_command).
             self.boot_status = BootStatus.PENDING
+            self._boot_answered.clear()
             self._watch(unique_id, _Watched("BootNotification", request))
             return True
         # The gateway's own admission says no: the upstream never sees this boot.
@@ -295,13 +309,20 @@ class ProxySession:
             if frame is not None and frame[0] == MessageType.Call:
                 await self._upstream_call(frame[1], raw)
                 continue
-            rejected = ""
+            rejected, watched = "", None
             if frame is not None and frame[0] in (MessageType.CallResult, MessageType.CallError):
-                rejected = self._upstream_answer(frame)
+                watched = self._watched.pop(frame[1], None)
+                if watched is not None:
+                    rejected = self._upstream_answer(frame, watched)
             try:
                 await self._station.send(raw)
             except ConnectionClosed:
                 return
+            finally:
+                if watched is not None and watched.action == "BootNotification":
+                    # Only once the answer is on its way: a command that waited for it
+                    # must not reach the station before its BootNotification.conf.
+                    self._boot_answered.set()
             if rejected:
                 self._reject(rejected)
 
@@ -352,11 +373,8 @@ class ProxySession:
         except ConnectionClosed:
             return  # the station is gone; start() closes the upstream link
 
-    def _upstream_answer(self, frame: list[Any]) -> str:
+    def _upstream_answer(self, frame: list[Any], watched: _Watched) -> str:
         """Read the upstream's answer to a watched station CALL; the rejection, if any."""
-        watched = self._watched.pop(frame[1], None)
-        if watched is None:
-            return ""
         result = frame[2] if frame[0] == MessageType.CallResult and len(frame) > 2 else None
         if watched.action == "StartTransaction":
             transaction = result.get("transactionId") if isinstance(result, dict) else None

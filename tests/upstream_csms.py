@@ -86,8 +86,11 @@ class _CentralSystem(ChargePoint):
         await super()._send(message)
 
     @on(Action.boot_notification)
-    def on_boot_notification(self, **kwargs: Any) -> call_result.BootNotification:
+    async def on_boot_notification(self, **kwargs: Any) -> call_result.BootNotification:
         self._owner._record(self._owner._boots, self.id, kwargs)
+        delay = self._owner.boot_delay_of(self.id)
+        if delay:
+            await asyncio.sleep(delay)  # a slow CSMS (this link reads nothing meanwhile)
         error = self._owner.boot_error_of(self.id)
         if error:
             raise InternalError(description=error)  # answered with a CALLERROR
@@ -159,6 +162,7 @@ class UpstreamCsms:
         }
         self._boot_errors: dict[str, str] = {}
         self._handshake_delays: dict[str, float] = {}
+        self._boot_delays: dict[str, float] = {}
         # identity -> password: when given, a link must carry HTTP Basic for it (else 401).
         self._passwords = dict(passwords) if passwords is not None else None
         self._ssl = ssl_context
@@ -259,6 +263,15 @@ class UpstreamCsms:
         """Answer identity's websocket handshakes this much later (a slow upstream)."""
         with self._lock:
             self._handshake_delays[identity] = seconds
+
+    def set_boot_delay(self, identity: str, seconds: float) -> None:
+        """Answer identity's next BootNotifications this much later."""
+        with self._lock:
+            self._boot_delays[identity] = seconds
+
+    def boot_delay_of(self, identity: str) -> float:
+        with self._lock:
+            return self._boot_delays.get(identity, 0.0)
 
     def boot_error_of(self, identity: str) -> str | None:
         with self._lock:

@@ -169,6 +169,34 @@ def test_a_pending_upstream_answer_is_what_the_station_gets_and_commands_wait(
     assert (event["status"], event["reason"]) == ("Pending", "upstream CSMS answered Pending")
 
 
+def test_a_command_during_a_re_boot_waits_for_the_upstreams_answer_and_goes(
+    proxy, upstream, redis_client
+):
+    base = proxy("--open")
+
+    async def scenario():
+        async with raw_station(base, "CP-RB") as station:
+            assert (await station.call("b1", "BootNotification", BOOT))[2]["status"] == "Accepted"
+            # A re-boot (as after the upstream's TriggerMessage) the upstream answers late.
+            upstream.set_boot_delay("CP-RB", 1.5)
+            await station.ws.send(json.dumps([2, "b2", "BootNotification", BOOT]))
+            await asyncio.to_thread(upstream.wait_boots, "CP-RB", 2, 5)  # forwarded, unanswered
+            ours = asyncio.create_task(
+                asyncio.to_thread(
+                    send_command, redis_client, "CP-RB", "GetConfiguration", {}, timeout=10
+                )
+            )
+            answer = await station.next(10)
+            assert answer[:2] == [3, "b2"] and answer[2]["status"] == "Accepted"
+            command = await station.next(10)  # after the boot's answer, never before it
+            assert command[0] == 2 and command[1].startswith("csmsm-")
+            await station.answer(command[1], {"configurationKey": []})
+            return await ours
+
+    reply = asyncio.run(scenario())
+    assert reply.outcome is Outcome.RESULT and reply.sent
+
+
 def test_a_boot_the_upstream_answers_with_a_callerror_leaves_the_station_not_accepted(
     proxy, upstream, redis_client
 ):
