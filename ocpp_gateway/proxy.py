@@ -189,7 +189,13 @@ class ProxySession:
                 return
             frame = _frame(raw)
             if frame is None:
-                await self._to_upstream(raw)  # not ours to judge: the upstream answers it
+                misidentified = _misidentified(raw)
+                if misidentified is None:
+                    await self._to_upstream(raw)  # not ours to judge: the upstream answers it
+                else:
+                    # Relayed, a boot with a numeric id would pass the gateway's admission
+                    # unseen, and an answer with one matches no call of ours or relayed.
+                    await self._refuse_misidentified(misidentified, raw, self._station)
             elif frame[0] == MessageType.Call:
                 if await self._station_call(frame):
                     await self._to_upstream(raw)
@@ -309,6 +315,13 @@ class ProxySession:
             if frame is not None and frame[0] == MessageType.Call:
                 await self._upstream_call(frame[1], raw)
                 continue
+            if frame is None:
+                misidentified = _misidentified(raw)
+                if misidentified is not None:
+                    # Relayed, a CALL with a numeric id would bypass the call slot and its
+                    # deadline (a second CALL outstanding towards the station).
+                    await self._refuse_misidentified(misidentified, raw, self._upstream)
+                    continue
             rejected, watched = "", None
             if frame is not None and frame[0] in (MessageType.CallResult, MessageType.CallError):
                 watched = self._watched.pop(frame[1], None)
@@ -405,6 +418,20 @@ class ProxySession:
             logger.warning("%s: boot %s (%s)", self.id, status.value, reason)
         return reason if status is BootStatus.REJECTED else ""
 
+    async def _refuse_misidentified(self, frame: list[Any], raw: str, sender: Any) -> None:
+        """A frame whose message id is not a string (OCPP-J: a string of up to 36
+        characters): a CALL is answered with a CALLERROR, anything else is dropped; logged
+        as endpoint mode logs a malformed frame."""
+        side = "the upstream CSMS" if sender is self._upstream else "the station"
+        logger.warning(
+            "%s: %s sent a frame whose message id is not a string: %.200s", self.id, side, raw
+        )
+        if frame[0] != MessageType.Call:
+            return
+        error = CallError(frame[1], "FormationViolation", "the message id must be a string", {})
+        with contextlib.suppress(ConnectionClosed):  # the relay notices a closed side
+            await sender.send(error.to_json())
+
     # --- injected commands ----------------------------------------------------------------------
 
     async def _exchange(self, command: Command, message: Call, progress: Progress) -> Any:
@@ -446,6 +473,24 @@ class ProxySession:
             self._closing = asyncio.create_task(
                 close_quietly(self._station, CLOSE_REJECTED, close_reason(reason))
             )
+
+
+def _misidentified(raw: str | bytes) -> list[Any] | None:
+    """An OCPP-J frame [type, id, ...] whose id is not a string, or None."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        return None
+    if (
+        isinstance(frame, list)
+        and len(frame) > 1
+        and frame[0] in (MessageType.Call, MessageType.CallResult, MessageType.CallError)
+        and not isinstance(frame[1], str)
+    ):
+        return frame
+    return None
 
 
 def _frame(raw: str | bytes) -> list[Any] | None:

@@ -340,6 +340,45 @@ def test_injected_wire_ids_fit_ocpp_j_and_their_answers_stay_with_the_bridge(
     assert not any(i in raw for raw in upstream.received("CP-W") for i in ids)
 
 
+def test_frames_whose_message_id_is_not_a_string_are_never_relayed(proxy, upstream, redis_client):
+    base = proxy("--open")
+
+    async def scenario():
+        async with raw_station(base, "CP-N") as station:
+            # A boot with a numeric id: relayed, it would pass the gateway's admission unseen.
+            refused = await station.call(7, "BootNotification", BOOT)
+            assert refused[:3] == [4, 7, "FormationViolation"]
+            await station.answer(9, {})  # an answer to nothing: dropped
+            assert (await station.call("b1", "BootNotification", BOOT))[2]["status"] == "Accepted"
+            # The upstream's CALL with a numeric id would skip the call slot and its deadline.
+            await asyncio.to_thread(
+                upstream.send_raw, "CP-N", json.dumps([2, 42, "GetConfiguration", {}])
+            )
+            errors = await asyncio.to_thread(
+                wait_for,
+                lambda: [f for f in upstream.received_frames("CP-N") if f[0] == 4],
+                5,
+                "the gateway's CALLERROR to the upstream",
+            )
+            assert errors[0][:3] == [4, 42, "FormationViolation"]
+            # The slot stayed free: a command goes through at once.
+            ours = asyncio.create_task(
+                asyncio.to_thread(
+                    send_command, redis_client, "CP-N", "GetConfiguration", {}, timeout=5
+                )
+            )
+            command = await station.next()
+            assert command[0] == 2 and command[1].startswith("csmsm-")
+            await station.answer(command[1], {"configurationKey": []})
+            return await ours, station.seen
+
+    reply, seen = asyncio.run(scenario())
+    assert reply.outcome is Outcome.RESULT
+    assert not any(frame[1] == 42 for frame in seen)  # never delivered to the station
+    assert [f[1] for f in upstream.received_frames("CP-N")] == ["b1", 42]
+    assert len(upstream.boots("CP-N")) == 1
+
+
 def test_an_upstream_call_behind_a_slow_command_is_errored_and_never_delivered(
     proxy, upstream, redis_client
 ):
