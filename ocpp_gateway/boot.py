@@ -7,13 +7,19 @@ or an upstream CSMS does (proxy mode); only who decides the final status differs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ocpp_gateway.connections import close_quietly
 from ocpp_gateway.envelopes import EventKind
 from ocpp_gateway.events import EventReporter
 from ocpp_gateway.registry import OTHER_HARDWARE, BootStatus, BootVerdict, Registry
+
+logger = logging.getLogger(__name__)
 
 # Boot retry interval while the registry is unknown: it is usually loaded within seconds.
 PENDING_INTERVAL = 5
@@ -89,3 +95,66 @@ def report_boot(
 def close_reason(why: str) -> str:
     # A websocket close reason is at most 123 bytes.
     return f"boot rejected: {why}".encode()[:123].decode(errors="ignore")
+
+
+def settle_boot(
+    reporter: EventReporter,
+    identity: str,
+    hardware: Mapping[str, str],
+    payload: Mapping[str, Any],
+    status: BootStatus,
+    reason: str,
+) -> None:
+    """What follows the final status of a boot, whoever gave it: the BOOT event, and a
+    warning for a boot not accepted."""
+    report_boot(reporter, identity, hardware, payload, status, reason)
+    if status is not BootStatus.ACCEPTED:
+        logger.warning("%s: boot %s (%s)", identity, status.value, reason)
+
+
+@dataclass(frozen=True)
+class BootAnswer:
+    """The BootNotification.conf the gateway gives itself."""
+
+    current_time: str
+    interval: int
+    status: BootStatus
+
+    def payload(self) -> dict[str, Any]:
+        """On the wire (camelCase)."""
+        return {
+            "currentTime": self.current_time,
+            "interval": self.interval,
+            "status": self.status.value,
+        }
+
+
+def answer_boot(
+    reporter: EventReporter,
+    identity: str,
+    hardware: Mapping[str, str],
+    payload: Mapping[str, Any],
+    verdict: BootVerdict,
+    *,
+    heartbeat_interval: int,
+) -> BootAnswer:
+    """The gateway answering a boot itself with its own verdict: settled, and the answer."""
+    settle_boot(reporter, identity, hardware, payload, verdict.status, verdict.reason)
+    pending = verdict.status is BootStatus.PENDING
+    return BootAnswer(
+        current_time=now_iso(),
+        interval=PENDING_INTERVAL if pending else heartbeat_interval,
+        status=verdict.status,
+    )
+
+
+def close_rejected(
+    connection: Any, identity: str, reason: str, on_rejected: Callable[[str], None]
+) -> asyncio.Task[None]:
+    """Close a station whose boot was Rejected, and have its identity held off.
+
+    A station retries a Rejected boot on the same socket forever: closing it (and refusing
+    its handshakes for a while) lets its profile fallback take it back to its previous CSMS.
+    """
+    on_rejected(identity)
+    return asyncio.create_task(close_quietly(connection, CLOSE_REJECTED, close_reason(reason)))

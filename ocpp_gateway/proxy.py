@@ -29,15 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from ocpp_gateway.boot import (
-    CLOSE_REJECTED,
-    PENDING_INTERVAL,
-    admit_boot,
-    boot_hardware,
-    close_reason,
-    now_iso,
-    report_boot,
-)
+from ocpp_gateway.boot import admit_boot, answer_boot, boot_hardware, close_rejected, settle_boot
 from ocpp_gateway.commands import Progress, run_command
 from ocpp_gateway.connections import answers_ping, close_quietly
 from ocpp_gateway.envelopes import Command, EventKind, Reply
@@ -245,21 +237,16 @@ class ProxySession:
             return True
         # The gateway's own admission says no: the upstream never sees this boot.
         self.boot_status = verdict.status
-        report_boot(
-            self._reporter, self.id, self.boot_hardware, request, verdict.status, verdict.reason
-        )
-        logger.warning("%s: boot %s (%s)", self.id, verdict.status.value, verdict.reason)
-        interval = PENDING_INTERVAL if verdict.status is BootStatus.PENDING else 0
-        answer = CallResult(
-            unique_id,
-            {
-                "currentTime": now_iso(),
-                "interval": interval or self._heartbeat_interval,
-                "status": verdict.status.value,
-            },
+        answer = answer_boot(
+            self._reporter,
+            self.id,
+            self.boot_hardware,
+            request,
+            verdict,
+            heartbeat_interval=self._heartbeat_interval,
         )
         with contextlib.suppress(ConnectionClosed):
-            await self._station.send(answer.to_json())
+            await self._station.send(CallResult(unique_id, answer.payload()).to_json())
         if verdict.status is BootStatus.REJECTED:
             self._reject(verdict.reason)
         return False
@@ -411,11 +398,9 @@ class ProxySession:
                 else f"upstream CSMS answered the boot with status {status_text!r}"
             )
         self.boot_status = status
-        report_boot(
+        settle_boot(
             self._reporter, self.id, self.boot_hardware or {}, watched.payload, status, reason
         )
-        if status is not BootStatus.ACCEPTED:
-            logger.warning("%s: boot %s (%s)", self.id, status.value, reason)
         return reason if status is BootStatus.REJECTED else ""
 
     async def _refuse_misidentified(self, frame: list[Any], raw: str, sender: Any) -> None:
@@ -466,13 +451,8 @@ class ProxySession:
         )
 
     def _reject(self, reason: str) -> None:
-        # As in endpoint mode: a station retries a Rejected boot on the same socket forever;
-        # closing it (and holding the identity off) lets its profile fallback take it back.
         if self._closing is None:
-            self._on_rejected(self.id)
-            self._closing = asyncio.create_task(
-                close_quietly(self._station, CLOSE_REJECTED, close_reason(reason))
-            )
+            self._closing = close_rejected(self._station, self.id, reason, self._on_rejected)
 
 
 def _misidentified(raw: str | bytes) -> list[Any] | None:

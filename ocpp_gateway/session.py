@@ -21,15 +21,7 @@ from ocpp.v16.enums import (
     RegistrationStatus,
 )
 
-from ocpp_gateway.boot import (
-    CLOSE_REJECTED,
-    PENDING_INTERVAL,
-    admit_boot,
-    boot_hardware,
-    close_reason,
-    now_iso,
-    report_boot,
-)
+from ocpp_gateway.boot import admit_boot, answer_boot, boot_hardware, close_rejected, now_iso
 from ocpp_gateway.commands import Progress, run_command
 from ocpp_gateway.connections import answers_ping
 from ocpp_gateway.envelopes import Command, EventKind, Reply
@@ -112,26 +104,26 @@ class StationSession(ChargePoint):
         )
         self.boot_status = verdict.status
         self._rejection = verdict.reason if verdict.status is BootStatus.REJECTED else ""
-        report_boot(
-            self._reporter, self.id, self.boot_hardware, kwargs, verdict.status, verdict.reason
+        answer = answer_boot(
+            self._reporter,
+            self.id,
+            self.boot_hardware,
+            kwargs,
+            verdict,
+            heartbeat_interval=self._heartbeat_interval,
         )
-        if verdict.status is not BootStatus.ACCEPTED:
-            logger.warning("%s: boot %s (%s)", self.id, verdict.status.value, verdict.reason)
-        interval = PENDING_INTERVAL if verdict.status is BootStatus.PENDING else 0
         return call_result.BootNotification(
-            current_time=now_iso(),
-            interval=interval or self._heartbeat_interval,
-            status=RegistrationStatus(verdict.status.value),
+            current_time=answer.current_time,
+            interval=answer.interval,
+            status=RegistrationStatus(answer.status.value),
         )
 
     @after(Action.boot_notification)
     def after_boot_notification(self, **_: Any) -> None:
-        # A station retries a Rejected boot on the same socket forever: closing (and the
-        # gateway holding the identity off) lets its profile fallback take it elsewhere.
+        # After the answer went out: the station learns it was Rejected, then is closed.
         if self._rejection and self._closing is None:
-            self._on_rejected(self.id)
-            self._closing = asyncio.create_task(
-                self._connection.close(CLOSE_REJECTED, close_reason(self._rejection))
+            self._closing = close_rejected(
+                self._connection, self.id, self._rejection, self._on_rejected
             )
 
     @on(Action.heartbeat)
