@@ -55,7 +55,12 @@ certificate(s) in FILE as CentralSystemRootCertificate on every station. A stati
 GetInstalledCertificateIds with their hash data (SHA256 issuerNameHash, issuerKeyHash,
 serialNumber; NotFound when none), and InstallCertificate with Accepted (the root is kept
 until the process ends) or Rejected (not a PEM certificate; or, with
-AdditionalRootCertificateCheck true, a root no installed root signed). A wss:// profile is
+AdditionalRootCertificateCheck true, a root no installed root signed). With
+AdditionalRootCertificateCheck true a station keeps one root, as the OCPP 1.6 security
+whitepaper says: the new root replaces the installed one, which stays a fallback (trusted
+for TLS, no longer listed) until a wss:// connection succeeds using the new root, then is
+removed (journal: "root_certificate_replaced", "root_fallback_used",
+"root_fallback_removed"). A wss:// profile is
 verified against the installed roots only (none installed: the system's trust store), so a
 missing CSMS root is a failed connection, as on real firmware.
 --additional-root-check IDS: AdditionalRootCertificateCheck is true on those stations.
@@ -178,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--target-unreachable", "only the initial profile URLs can be reached"),
         ("--no-security-extension", "no GetInstalledCertificateIds/InstallCertificate"),
         ("--additional-root-check", "AdditionalRootCertificateCheck is true"),
+        (
+            "--lose-install-certificate-answer",
+            "the first InstallCertificate's answer is never sent",
+        ),
     ):
         behaviours.add_argument(flag, action="append", metavar="IDS", help=helptext)
     behaviours.add_argument(
