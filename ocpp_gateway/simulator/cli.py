@@ -46,9 +46,10 @@ password, root_certificates (a list of PEM texts or PEM file paths),
 additional_root_certificate_check (true/false), behaviour. Behaviours: reject_url_writes,
 reject_reset, accept_priority_without_reboot, target_unreachable, charging (true or
 seconds), drop_offline (true or seconds), fall_back_after (seconds), boot_loop (seconds),
-reconnect_without_boot, no_security_extension. serial_number defaults to SN-<identity>
-(sent as chargePointSerialNumber and chargeBoxSerialNumber); an impostor is an entry run in
-another simulator with the same identity and another serial_number.
+reconnect_without_boot, no_security_extension, lose_install_certificate_answer.
+serial_number defaults to SN-<identity> (sent as chargePointSerialNumber and
+chargeBoxSerialNumber); an impostor is an entry run in another simulator with the same
+identity and another serial_number.
 
 Root certificates (OCPP 1.6 security extension): --root-certificate FILE installs the PEM
 certificate(s) in FILE as CentralSystemRootCertificate on every station. A station answers
@@ -66,6 +67,9 @@ missing CSMS root is a failed connection, as on real firmware.
 --additional-root-check IDS: AdditionalRootCertificateCheck is true on those stations.
 --no-security-extension IDS: firmware without the extension: both messages answer
 CALLERROR NotImplemented and AdditionalRootCertificateCheck is an unknown key.
+--lose-install-certificate-answer IDS: the first InstallCertificate is applied but its
+answer is never sent (journal: "answer_lost"), as when it is lost on the way: the CSMS
+sees a timeout.
 The journal records the installed roots' hash data at power-on ("powered_on":
 root_certificates) and after each InstallCertificate ("certificate_installed" or
 "certificate_rejected", with the reason).
@@ -294,6 +298,7 @@ _FLAG_BEHAVIOURS = (
     "target_unreachable",
     "reconnect_without_boot",
     "no_security_extension",
+    "lose_install_certificate_answer",
     # A key of the station's configuration, not a behaviour: build_specs takes it out.
     "additional_root_check",
 )

@@ -114,6 +114,7 @@ class SimulatedStation:
     __slots__ = (
         "_background",
         "_inoperative",
+        "_install_answer_lost",
         "_installed_urls",
         "_link",
         "_needs_boot",
@@ -176,6 +177,8 @@ class SimulatedStation:
         self.root_fallback: tuple[str, ...] = ()
         # Roots replaced since power-on that signed an installed one: its hash data's issuer.
         self.root_issuers: tuple[str, ...] = ()
+        # The lose-install-certificate-answer behaviour: the one answer it drops is gone.
+        self._install_answer_lost = False
         self.state = StationState.OFF
         self.connected_url: str | None = None
         self.connected_profile: str | None = None
@@ -543,6 +546,13 @@ class SimulatedStation:
             fallback_kept=True,
         )
         return True, ""
+
+    def lose_install_answer(self) -> bool:
+        """Whether to drop this InstallCertificate's answer (the behaviour does it once)."""
+        if not self.spec.behaviour.lose_install_certificate_answer or self._install_answer_lost:
+            return False
+        self._install_answer_lost = True
+        return True
 
     # -- reset and going offline ---------------------------------------------------------
 

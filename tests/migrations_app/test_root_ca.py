@@ -283,3 +283,43 @@ def test_under_additional_root_check_a_root_signed_by_the_installed_one_is_insta
     ]
     snapshot = StationMigration.objects.get(station__identity="CP-ROLL").config_snapshot
     assert snapshot["AdditionalRootCertificateCheck"] == "true"
+
+
+def test_a_lost_install_certificate_answer_is_retried_and_found_installed(tls_stack, ca, tmp_path):
+    """The station applies InstallCertificate but its answer never comes: the step times
+    out and runs again, finds the root installed and proceeds; one install, one Reset."""
+    stack = tls_stack
+    spec = stack.station("CP-LOST", behaviour=Behaviour(lose_install_certificate_answer=True))
+    journal = tmp_path / "stations.jsonl"
+    with journaled_fleet(stack, [spec], journal) as fleet:
+        code, report = migrate("--to", "csms-2", "--station", "CP-LOST", "--install-root-ca")
+        assert code == 0, report
+        entry = by_identity(report)["CP-LOST"]
+        assert entry["state"] == "done", report
+        station = fleet["CP-LOST"]
+        assert station.connected_url == stack.target_url
+        assert station.reset_count == 1
+        assert station.installed_root_hash_data() == [hash_data(ca.certificate)]
+    assert entry["warnings"] == []
+    root_steps = [
+        (action, outcome)
+        for action, outcome in OcppExchange.objects.filter(
+            migration__station__identity="CP-LOST", step=State.CHECKING_ROOT_CA
+        ).values_list("action", "outcome")
+    ]
+    assert root_steps == [
+        ("GetInstalledCertificateIds", "result"),
+        ("InstallCertificate", "timeout"),
+        ("GetInstalledCertificateIds", "result"),
+    ]
+    events = journal_of(journal, "CP-LOST")
+    assert events.count("answer_lost") == 1
+    assert events.count("certificate_installed") == 1
+    assert events.count("reset") == 1
+    reasons = list(
+        StationMigration.objects.get(station__identity="CP-LOST")
+        .state_changes.filter(from_state=State.CHECKING_ROOT_CA)
+        .values_list("to_state", "reason")
+    )
+    assert reasons[-1][0] == State.SETTING_URL
+    assert reasons[-1][1].endswith("is installed"), reasons

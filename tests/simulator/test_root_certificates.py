@@ -4,6 +4,7 @@ against the installed roots. Real sockets, a central system written with `ocpp`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 
@@ -198,6 +199,34 @@ def test_under_additional_root_check_the_old_root_is_a_fallback_until_the_new_on
     ]
 
 
+def test_a_lost_install_certificate_answer_leaves_the_root_installed(tmp_path):
+    root = make_root("CSMS 2 Root")
+    journal = tmp_path / "journal.jsonl"
+
+    async def scenario():
+        async with CentralSystem() as csms:
+            spec = StationSpec(
+                ID, url=csms.url, behaviour=Behaviour(lose_install_certificate_answer=True)
+            )
+            async with Fleet([spec], timing=FAST, journal=journal) as fleet:
+                await wait_until(lambda: fleet[ID].online, "boot")
+                install = call.InstallCertificate(certificate_type=ROOT, certificate=root.pem)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(csms.call(ID, install), 2)
+                listing = await csms.call(
+                    ID, call.GetInstalledCertificateIds(certificate_type=ROOT)
+                )
+                assert listed(listing) == [hash_data(root.certificate)]
+                # Only the first answer is lost; installing it again changes nothing.
+                assert (await csms.call(ID, install)).status == "Accepted"
+                assert fleet[ID].installed_root_hash_data() == [hash_data(root.certificate)]
+
+    run(scenario())
+    names = [e["event"] for e in read_journal(journal) if e["station"] == ID]
+    assert names.count("answer_lost") == 1
+    assert names.count("certificate_installed") == 2
+
+
 def test_firmware_without_the_security_extension_answers_not_implemented():
     async def scenario():
         async with CentralSystem() as csms:
@@ -258,6 +287,13 @@ def test_the_command_line_installs_roots_and_sets_the_security_options(tmp_path)
     assert all(spec.root_certificates == (root_a.pem, root_b.pem) for spec in specs)
     assert [s.additional_root_certificate_check for s in specs] == [False, True, False]
     assert [s.behaviour.no_security_extension for s in specs] == [False, False, True]
+    lossy = build_specs(
+        build_parser().parse_args(
+            ["--url", "ws://a/ocpp", "--count", "2", "--lose-install-certificate-answer", "2"]
+        )
+    )
+    assert [s.behaviour.lose_install_certificate_answer for s in lossy] == [False, True]
+    assert "--lose-install-certificate-answer IDS" in build_parser().format_help()
     assert "--root-certificate FILE" in build_parser().format_help()
 
 
