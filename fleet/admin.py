@@ -78,7 +78,7 @@ class CsmsBackendAdmin(admin.ModelAdmin):
         "updated_at",
     )
     list_filter = ("open_admission",)
-    search_fields = ("name", "url", "upstream_url")
+    search_fields = ("name", "url")
     readonly_fields = ("root_ca", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("name", "url", "open_admission")}),

@@ -7,15 +7,18 @@ admin and commands live in fleet.selectors.
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.core.validators import validate_slug
 from django.db import models
 from django.utils import timezone
 
 from fleet.validators import (
     CSMS_URL_MAX_LENGTH,
+    same_csms_url,
     url_without_credentials,
     validate_csms_url,
     validate_root_ca_pem,
+    validate_upstream_url,
 )
 from ocpp_gateway.envelopes import EventKind
 
@@ -47,9 +50,10 @@ class CsmsBackend(models.Model):
         "upstream URL",
         max_length=CSMS_URL_MAX_LENGTH,
         blank=True,
-        validators=[validate_csms_url],
+        validators=[validate_upstream_url],
         help_text="The operator's real CSMS its gateways run in front of (proxy mode, "
-        "python -m ocpp_gateway --upstream); empty: the gateway is the CSMS (endpoint mode).",
+        "python -m ocpp_gateway --upstream); empty: the gateway is the CSMS (endpoint mode). "
+        "No credentials: per-station ones go in the gateway's --upstream-auth-file.",
     )
     root_ca_pem = models.TextField(
         "root CA certificate",
@@ -68,6 +72,16 @@ class CsmsBackend(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        if self.upstream_url and self.url and same_csms_url(self.upstream_url, self.url):
+            raise ValidationError(
+                {
+                    "upstream_url": "The upstream is this CSMS's own URL: its gateways would "
+                    "connect to themselves (a loop). Give the real CSMS behind them."
+                }
+            )
 
     @property
     def mode(self) -> str:

@@ -81,6 +81,53 @@ def csms_url_problems(url: object) -> list[str]:
     return problems
 
 
+def upstream_url_problems(url: object) -> list[str]:
+    """Every reason why ``url`` cannot be recorded as a CSMS's upstream (empty if fine).
+
+    The inventory's upstream is for operators and reports, shown in the admin in clear: it
+    never carries credentials. The gateway reads the per-station ones from its own file.
+    """
+    problems = csms_url_problems(url)
+    if problems:
+        return problems
+    assert isinstance(url, str)
+    if "@" in urlsplit(url).netloc:
+        problems.append(
+            "The upstream URL contains credentials (user:password@): remove them and put "
+            "per-station credentials in the gateway's --upstream-auth-file instead."
+        )
+    return problems
+
+
+def same_csms_url(one: str, other: str) -> bool:
+    """Whether two CSMS URLs reach the same endpoint (scheme, host, port and path; case of
+    scheme and host, a default port and a trailing slash do not matter)."""
+    try:
+        a, b = urlsplit(one), urlsplit(other)
+        ports = (a.port, b.port)
+    except ValueError:
+        return one == other
+    defaults = {"ws": 80, "wss": 443}
+
+    def key(parts, port):  # type: ignore[no-untyped-def]
+        scheme = parts.scheme.lower()
+        return (
+            scheme,
+            (parts.hostname or "").lower(),
+            port or defaults.get(scheme),
+            parts.path.rstrip("/"),
+        )
+
+    return key(a, ports[0]) == key(b, ports[1])
+
+
+def validate_upstream_url(value: object) -> None:
+    """Django validator: raise ValidationError with every problem of the upstream URL."""
+    problems = upstream_url_problems(value)
+    if problems:
+        raise ValidationError(problems, code="invalid_upstream_url")
+
+
 def validate_csms_url(value: object) -> None:
     """Django validator: raise ValidationError with every problem of the URL."""
     problems = csms_url_problems(value)

@@ -224,6 +224,12 @@ class OcppExchange(models.Model):
     action = models.CharField(max_length=64)
     command_id = models.CharField(max_length=64, blank=True)
     csms = models.CharField(max_length=64, blank=True, help_text="The gateway that answered.")
+    sent = models.BooleanField(
+        default=True,
+        help_text="Whether the frame reached the station's socket as far as the gateway "
+        "knows; False when it knows it did not (e.g. refused because it was addressed to "
+        "another CSMS's gateway, or no gateway held the station).",
+    )
     request = models.JSONField(default=dict)
     outcome = models.CharField(max_length=16)
     response = models.JSONField(null=True, blank=True)

@@ -386,7 +386,7 @@ def batch_audit_trail(batch: MigrationBatch) -> Iterator[dict[str, Any]]:
             if exchange.response is not None
             else "",
             "error": " ".join(filter(None, [exchange.error_code, exchange.error_description])),
-            "detail": f"via {exchange.csms}" if exchange.csms else "",
+            "detail": _exchange_detail(exchange),
         }
         for exchange in OcppExchange.objects.filter(migration__batch=batch)
         .annotate(at=Coalesce("sent_at", "recorded_at"), identity=F("migration__station__identity"))
@@ -395,6 +395,12 @@ def batch_audit_trail(batch: MigrationBatch) -> Iterator[dict[str, Any]]:
     )
     for row in heapq.merge(actions, changes, exchanges, key=lambda row: row["at"]):
         yield {column: row.get(column, "") for column in AUDIT_COLUMNS}
+
+
+def _exchange_detail(exchange: OcppExchange) -> str:
+    if exchange.sent:
+        return f"via {exchange.csms}" if exchange.csms else ""
+    return f"not sent (refused by {exchange.csms})" if exchange.csms else "not sent"
 
 
 def batch_source_names(batch: MigrationBatch) -> list[str]:

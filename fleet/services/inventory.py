@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from fleet.services.registry import registry_publish_on_commit
-from fleet.validators import csms_url_problems
+from fleet.validators import csms_url_problems, upstream_url_problems
 
 
 def csms_backend_upsert(
@@ -28,13 +28,14 @@ def csms_backend_upsert(
     ``upstream_url`` means endpoint mode and an empty ``root_ca_pem`` no root CA, as a False
     ``open_admission`` means registered stations only.
 
-    Raises ValidationError, having written nothing, when a value is invalid.
+    Raises ValidationError, having written nothing, when a value is invalid: among others an
+    upstream with credentials in it or one that is the CSMS's own URL (a loop).
     """
     # The URL checks run on their own first: full_clean would add Django's generic length
     # message next to ours.
     problems = {"url": csms_url_problems(url)}
     if upstream_url:
-        problems["upstream_url"] = csms_url_problems(upstream_url)
+        problems["upstream_url"] = upstream_url_problems(upstream_url)
     with transaction.atomic():
         backend = CsmsBackend.objects.select_for_update().filter(name=name).first()
         created = backend is None

@@ -57,6 +57,8 @@ def station_call(
             action=action,
             request=payload,
             outcome=outcome,
+            # Offline and not published: nothing reached the station. Unknown: it may have.
+            sent=outcome == "unknown",
             error_description=why,
             sent_at=_timestamp(started),
             duration_ms=(time.time() - started) * 1000,
@@ -72,6 +74,7 @@ def station_call(
         csms=reply.csms,
         request=payload,
         outcome=reply.outcome.value,
+        sent=reply.sent,
         response=reply.payload,
         error_code=reply.error_code,
         error_description=reply.error_description,

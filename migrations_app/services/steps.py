@@ -248,9 +248,12 @@ def check_root_ca(m: StationMigration) -> Next:
     installed = _hash_data(reply)
     if installed is None:
         return fail(step, "could not read the installed root certificates: " + describe(reply))
-    if any(identifies(data, root) for data in installed):
-        return _armable(m, plan, reason=f"{named} is installed")
     additional_check = m.config_snapshot.get(ADDITIONAL_ROOT_CHECK, "").strip().lower() == "true"
+    if any(identifies(data, root) for data in installed):
+        # Installed by an earlier run of this step whose answer was lost: the same warning.
+        ours = additional_check and m.exchanges.filter(action="InstallCertificate").exists()
+        fields = {"warnings": _root_replaced_warnings(m, named)} if ours else {}
+        return _armable(m, plan, reason=f"{named} is installed", fields=fields)
     if additional_check and not issued_by_one_of(root, installed):
         # The firmware would reject the install, and the station cannot work with the target.
         return Next(
@@ -267,7 +270,21 @@ def check_root_ca(m: StationMigration) -> Next:
         )
     if m.batch.dry_run:
         return _armable(m, plan, reason=f"{named} is not installed: would install it")
-    return _install_root(m, plan, root_pem=target.root_ca_pem, named=named)
+    return _install_root(
+        m, plan, root_pem=target.root_ca_pem, named=named, replaces=additional_check
+    )
+
+
+def _root_replaced_warnings(m: StationMigration, named: str) -> list[str]:
+    """The report's warning for a root installed under AdditionalRootCertificateCheck."""
+    source = m.source.name if m.source else "the source"
+    warning = (
+        f"{named} was installed under {ADDITIONAL_ROOT_CHECK}: the station keeps one root "
+        f"certificate, so it replaced the one it had, which the station removes once it has "
+        f"connected using the new one; moving it back to a wss:// {source} will need "
+        f"{source}'s root certificate reinstalled first"
+    )
+    return [*[w for w in m.warnings if w != warning], warning]
 
 
 def _installed_roots(m: StationMigration) -> Reply:
@@ -282,7 +299,9 @@ def _installed_roots(m: StationMigration) -> Reply:
     )
 
 
-def _install_root(m: StationMigration, plan: NetworkPlan, *, root_pem: str, named: str) -> Next:
+def _install_root(
+    m: StationMigration, plan: NetworkPlan, *, root_pem: str, named: str, replaces: bool
+) -> Next:
     # InstallCertificate is safe to repeat: a re-run after a lost answer finds the root in
     # GetInstalledCertificateIds first, or installs it again.
     reply = _answer(
@@ -310,7 +329,10 @@ def _install_root(m: StationMigration, plan: NetworkPlan, *, root_pem: str, name
             f"{named} was not installed: InstallCertificate was Accepted, but the station "
             f"does not list it afterwards ({seen})",
         )
-    return _armable(m, plan, reason=f"{named} installed (InstallCertificate) and verified")
+    fields = {"warnings": _root_replaced_warnings(m, named)} if replaces else {}
+    return _armable(
+        m, plan, reason=f"{named} installed (InstallCertificate) and verified", fields=fields
+    )
 
 
 def _without_extension(m: StationMigration, plan: NetworkPlan, reply: Reply) -> Next:

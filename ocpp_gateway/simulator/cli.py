@@ -46,21 +46,30 @@ password, root_certificates (a list of PEM texts or PEM file paths),
 additional_root_certificate_check (true/false), behaviour. Behaviours: reject_url_writes,
 reject_reset, accept_priority_without_reboot, target_unreachable, charging (true or
 seconds), drop_offline (true or seconds), fall_back_after (seconds), boot_loop (seconds),
-reconnect_without_boot, no_security_extension. serial_number defaults to SN-<identity>
-(sent as chargePointSerialNumber and chargeBoxSerialNumber); an impostor is an entry run in
-another simulator with the same identity and another serial_number.
+reconnect_without_boot, no_security_extension, lose_install_certificate_answer.
+serial_number defaults to SN-<identity> (sent as chargePointSerialNumber and
+chargeBoxSerialNumber); an impostor is an entry run in another simulator with the same
+identity and another serial_number.
 
 Root certificates (OCPP 1.6 security extension): --root-certificate FILE installs the PEM
 certificate(s) in FILE as CentralSystemRootCertificate on every station. A station answers
 GetInstalledCertificateIds with their hash data (SHA256 issuerNameHash, issuerKeyHash,
 serialNumber; NotFound when none), and InstallCertificate with Accepted (the root is kept
 until the process ends) or Rejected (not a PEM certificate; or, with
-AdditionalRootCertificateCheck true, a root no installed root signed). A wss:// profile is
+AdditionalRootCertificateCheck true, a root no installed root signed). With
+AdditionalRootCertificateCheck true a station keeps one root, as the OCPP 1.6 security
+whitepaper says: the new root replaces the installed one, which stays a fallback (trusted
+for TLS, no longer listed) until a wss:// connection succeeds using the new root, then is
+removed (journal: "root_certificate_replaced", "root_fallback_used",
+"root_fallback_removed"). A wss:// profile is
 verified against the installed roots only (none installed: the system's trust store), so a
 missing CSMS root is a failed connection, as on real firmware.
 --additional-root-check IDS: AdditionalRootCertificateCheck is true on those stations.
 --no-security-extension IDS: firmware without the extension: both messages answer
 CALLERROR NotImplemented and AdditionalRootCertificateCheck is an unknown key.
+--lose-install-certificate-answer IDS: the first InstallCertificate is applied but its
+answer is never sent (journal: "answer_lost"), as when it is lost on the way: the CSMS
+sees a timeout.
 The journal records the installed roots' hash data at power-on ("powered_on":
 root_certificates) and after each InstallCertificate ("certificate_installed" or
 "certificate_rejected", with the reason).
@@ -178,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--target-unreachable", "only the initial profile URLs can be reached"),
         ("--no-security-extension", "no GetInstalledCertificateIds/InstallCertificate"),
         ("--additional-root-check", "AdditionalRootCertificateCheck is true"),
+        (
+            "--lose-install-certificate-answer",
+            "the first InstallCertificate's answer is never sent",
+        ),
     ):
         behaviours.add_argument(flag, action="append", metavar="IDS", help=helptext)
     behaviours.add_argument(
@@ -285,6 +298,7 @@ _FLAG_BEHAVIOURS = (
     "target_unreachable",
     "reconnect_without_boot",
     "no_security_extension",
+    "lose_install_certificate_answer",
     # A key of the station's configuration, not a behaviour: build_specs takes it out.
     "additional_root_check",
 )

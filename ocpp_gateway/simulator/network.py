@@ -58,10 +58,16 @@ def basic_auth(identity: str, password: str) -> str:
 def tls_context(trusted_roots: tuple[str, ...]) -> ssl.SSLContext:
     """What a wss:// profile is verified against: the station's installed roots only, as
     firmware does (a missing CSMS root is a failed handshake); none installed: the system's
-    trust store. Shared by every station with the same roots."""
+    trust store. Shared by every station with the same roots.
+
+    An installed root is a trust anchor even when another root signed it (a root rolled
+    over under AdditionalRootCertificateCheck): the chain need not reach a self-signed one.
+    """
     if not trusted_roots:
         return ssl.create_default_context()
-    return ssl.create_default_context(cadata="\n".join(trusted_roots))
+    context = ssl.create_default_context(cadata="\n".join(trusted_roots))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 async def open_connection(

@@ -7,6 +7,7 @@ handlers through station tasks: calling the CSMS from inside an `@on` handler wo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from types import MethodType
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,23 @@ class StationLink(ChargePoint):
         )
         self.route_map = _BoundRoutes(self)
         self.station = station
+        # The message id of a CALL whose answer is to be lost (a behaviour), if any.
+        self._lose_answer_to: str | None = None
+
+    async def _handle_call(self, msg: Any) -> None:
+        if msg.action == Action.install_certificate and self.station.lose_install_answer():
+            self._lose_answer_to = msg.unique_id
+        try:
+            await super()._handle_call(msg)
+        finally:
+            self._lose_answer_to = None
+
+    async def _send(self, message: str) -> None:
+        lost = self._lose_answer_to
+        if lost is not None and message.startswith("[3,") and json.loads(message)[1] == lost:
+            self.station.record("answer_lost", message_id=lost, action="InstallCertificate")
+            return
+        await super()._send(message)
 
     # -- configuration -------------------------------------------------------------------
 

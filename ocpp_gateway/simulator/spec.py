@@ -51,6 +51,9 @@ class Behaviour:
     # Firmware without the OCPP 1.6 security extension: GetInstalledCertificateIds and
     # InstallCertificate answer CALLERROR NotImplemented, no AdditionalRootCertificateCheck.
     no_security_extension: bool = False
+    # Applies the first InstallCertificate but its answer never reaches the CSMS (lost on
+    # the way): the CSMS sees a timeout although the root is installed.
+    lose_install_certificate_answer: bool = False
 
     def __post_init__(self) -> None:
         if self.fall_back_after is not None and not self.fall_back_after >= 0:

@@ -11,11 +11,13 @@ import contextlib
 import enum
 import logging
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from ocpp.v16 import call
 from ocpp.v16.datatypes import MeterValue, SampledValue
@@ -77,14 +79,19 @@ _LINK_ERRORS = (ConnectionClosed, TimeoutError)
 
 
 @lru_cache(maxsize=64)
-def _roots_hash_data(pems: tuple[str, ...]) -> tuple[CertificateHashData, ...]:
+def _roots_hash_data(
+    pems: tuple[str, ...], issuers: tuple[str, ...] = ()
+) -> tuple[CertificateHashData, ...]:
     # Cached: a fleet installed with the same roots computes their hash data once.
+    # ``issuers``: roots the station no longer keeps that signed installed ones (a real
+    # firmware computes a root's hash data when it installs it, while its issuer is there).
     certificates = [load_certificate(pem) for pem in pems]
+    candidates = [*certificates, *(load_certificate(pem) for pem in issuers)]
     found = []
     for certificate in certificates:
         issuer = None
         if not is_self_issued(certificate):
-            issuer = next((c for c in certificates if is_signed_by(certificate, c)), None)
+            issuer = next((c for c in candidates if is_signed_by(certificate, c)), None)
             if issuer is None:
                 continue  # its issuer is not here: nothing to name it by
         found.append(hash_data(certificate, issuer=issuer))
@@ -107,6 +114,7 @@ class SimulatedStation:
     __slots__ = (
         "_background",
         "_inoperative",
+        "_install_answer_lost",
         "_installed_urls",
         "_link",
         "_needs_boot",
@@ -128,6 +136,8 @@ class SimulatedStation:
         "meter_wh",
         "reset_count",
         "root_certificates",
+        "root_fallback",
+        "root_issuers",
         "spec",
         "state",
         "timing",
@@ -160,6 +170,15 @@ class SimulatedStation:
         self.config = StationConfig(key_table(has_network_keys(spec.firmware), security), values)
         # Installed CentralSystemRootCertificates (PEM), kept across reboots like the config.
         self.root_certificates: tuple[str, ...] = spec.root_certificates
+        # Under AdditionalRootCertificateCheck (OCPP 1.6 security whitepaper) a station keeps
+        # one CentralSystemRootCertificate: installing a new one replaces it, and the old one
+        # stays here as a temporary fallback (still trusted for TLS, no longer listed) until
+        # the station has connected successfully using the new one.
+        self.root_fallback: tuple[str, ...] = ()
+        # Roots replaced since power-on that signed an installed one: its hash data's issuer.
+        self.root_issuers: tuple[str, ...] = ()
+        # The lose-install-certificate-answer behaviour: the one answer it drops is gone.
+        self._install_answer_lost = False
         self.state = StationState.OFF
         self.connected_url: str | None = None
         self.connected_profile: str | None = None
@@ -348,10 +367,34 @@ class SimulatedStation:
             raise ConnectError("unreachable (target-unreachable behaviour)")
         if url in self._unreachable:
             raise ConnectError("unreachable (fall-back-after behaviour)")
+        if not self.root_fallback or urlsplit(url).scheme != "wss":
+            return await self._open_trusting(url, remaining, self.root_certificates)
+        # A replaced root is pending removal: the new one first; a connection it verifies
+        # removes the fallback, one it does not is tried again trusting the fallback too.
+        try:
+            ws = await self._open_trusting(url, remaining, self.root_certificates)
+        except ssl.SSLCertVerificationError:
+            ws = await self._open_trusting(
+                url, remaining, (*self.root_certificates, *self.root_fallback)
+            )
+            self.record("root_fallback_used", url=url)
+            return ws
+        removed, self.root_fallback = self.root_fallback, ()
+        self.record(
+            "root_fallback_removed",
+            url=url,
+            removed=[data.as_payload() for data in _roots_hash_data(removed)],
+            root_certificates=[data.as_payload() for data in self.installed_root_hash_data()],
+        )
+        return ws
+
+    async def _open_trusting(
+        self, url: str, remaining: float, roots: tuple[str, ...]
+    ) -> ClientConnection:
         return await open_connection(
             url,
             self.identity,
-            trusted_roots=self.root_certificates,
+            trusted_roots=roots,
             password=self.spec.password,
             user_agent=f"{self.spec.vendor}/{self.spec.firmware}",
             open_timeout=max(0.2, min(self.timing.open_timeout, remaining)),
@@ -469,10 +512,16 @@ class SimulatedStation:
     def installed_root_hash_data(self) -> list[CertificateHashData]:
         """GetInstalledCertificateIds' answer: each root named by its issuer (itself when
         self-issued, else the installed root that signed it)."""
-        return list(_roots_hash_data(self.root_certificates))
+        return list(_roots_hash_data(self.root_certificates, self.root_issuers))
 
     def install_root(self, pem: str) -> tuple[bool, str]:
-        """InstallCertificate of a CentralSystemRootCertificate: (accepted, why not)."""
+        """InstallCertificate of a CentralSystemRootCertificate: (accepted, why not).
+
+        Without AdditionalRootCertificateCheck the root is added to the installed ones.
+        With it, the new root (which an installed one must have signed) replaces the
+        installed one, which stays a fallback until a TLS connection succeeds using the new
+        one (``_open``), as the OCPP 1.6 security whitepaper describes.
+        """
         try:
             certificate = load_certificate(pem)
         except CertificateError as exc:
@@ -481,9 +530,29 @@ class SimulatedStation:
         check = (self.config.get(ADDITIONAL_ROOT_CHECK) or "").lower() == "true"
         if check and not any(is_signed_by(certificate, root) for root in installed):
             return False, f"{ADDITIONAL_ROOT_CHECK}: not signed by an installed root"
-        if certificate not in installed:
-            self.root_certificates = (*self.root_certificates, certificate_pem(certificate))
+        if certificate in installed:
+            return True, ""
+        new = certificate_pem(certificate)
+        if not check:
+            self.root_certificates = (*self.root_certificates, new)
+            return True, ""
+        replaced = self.root_certificates
+        self.root_certificates = (new,)
+        self.root_fallback = tuple(dict.fromkeys((*self.root_fallback, *replaced)))
+        self.root_issuers = tuple(dict.fromkeys((*self.root_issuers, *replaced)))
+        self.record(
+            "root_certificate_replaced",
+            replaced=[data.as_payload() for data in _roots_hash_data(replaced)],
+            fallback_kept=True,
+        )
         return True, ""
+
+    def lose_install_answer(self) -> bool:
+        """Whether to drop this InstallCertificate's answer (the behaviour does it once)."""
+        if not self.spec.behaviour.lose_install_certificate_answer or self._install_answer_lost:
+            return False
+        self._install_answer_lost = True
+        return True
 
     # -- reset and going offline ---------------------------------------------------------
 

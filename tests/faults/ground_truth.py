@@ -4,6 +4,7 @@ A report may only say "done" for a station that is connected to the target with 
 target's profile first, and "failed", "skipped" or "cancelled" for one that is back on the
 source with its original priority (unless its reason admits the rollback is incomplete).
 No station may have accepted more than one Reset, and none may be left on neither CSMS.
+``judge`` makes every one of these checks; the fault tests call it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from migrations_app.models import OcppExchange
 from ocpp_gateway.simulator.config import PRIORITY
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.station import SimulatedStation
@@ -61,6 +63,23 @@ def differences(
             continue  # not part of this batch
         problems += _judge(entry, Truth.of(station), source_url, target_url)
     return problems
+
+
+def judge(report: dict, fleet: Fleet, stack, *, rollback_through: str | None = "csms-2") -> None:
+    """Assert the report tells the stations' truth: no station reset twice, no difference
+    between the report and where each station is, and (unless ``rollback_through`` is None)
+    no rollback command *sent* through that CSMS's gateway (the target). A rollback its
+    gateway refused without sending (it holds the station but the command is addressed to
+    the source's gateway) is recorded with sent=False and does not count."""
+    assert resets_sent_twice(fleet) == []
+    assert (
+        differences(report, fleet, source_url=stack.source_url, target_url=stack.target_url) == []
+    )
+    if rollback_through is not None:
+        sent = OcppExchange.objects.filter(
+            step__endswith=":rollback", csms=rollback_through, sent=True
+        )
+        assert list(sent.values_list("migration__station__identity", "action", "outcome")) == []
 
 
 def resets_sent_twice(fleet: Fleet) -> list[str]:

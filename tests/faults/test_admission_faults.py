@@ -14,7 +14,8 @@ from migrations_app.services.batches import batch_report
 from ocpp_gateway.envelopes import EventKind
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import StationSpec, Timing
-from tests.faults.test_verification_faults import finished, judge
+from tests.faults.ground_truth import judge
+from tests.faults.test_verification_faults import finished
 from tests.migrations_app.conftest import by_identity, migrate
 from tests.migrations_app.conftest import stack as stack  # the fixture: the migration stack
 from tests.processes import wait_for

@@ -111,17 +111,53 @@ class TestCsmsBackendAdmin:
         return admin_client.post(reverse("admin:fleet_csmsbackend_change", args=[backend.pk]), data)
 
     def test_the_upstream_is_editable_and_the_list_shows_the_mode(self, admin_client, backend):
-        response = self.change(
-            admin_client, backend, upstream_url="wss://proxy:s3cret@real-csms-2.example.com/ocpp"
-        )
+        response = self.change(admin_client, backend, upstream_url=self.UPSTREAM)
         assert response.status_code == 302
 
         listing = admin_client.get(reverse("admin:fleet_csmsbackend_changelist")).content
 
         backend.refresh_from_db()
-        assert backend.upstream_url == "wss://proxy:s3cret@real-csms-2.example.com/ocpp"
+        assert backend.upstream_url == self.UPSTREAM
         assert f"proxy -&gt; {self.UPSTREAM}".encode() in listing
-        assert b"s3cret" not in listing
+
+    def test_an_upstream_with_credentials_is_refused_saying_where_they_go(
+        self, admin_client, backend
+    ):
+        response = self.change(
+            admin_client, backend, upstream_url="wss://proxy:s3cret@real-csms-2.example.com/ocpp"
+        )
+
+        assert response.status_code == 200
+        assert b"contains credentials (user:password@)" in response.content
+        assert b"put per-station credentials in the gateway&#x27;s --upstream-auth-file" in (
+            response.content
+        )
+        backend.refresh_from_db()
+        assert backend.upstream_url == ""
+
+    @pytest.mark.parametrize(
+        "upstream",
+        [
+            "wss://csms-2-proxy.example.com/ocpp",
+            "WSS://CSMS-2-proxy.example.com:443/ocpp/",
+        ],
+    )
+    def test_an_upstream_that_is_the_csms_own_url_is_refused(self, admin_client, backend, upstream):
+        response = self.change(admin_client, backend, upstream_url=upstream)
+
+        assert response.status_code == 200
+        assert b"The upstream is this CSMS&#x27;s own URL" in response.content
+        backend.refresh_from_db()
+        assert backend.upstream_url == ""
+
+    def test_the_search_does_not_look_into_the_upstream(self, admin_client, backend):
+        CsmsBackend.objects.filter(pk=backend.pk).update(upstream_url=self.UPSTREAM)
+        url = reverse("admin:fleet_csmsbackend_changelist")
+
+        assert (
+            b"csms-2-proxy.example.com" not in admin_client.get(url, {"q": "real-csms-2"}).content
+        )
+        assert b"csms-2-proxy.example.com" in admin_client.get(url, {"q": "csms-2"}).content
 
     def test_without_an_upstream_the_list_says_endpoint(self, admin_client, backend):
         listing = admin_client.get(reverse("admin:fleet_csmsbackend_changelist")).content

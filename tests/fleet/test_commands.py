@@ -145,19 +145,36 @@ class TestAddCsmsProxyAndRootCa:
         backend = CsmsBackend.objects.get()
         assert (backend.upstream_url, backend.root_ca_pem) == ("", "")
 
-    def test_the_output_never_shows_upstream_credentials(self, db):
-        output = run(
-            "add_csms",
-            "csms-1",
-            "wss://csms-1.example.com/ocpp",
-            "--upstream",
-            "wss://proxy:s3cret-passw0rd@real-csms-1.example.com/ocpp",
-        )
+    def test_it_refuses_upstream_credentials_without_echoing_them(self, db):
+        with pytest.raises(CommandError) as raised:
+            run(
+                "add_csms",
+                "csms-1",
+                "wss://csms-1.example.com/ocpp",
+                "--upstream",
+                "wss://proxy:s3cret-passw0rd@real-csms-1.example.com/ocpp",
+            )
 
-        assert "s3cret" not in output
-        assert "mode: proxy -> wss://real-csms-1.example.com/ocpp" in output
-        # The inventory keeps what the operator gave (the gateway is given the same).
-        assert "s3cret" in CsmsBackend.objects.get().upstream_url
+        message = str(raised.value)
+        assert raised.value.returncode == 2
+        assert "upstream_url: The upstream URL contains credentials" in message
+        assert "put per-station credentials in the gateway's --upstream-auth-file" in message
+        assert "s3cret" not in message
+        assert not CsmsBackend.objects.exists()
+
+    def test_it_refuses_an_upstream_that_is_the_csms_own_url(self, db):
+        with pytest.raises(CommandError) as raised:
+            run(
+                "add_csms",
+                "csms-1",
+                "wss://csms-1.example.com/ocpp",
+                "--upstream",
+                "wss://csms-1.example.com/ocpp/",
+            )
+
+        assert raised.value.returncode == 2
+        assert "upstream_url: The upstream is this CSMS's own URL" in str(raised.value)
+        assert not CsmsBackend.objects.exists()
 
     def test_a_rerun_without_the_options_removes_them_and_says_so(self, db, tmp_path, root_ca):
         (tmp_path / "root.pem").write_text(root_ca.pem)

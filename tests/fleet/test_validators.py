@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 from django.core.exceptions import ValidationError
 
@@ -5,6 +7,8 @@ from fleet.models import CsmsBackend
 from fleet.validators import (
     csms_url_problems,
     root_ca_summary,
+    same_csms_url,
+    upstream_url_problems,
     url_without_credentials,
     validate_csms_url,
 )
@@ -91,3 +95,71 @@ def test_an_upstream_is_shown_without_credentials(url, shown):
 
 def test_the_root_ca_summary_names_the_subject_and_the_fingerprint(root_ca):
     assert root_ca_summary(root_ca.pem) == f"CN=CSMS 2 Root CA (SHA-256 {root_ca.sha256})"
+
+
+@pytest.mark.parametrize(
+    "url", ["wss://user:pass@real.example.com/ocpp", "ws://user@real.example.com:8080/ocpp"]
+)
+def test_an_upstream_with_credentials_is_refused_saying_where_they_go(url):
+    problems = upstream_url_problems(url)
+
+    assert len(problems) == 1
+    assert "contains credentials (user:password@)" in problems[0]
+    assert "put per-station credentials in the gateway's --upstream-auth-file" in problems[0]
+    assert "pass" not in problems[0].replace("password", "")
+    # The station's own URL is checked as before: a station URL is not an upstream.
+    assert csms_url_problems(url) == []
+
+
+def test_an_upstream_without_credentials_has_the_csms_url_rules():
+    assert upstream_url_problems("wss://real.example.com/ocpp") == []
+    assert upstream_url_problems("https://real.example.com/ocpp") == csms_url_problems(
+        "https://real.example.com/ocpp"
+    )
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "same"),
+    [
+        ("wss://a.example.com/ocpp", "wss://a.example.com/ocpp", True),
+        ("wss://A.example.com:443/ocpp/", "WSS://a.example.com/ocpp", True),
+        ("ws://a.example.com/ocpp", "ws://a.example.com:80/ocpp", True),
+        ("wss://a.example.com/ocpp", "ws://a.example.com/ocpp", False),
+        ("wss://a.example.com/ocpp", "wss://a.example.com:8443/ocpp", False),
+        ("wss://a.example.com/ocpp", "wss://b.example.com/ocpp", False),
+        ("wss://a.example.com/ocpp", "wss://a.example.com/ocpp2", False),
+    ],
+)
+def test_same_csms_url(one, other, same):
+    assert same_csms_url(one, other) is same
+
+
+def test_the_model_refuses_an_upstream_that_is_its_own_url(db):
+    backend = CsmsBackend(name="csms-1", url="wss://csms-1.example.com/ocpp")
+    backend.upstream_url = "wss://csms-1.example.com/ocpp"
+
+    with pytest.raises(ValidationError) as raised:
+        backend.full_clean()
+
+    assert "own URL" in raised.value.message_dict["upstream_url"][0]
+
+
+def test_the_migration_takes_credentials_out_of_recorded_upstreams(db):
+    """Rows saved before upstream credentials were refused lose them (the admin showed them
+    in clear); the gateways are not affected, they connect to their own --upstream."""
+    from django.apps import apps
+
+    strip = importlib.import_module("fleet.migrations.0005_upstream_without_credentials")
+    CsmsBackend.objects.create(
+        name="a", url="wss://a.example.com/ocpp", upstream_url="wss://u:s3cret@real.example.com/o"
+    )
+    CsmsBackend.objects.create(
+        name="b", url="wss://b.example.com/ocpp", upstream_url="wss://real-b.example.com/o"
+    )
+
+    strip.strip_upstream_credentials(apps, None)
+
+    assert dict(CsmsBackend.objects.values_list("name", "upstream_url")) == {
+        "a": "wss://real.example.com/o",
+        "b": "wss://real-b.example.com/o",
+    }

@@ -641,3 +641,38 @@ def test_the_audit_export_lists_every_action_change_and_exchange_in_time_order(
     # A cell a spreadsheet would run as a formula is defused.
     pause = next(r for r in records if r["action"] == "pause")
     assert pause["detail"] == "'=cmd|' /C calc'!A0"
+
+
+def test_an_exchange_a_gateway_refused_unsent_is_shown_as_not_sent(operator_client, batch):
+    """The target's gateway holds the station but the rollback is addressed to the
+    source's: it answers without sending. The timeline and the audit say so; "via csms-2"
+    would read as a rollback sent through the target."""
+    failed = batch.stations.get(station__identity="CP-OK-2")
+    OcppExchange.objects.create(
+        migration=failed,
+        step="setting_url:rollback",
+        action="ChangeConfiguration",
+        csms="csms-2",
+        sent=False,
+        request={"key": "NetworkConfigurationPriority", "value": "x"},
+        outcome="disconnected",
+        error_description="addressed to csms-1, not csms-2",
+        sent_at=timezone.now(),
+        duration_ms=1.0,
+    )
+
+    page = operator_client.get(
+        reverse("admin:migrations_app_stationmigration_change", args=[failed.id])
+    ).content.decode()
+    audit = operator_client.get(
+        reverse("admin:migrations_app_migrationbatch_audit_csv", args=[batch.id])
+    )
+
+    assert "step setting_url:rollback · not sent by csms-2" in page
+    assert "via csms-2" not in page
+    header, *rows = read_csv(audit)
+    records = [dict(zip(header, row, strict=True)) for row in rows]
+    refused = next(r for r in records if r["step"] == "setting_url:rollback")
+    assert refused["detail"] == "not sent (refused by csms-2)"
+    sent = next(r for r in records if r["action"] == "GetConfiguration")
+    assert sent["detail"] == "via csms-1"

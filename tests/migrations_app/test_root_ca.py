@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,8 @@ def ca() -> Ca:
 
 @dataclass
 class TlsStack(Stack):
-    worker_log: Path
+    # Keyword-only: Stack's last field (upstreams) has a default.
+    worker_log: Path = field(kw_only=True)
 
 
 @pytest.fixture
@@ -52,7 +53,9 @@ def _tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca: Ca) -> T
     target.full_clean()
     target.save(update_fields=["root_ca_pem"])
     worker, log = start_worker("w1", beat=True, **WORKER_ENV)
-    return TlsStack(source_url, target_url, start_worker, worker, redis_client, target, log)
+    return TlsStack(
+        source_url, target_url, start_worker, worker, redis_client, target, worker_log=log
+    )
 
 
 @contextlib.contextmanager
@@ -240,16 +243,38 @@ def test_under_additional_root_check_a_root_signed_by_the_installed_one_is_insta
     spec = stack.station(
         "CP-ROLL", root_certificates=(old.pem,), additional_root_certificate_check=True
     )
-    with journaled_fleet(stack, [spec], tmp_path / "stations.jsonl") as fleet:
+    journal = tmp_path / "stations.jsonl"
+    with journaled_fleet(stack, [spec], journal) as fleet:
         code, report = migrate("--to", "csms-2", "--station", "CP-ROLL", "--install-root-ca")
         assert code == 0, report
-        assert by_identity(report)["CP-ROLL"]["state"] == "done", report
+        entry = by_identity(report)["CP-ROLL"]
+        assert entry["state"] == "done", report
         station = fleet["CP-ROLL"]
         assert station.connected_url == stack.target_url
+        # It keeps one root: the new one replaced the old, which it dropped once it had
+        # connected to the target using the new one (OCPP 1.6 security whitepaper).
         assert station.installed_root_hash_data() == [
-            hash_data(old.certificate),
-            hash_data(new.certificate, issuer=old.certificate),
+            hash_data(new.certificate, issuer=old.certificate)
         ]
+        assert station.root_fallback == ()
+    [warning] = entry["warnings"]
+    assert "installed under AdditionalRootCertificateCheck" in warning
+    assert warning.endswith(
+        "moving it back to a wss:// csms-1 will need csms-1's root certificate reinstalled first"
+    )
+    lines = [e for e in read_journal(journal) if e["station"] == "CP-ROLL"]
+    events = [e["event"] for e in lines]
+    assert events.index("certificate_installed") < events.index("reset")
+    assert "root_certificate_replaced" in events
+    removed = next(e for e in lines if e["event"] == "root_fallback_removed")
+    assert removed["url"] == stack.target_url
+    assert removed["removed"] == [hash_data(old.certificate).as_payload()]
+    assert removed["root_certificates"] == [
+        hash_data(new.certificate, issuer=old.certificate).as_payload()
+    ]
+    # Removed on the connection to the target, after the Reset; never used as a fallback.
+    assert events.index("reset") < events.index("root_fallback_removed")
+    assert "root_fallback_used" not in events
     assert [action for _, action, _ in exchanges("CP-ROLL")][:4] == [
         "GetConfiguration",
         "GetInstalledCertificateIds",
@@ -258,3 +283,43 @@ def test_under_additional_root_check_a_root_signed_by_the_installed_one_is_insta
     ]
     snapshot = StationMigration.objects.get(station__identity="CP-ROLL").config_snapshot
     assert snapshot["AdditionalRootCertificateCheck"] == "true"
+
+
+def test_a_lost_install_certificate_answer_is_retried_and_found_installed(tls_stack, ca, tmp_path):
+    """The station applies InstallCertificate but its answer never comes: the step times
+    out and runs again, finds the root installed and proceeds; one install, one Reset."""
+    stack = tls_stack
+    spec = stack.station("CP-LOST", behaviour=Behaviour(lose_install_certificate_answer=True))
+    journal = tmp_path / "stations.jsonl"
+    with journaled_fleet(stack, [spec], journal) as fleet:
+        code, report = migrate("--to", "csms-2", "--station", "CP-LOST", "--install-root-ca")
+        assert code == 0, report
+        entry = by_identity(report)["CP-LOST"]
+        assert entry["state"] == "done", report
+        station = fleet["CP-LOST"]
+        assert station.connected_url == stack.target_url
+        assert station.reset_count == 1
+        assert station.installed_root_hash_data() == [hash_data(ca.certificate)]
+    assert entry["warnings"] == []
+    root_steps = [
+        (action, outcome)
+        for action, outcome in OcppExchange.objects.filter(
+            migration__station__identity="CP-LOST", step=State.CHECKING_ROOT_CA
+        ).values_list("action", "outcome")
+    ]
+    assert root_steps == [
+        ("GetInstalledCertificateIds", "result"),
+        ("InstallCertificate", "timeout"),
+        ("GetInstalledCertificateIds", "result"),
+    ]
+    events = journal_of(journal, "CP-LOST")
+    assert events.count("answer_lost") == 1
+    assert events.count("certificate_installed") == 1
+    assert events.count("reset") == 1
+    reasons = list(
+        StationMigration.objects.get(station__identity="CP-LOST")
+        .state_changes.filter(from_state=State.CHECKING_ROOT_CA)
+        .values_list("to_state", "reason")
+    )
+    assert reasons[-1][0] == State.SETTING_URL
+    assert reasons[-1][1].endswith("is installed"), reasons

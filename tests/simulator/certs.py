@@ -1,5 +1,7 @@
 """Test certificate authorities made with `cryptography`: roots, a root signed by another
-(what AdditionalRootCertificateCheck accepts) and a server certificate for 127.0.0.1."""
+(what AdditionalRootCertificateCheck accepts), a self-signed certificate that is not a CA and
+a server certificate for 127.0.0.1. The one builder of the tests' certificates (tests/fleet
+uses it too)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,23 @@ class Ca:
     @property
     def pem(self) -> str:
         return certificate_pem(self.certificate)
+
+    @property
+    def der(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def key_pem(self) -> str:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+
+    @property
+    def sha256(self) -> str:
+        """Colon-separated upper-case hex, as add_csms and the admin show it."""
+        return self.certificate.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
 def _name(common_name: str) -> x509.Name:
@@ -75,6 +94,17 @@ def make_root(common_name: str, *, rsa_key: bool = False, serial: int | None = N
     )
     name = _name(common_name)
     builder = _ca_extensions(_builder(name, name, key, serial), key)
+    return Ca(builder.sign(key, hashes.SHA256()), key)
+
+
+def make_self_signed_leaf(common_name: str) -> Ca:
+    """A self-signed certificate that is not a CA (BasicConstraints ca=False): the wrong
+    file to give as a root CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(common_name)
+    builder = _builder(name, name, key, None).add_extension(
+        x509.BasicConstraints(ca=False, path_length=None), critical=True
+    )
     return Ca(builder.sign(key, hashes.SHA256()), key)
 
 

@@ -4,19 +4,21 @@ against the installed roots. Real sockets, a central system written with `ocpp`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 
 import pytest
 from ocpp import exceptions as ocpp_errors
 from ocpp.v16 import call
-from ocpp.v16.enums import CertificateUse
+from ocpp.v16.enums import CertificateUse, ResetStatus, ResetType
 
 from ocpp_gateway.certificates import CertificateHashData, hash_data
 from ocpp_gateway.simulator import Behaviour, Fleet, StationSpec, read_journal
 from ocpp_gateway.simulator.cli import build_parser, build_specs
 from tests.simulator.certs import make_root, make_signed_root, write_server_cert
 from tests.simulator.csms import FAST, CentralSystem, run, wait_until
+from tests.simulator.test_migration import point_at
 
 ID = "SIM-0001"
 ROOT = CertificateUse.central_system_root_certificate
@@ -121,15 +123,108 @@ def test_with_additional_root_check_only_a_root_signed_by_an_installed_one_is_ac
                 )
                 assert signed.status == "Accepted"
                 after = await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
-                assert listed(after) == [
-                    hash_data(old.certificate),
-                    hash_data(new.certificate, issuer=old.certificate),
-                ]
+                # It keeps one root: the new one replaced the old (kept only as a fallback).
+                assert listed(after) == [hash_data(new.certificate, issuer=old.certificate)]
                 assert fleet[ID].events("certificate_rejected")[0]["reason"] == (
                     "AdditionalRootCertificateCheck: not signed by an installed root"
                 )
 
     run(scenario())
+
+
+def test_under_additional_root_check_the_old_root_is_a_fallback_until_the_new_one_connects(
+    tmp_path,
+):
+    """OCPP 1.6 security whitepaper: the new root replaces the old one, which stays as a
+    fallback until the station has connected successfully using the new one."""
+    old = make_root("CSMS 1 Root")
+    new = make_signed_root("CSMS 2 Root", old)
+    journal = tmp_path / "journal.jsonl"
+
+    def server(ca, name):
+        certfile, keyfile = write_server_cert(ca, tmp_path, name=name)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(certfile, keyfile)
+        return CentralSystem(tls=tls)
+
+    async def scenario():
+        async with server(old, "csms-1") as csms_1, server(new, "csms-2") as csms_2:
+            spec = StationSpec(
+                ID, url=csms_1.url, root_certificates=(old.pem,),
+                additional_root_certificate_check=True,
+            )  # fmt: skip
+            async with Fleet([spec], timing=FAST, journal=journal) as fleet:
+                station = fleet[ID]
+                await wait_until(lambda: station.online, "boot on csms-1 (old root)")
+                installed = await csms_1.call(
+                    ID, call.InstallCertificate(certificate_type=ROOT, certificate=new.pem)
+                )
+                assert installed.status == "Accepted"
+                assert station.installed_root_hash_data() == [
+                    hash_data(new.certificate, issuer=old.certificate)
+                ]
+                assert len(station.root_fallback) == 1
+
+                # Reconnecting to csms-1 (its certificate from the old root) still works,
+                # through the fallback, which stays.
+                reset = await csms_1.call(ID, call.Reset(type=ResetType.hard))
+                assert reset.status == ResetStatus.accepted
+                await wait_until(lambda: station.events("root_fallback_used"), "the fallback")
+                await wait_until(lambda: station.online, "back on csms-1")
+                assert station.connected_url == csms_1.url
+                assert len(station.root_fallback) == 1
+
+                # The first connection the new root verifies removes the old one.
+                await point_at(csms_1, csms_2.url)
+                await wait_until(lambda: station.events("root_fallback_removed"), "removal")
+                await wait_until(lambda: station.online, "online on csms-2")
+                assert station.connected_url == csms_2.url
+                assert station.root_fallback == ()
+                assert station.installed_root_hash_data() == [
+                    hash_data(new.certificate, issuer=old.certificate)
+                ]
+
+    run(scenario())
+    events = [e for e in read_journal(journal) if e["station"] == ID]
+    names = [e["event"] for e in events]
+    assert names.index("root_certificate_replaced") < names.index("root_fallback_used")
+    assert names.index("root_fallback_used") < names.index("root_fallback_removed")
+    replaced = next(e for e in events if e["event"] == "root_certificate_replaced")
+    assert replaced["replaced"] == [hash_data(old.certificate).as_payload()]
+    removed = next(e for e in events if e["event"] == "root_fallback_removed")
+    assert removed["removed"] == [hash_data(old.certificate).as_payload()]
+    assert removed["url"].startswith("wss://")
+    assert removed["root_certificates"] == [
+        hash_data(new.certificate, issuer=old.certificate).as_payload()
+    ]
+
+
+def test_a_lost_install_certificate_answer_leaves_the_root_installed(tmp_path):
+    root = make_root("CSMS 2 Root")
+    journal = tmp_path / "journal.jsonl"
+
+    async def scenario():
+        async with CentralSystem() as csms:
+            spec = StationSpec(
+                ID, url=csms.url, behaviour=Behaviour(lose_install_certificate_answer=True)
+            )
+            async with Fleet([spec], timing=FAST, journal=journal) as fleet:
+                await wait_until(lambda: fleet[ID].online, "boot")
+                install = call.InstallCertificate(certificate_type=ROOT, certificate=root.pem)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(csms.call(ID, install), 2)
+                listing = await csms.call(
+                    ID, call.GetInstalledCertificateIds(certificate_type=ROOT)
+                )
+                assert listed(listing) == [hash_data(root.certificate)]
+                # Only the first answer is lost; installing it again changes nothing.
+                assert (await csms.call(ID, install)).status == "Accepted"
+                assert fleet[ID].installed_root_hash_data() == [hash_data(root.certificate)]
+
+    run(scenario())
+    names = [e["event"] for e in read_journal(journal) if e["station"] == ID]
+    assert names.count("answer_lost") == 1
+    assert names.count("certificate_installed") == 2
 
 
 def test_firmware_without_the_security_extension_answers_not_implemented():
@@ -192,6 +287,13 @@ def test_the_command_line_installs_roots_and_sets_the_security_options(tmp_path)
     assert all(spec.root_certificates == (root_a.pem, root_b.pem) for spec in specs)
     assert [s.additional_root_certificate_check for s in specs] == [False, True, False]
     assert [s.behaviour.no_security_extension for s in specs] == [False, False, True]
+    lossy = build_specs(
+        build_parser().parse_args(
+            ["--url", "ws://a/ocpp", "--count", "2", "--lose-install-certificate-answer", "2"]
+        )
+    )
+    assert [s.behaviour.lose_install_certificate_answer for s in lossy] == [False, True]
+    assert "--lose-install-certificate-answer IDS" in build_parser().format_help()
     assert "--root-certificate FILE" in build_parser().format_help()
 
 

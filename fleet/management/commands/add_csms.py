@@ -41,7 +41,9 @@ class Command(BaseCommand):
             default="",
             help="Proxy mode: the operator's real CSMS its gateways run in front of (record of "
             "what they run with: python -m ocpp_gateway --csms NAME --upstream UPSTREAM_URL). "
-            "Without it (also when run again) the CSMS is in endpoint mode: its gateways are "
+            "No user:password@ in it (refused): per-station credentials go in the gateway's "
+            "--upstream-auth-file. Not this CSMS's own URL (a loop). Without it (also when run "
+            "again) the CSMS is in endpoint mode: its gateways are "
             "the CSMS.",
         )
         parser.add_argument(
