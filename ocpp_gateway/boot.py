@@ -71,27 +71,6 @@ def admit_boot(
     return verdict
 
 
-def report_boot(
-    reporter: EventReporter,
-    identity: str,
-    hardware: Mapping[str, str],
-    payload: Mapping[str, Any],
-    status: BootStatus,
-    reason: str,
-) -> None:
-    """The BOOT event: the hardware, and the answer the station got (and why)."""
-    reporter.report(
-        EventKind.BOOT,
-        identity,
-        {
-            **hardware,
-            "firmware": str(payload.get("firmware_version") or ""),
-            "status": status.value,
-            "reason": reason,
-        },
-    )
-
-
 def close_reason(why: str) -> str:
     # A websocket close reason is at most 123 bytes.
     return f"boot rejected: {why}".encode()[:123].decode(errors="ignore")
@@ -105,9 +84,19 @@ def settle_boot(
     status: BootStatus,
     reason: str,
 ) -> None:
-    """What follows the final status of a boot, whoever gave it: the BOOT event, and a
-    warning for a boot not accepted."""
-    report_boot(reporter, identity, hardware, payload, status, reason)
+    """What follows the final status of a boot, whoever gave it: the BOOT event (the
+    hardware, and the answer the station got and why), and a warning for a boot not
+    accepted."""
+    reporter.report(
+        EventKind.BOOT,
+        identity,
+        {
+            **hardware,
+            "firmware": str(payload.get("firmware_version") or ""),
+            "status": status.value,
+            "reason": reason,
+        },
+    )
     if status is not BootStatus.ACCEPTED:
         logger.warning("%s: boot %s (%s)", identity, status.value, reason)
 

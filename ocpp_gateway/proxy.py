@@ -179,15 +179,13 @@ class ProxySession:
                 raw = await self._station.recv()
             except ConnectionClosed:
                 return
-            frame = _frame(raw)
+            frame = _ocpp_frame(raw)
             if frame is None:
-                misidentified = _misidentified(raw)
-                if misidentified is None:
-                    await self._to_upstream(raw)  # not ours to judge: the upstream answers it
-                else:
-                    # Relayed, a boot with a numeric id would pass the gateway's admission
-                    # unseen, and an answer with one matches no call of ours or relayed.
-                    await self._refuse_misidentified(misidentified, raw, self._station)
+                await self._to_upstream(raw)  # not ours to judge: the upstream answers it
+            elif not isinstance(frame[1], str):
+                # Relayed, a boot with a numeric id would pass the gateway's admission
+                # unseen, and an answer with one matches no call of ours or relayed.
+                await self._refuse_misidentified(frame, raw, self._station)
             elif frame[0] == MessageType.Call:
                 if await self._station_call(frame):
                     await self._to_upstream(raw)
@@ -298,17 +296,15 @@ class ProxySession:
                         self._station, CLOSE_UPSTREAM_GONE, "upstream CSMS closed the connection"
                     )
                 return
-            frame = _frame(raw)
+            frame = _ocpp_frame(raw)
+            if frame is not None and not isinstance(frame[1], str):
+                # Relayed, a CALL with a numeric id would bypass the call slot and its
+                # deadline (a second CALL outstanding towards the station).
+                await self._refuse_misidentified(frame, raw, self._upstream)
+                continue
             if frame is not None and frame[0] == MessageType.Call:
                 await self._upstream_call(frame[1], raw)
                 continue
-            if frame is None:
-                misidentified = _misidentified(raw)
-                if misidentified is not None:
-                    # Relayed, a CALL with a numeric id would bypass the call slot and its
-                    # deadline (a second CALL outstanding towards the station).
-                    await self._refuse_misidentified(misidentified, raw, self._upstream)
-                    continue
             rejected, watched = "", None
             if frame is not None and frame[0] in (MessageType.CallResult, MessageType.CallError):
                 watched = self._watched.pop(frame[1], None)
@@ -455,8 +451,8 @@ class ProxySession:
             self._closing = close_rejected(self._station, self.id, reason, self._on_rejected)
 
 
-def _misidentified(raw: str | bytes) -> list[Any] | None:
-    """An OCPP-J frame [type, id, ...] whose id is not a string, or None."""
+def _ocpp_frame(raw: str | bytes) -> list[Any] | None:
+    """An OCPP-J frame [type, id, ...] (its id not checked), or None for anything else."""
     if not isinstance(raw, str):
         return None
     try:
@@ -467,25 +463,6 @@ def _misidentified(raw: str | bytes) -> list[Any] | None:
         isinstance(frame, list)
         and len(frame) > 1
         and frame[0] in (MessageType.Call, MessageType.CallResult, MessageType.CallError)
-        and not isinstance(frame[1], str)
-    ):
-        return frame
-    return None
-
-
-def _frame(raw: str | bytes) -> list[Any] | None:
-    """An OCPP-J frame [type, id, ...] with a string id, or None for anything else."""
-    if not isinstance(raw, str):
-        return None
-    try:
-        frame = json.loads(raw)
-    except ValueError:
-        return None
-    if (
-        isinstance(frame, list)
-        and len(frame) > 1
-        and frame[0] in (MessageType.Call, MessageType.CallResult, MessageType.CallError)
-        and isinstance(frame[1], str)
     ):
         return frame
     return None
