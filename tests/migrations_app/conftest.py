@@ -18,6 +18,7 @@ import json
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import redis
@@ -88,13 +89,15 @@ class Stack:
         *,
         reboot_delay: float = 0.5,
         register_on_target: bool = True,
+        journal: Path | None = None,
     ) -> Iterator[Fleet]:
-        """Run the stations (registered on the target first, unless told not to); wait
-        until the inventory shows each of them connected."""
+        """Run the stations (registered on the target first, unless told not to; what
+        they do written to ``journal`` when given); wait until the inventory shows each
+        of them connected."""
         if register_on_target:
             self.register_on_target(specs)
         timing = Timing(reboot_delay=reboot_delay, retry_interval=0.2, reconnect_delay=0.3)
-        with Fleet(specs, timing=timing) as fleet:
+        with Fleet(specs, timing=timing, journal=journal) as fleet:
             identities = {spec.identity for spec in specs}
             wait_for(
                 lambda: (

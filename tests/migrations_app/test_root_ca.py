@@ -4,21 +4,18 @@ against the roots they have installed, so a missing root is a real failure, not 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from fleet.models import ChargingStation, CsmsBackend
+from fleet.models import CsmsBackend
 from fleet.services.inventory import csms_backend_upsert
 from migrations_app.models import OcppExchange, StationMigration
 from ocpp_gateway.certificates import hash_data
-from ocpp_gateway.simulator import Fleet, read_journal
-from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
+from ocpp_gateway.simulator import read_journal
+from ocpp_gateway.simulator.spec import Behaviour
 from tests.migrations_app.conftest import WORKER_ENV, Stack, by_identity, migrate
-from tests.processes import wait_for
 from tests.simulator.certs import Ca, make_root, make_signed_root, write_server_cert
 
 State = StationMigration.State
@@ -58,26 +55,6 @@ def _tls_stack(start_gateway, start_worker, redis_client, tmp_path, ca: Ca) -> T
     )
 
 
-@contextlib.contextmanager
-def journaled_fleet(stack: Stack, specs: list[StationSpec], journal: Path) -> Iterator[Fleet]:
-    """Stack.fleet with a journal: what the stations did is the ground truth."""
-    stack.register_on_target(specs)
-    timing = Timing(reboot_delay=0.5, retry_interval=0.2, reconnect_delay=0.3)
-    with Fleet(specs, timing=timing, journal=journal) as fleet:
-        identities = {spec.identity for spec in specs}
-        wait_for(
-            lambda: (
-                ChargingStation.objects.filter(identity__in=identities, connected=True)
-                .exclude(firmware_version="")
-                .count()
-                == len(identities)
-            ),
-            30,
-            "every simulated station in the inventory",
-        )
-        yield fleet
-
-
 def exchanges(identity: str) -> list[tuple[str, str, str]]:
     return list(
         OcppExchange.objects.filter(migration__station__identity=identity).values_list(
@@ -108,7 +85,7 @@ def test_stations_lacking_the_root_or_the_extension_are_skipped_and_left_untouch
         ),
     ]
     journal = tmp_path / "stations.jsonl"
-    with journaled_fleet(stack, specs, journal) as fleet:
+    with stack.fleet(specs, journal=journal) as fleet:
         code, report = migrate("--to", "csms-2", "--station", "CP-MISSING", "--station",
                                "CP-NOEXT", "--rate-per-minute", "0")  # fmt: skip
         assert code == 0, report
@@ -180,7 +157,7 @@ def test_with_the_root_installed_allowed_or_not_checkable_stations_migrate_over_
         ),
     ]
     journal = tmp_path / "stations.jsonl"
-    with journaled_fleet(stack, specs, journal) as fleet:
+    with stack.fleet(specs, journal=journal) as fleet:
         code, report = migrate("--to", "csms-2", "--from", "csms-1", "--rate-per-minute", "0",
                                "--install-root-ca", "--security-extension", "proceed")  # fmt: skip
         assert code == 0, report
@@ -244,7 +221,7 @@ def test_under_additional_root_check_a_root_signed_by_the_installed_one_is_insta
         "CP-ROLL", root_certificates=(old.pem,), additional_root_certificate_check=True
     )
     journal = tmp_path / "stations.jsonl"
-    with journaled_fleet(stack, [spec], journal) as fleet:
+    with stack.fleet([spec], journal=journal) as fleet:
         code, report = migrate("--to", "csms-2", "--station", "CP-ROLL", "--install-root-ca")
         assert code == 0, report
         entry = by_identity(report)["CP-ROLL"]
@@ -291,7 +268,7 @@ def test_a_lost_install_certificate_answer_is_retried_and_found_installed(tls_st
     stack = tls_stack
     spec = stack.station("CP-LOST", behaviour=Behaviour(lose_install_certificate_answer=True))
     journal = tmp_path / "stations.jsonl"
-    with journaled_fleet(stack, [spec], journal) as fleet:
+    with stack.fleet([spec], journal=journal) as fleet:
         code, report = migrate("--to", "csms-2", "--station", "CP-LOST", "--install-root-ca")
         assert code == 0, report
         entry = by_identity(report)["CP-LOST"]
