@@ -92,8 +92,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         type=Path,
         metavar="FILE",
         help="identity:password lines: HTTP Basic credentials for the upstream per station; "
-        "a station not in it has its own Authorization header passed on unchanged (without "
-        "one, the user:password of the --upstream URL is sent, if it has them)",
+        "a station not in it has its own Authorization header passed on unchanged",
     )
     proxy.add_argument(
         "--upstream-ca",
@@ -185,9 +184,19 @@ def _upstream_config(
     if port == args.port and _same_host(parts.hostname, args.host):
         # Each station's link would come back in as a new station, which opens a new link...
         parser.error(f"--upstream: {shown!r} is this gateway itself (--host, --port)")
-    if parts.username is not None and parts.password is None:
-        # As websockets refuses it; an empty password sent for it would only confuse.
-        parser.error(f"--upstream: {shown!r} has a user name but no password")
+    if "@" in parts.netloc:
+        # One user:password would go to the upstream for every station; OCPP's Basic auth
+        # is per station (user = identity), as is the inventory's record of the upstream.
+        parser.error(
+            f"--upstream: {shown!r} has credentials (user:password@), which would be sent "
+            "for every station: pass the stations' own Authorization on, or put per-station "
+            "credentials in --upstream-auth-file"
+        )
+    if any(char.isspace() or not char.isprintable() for char in args.upstream):
+        parser.error(f"--upstream: {shown!r} contains whitespace or a control character")
+    if parts.query or parts.fragment or args.upstream.endswith(("?", "#")):
+        # The station's identity is appended to the path: after a query it would be lost.
+        parser.error(f"--upstream: {shown!r} has a query or fragment; give a plain path")
     if args.upstream_ca and parts.scheme != "wss":
         parser.error("--upstream-ca needs a wss:// upstream")
     if args.upstream_connect_timeout <= 0 or args.upstream_call_timeout <= 0:

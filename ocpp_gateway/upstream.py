@@ -7,7 +7,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
@@ -29,8 +29,7 @@ PASSED_ON_STATUSES = frozenset(
 class UpstreamConfig:
     url: str  # ws[s]://host/path; a station's link is url/<identity>
     # Station identity -> password for the upstream (HTTP Basic); None or a missing
-    # identity: the station's own Authorization header is passed on unchanged, and a
-    # station without one gets the URL's user:password, if it has them.
+    # identity: the station's own Authorization header is passed on unchanged.
     credentials: dict[str, str] | None = None
     ca_file: str | None = None  # trusted for a wss:// upstream instead of the system's CAs
     connect_timeout: float = 5.0
@@ -80,24 +79,14 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _url_authorization(url: str) -> str | None:
-    """HTTP Basic for the user:password of the upstream URL, if it has them."""
-    parts = urlsplit(url)
-    if parts.username is None:
-        return None
-    # Percent-decoded, as websockets would have done with the URL's userinfo.
-    return _basic(unquote(parts.username), unquote(parts.password or ""))
-
-
 class Upstream:
     """Opens station links to one upstream CSMS."""
 
     def __init__(self, config: UpstreamConfig, *, max_size: int, ping_interval: float) -> None:
         self.config = config
-        # The userinfo is taken out of the URL and sent as our one Authorization header:
-        # left in, websockets would add a second one from it beside ours.
+        # parse_args refuses credentials in the URL: left in, websockets would add a second
+        # Authorization header from them beside the station's.
         self._base_url = url_without_credentials(config.url)
-        self._url_authorization = _url_authorization(config.url)
         self._ssl = client_ssl_context(config)
         self._max_size = max_size
         self._ping_interval = ping_interval
@@ -108,11 +97,11 @@ class Upstream:
 
     def _authorization(self, identity: str, station_headers: Headers) -> str | None:
         """The one Authorization the upstream gets: the station's entry in the upstream
-        credentials file, else the station's own header, else the URL's user:password."""
+        credentials file, else the station's own header (none without either)."""
         password = (self.config.credentials or {}).get(identity)
         if password is not None:
             return _basic(identity, password)
-        return station_headers.get("Authorization") or self._url_authorization
+        return station_headers.get("Authorization")
 
     async def open(self, identity: str, station_headers: Headers) -> ClientConnection:
         """The station's link to the upstream, open, or UpstreamUnavailable within the
