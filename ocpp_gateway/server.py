@@ -13,7 +13,7 @@ import logging
 import ssl
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -340,6 +340,13 @@ class Gateway:
                 "event_backlog": self.reporter.backlog,
                 "mode": "proxy" if self.upstream else "endpoint",
                 "upstream": self.upstream.public_url if self.upstream else None,
+                # The last station link's attempt: a proxy whose upstream is down answers
+                # every station 502 while the rest of this says "ok".
+                "upstream_last_link": (
+                    asdict(self.upstream.last_link)
+                    if self.upstream and self.upstream.last_link
+                    else None
+                ),
             }
         )
         response = connection.respond(HTTPStatus.OK, body + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import quote
@@ -40,9 +41,14 @@ class UpstreamConfig:
 class UpstreamUnavailable(Exception):
     """The upstream could not be reached (or refused): the station's handshake is refused."""
 
-    def __init__(self, why: str, status: HTTPStatus = HTTPStatus.BAD_GATEWAY) -> None:
+    def __init__(
+        self, why: str, status: HTTPStatus = HTTPStatus.BAD_GATEWAY, *, shown: str = ""
+    ) -> None:
         super().__init__(why)
         self.status = status
+        # What /health may say (anyone who reaches the port can read it): no OS error text
+        # with the upstream's internal address.
+        self.shown = shown or why
 
 
 def url_without_credentials(url: str) -> str:
@@ -79,6 +85,15 @@ def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+@dataclass(frozen=True)
+class LinkAttempt:
+    """How the last attempt to open a station's link to the upstream went."""
+
+    at: float  # epoch seconds
+    ok: bool
+    error: str = ""
+
+
 class Upstream:
     """Opens station links to one upstream CSMS."""
 
@@ -87,6 +102,9 @@ class Upstream:
         # parse_args refuses credentials in the URL: left in, websockets would add a second
         # Authorization header from them beside the station's.
         self._base_url = url_without_credentials(config.url)
+        # /health tells from it whether stations can get through now: a gateway answering
+        # "ok" while every handshake gets 502 would fool a monitor.
+        self.last_link: LinkAttempt | None = None
         self._ssl = client_ssl_context(config)
         self._max_size = max_size
         self._ping_interval = ping_interval
@@ -106,6 +124,15 @@ class Upstream:
     async def open(self, identity: str, station_headers: Headers) -> ClientConnection:
         """The station's link to the upstream, open, or UpstreamUnavailable within the
         connect timeout (the station's own handshake waits for this)."""
+        try:
+            connection = await self._open(identity, station_headers)
+        except UpstreamUnavailable as exc:
+            self.last_link = LinkAttempt(at=time.time(), ok=False, error=exc.shown)
+            raise
+        self.last_link = LinkAttempt(at=time.time(), ok=True)
+        return connection
+
+    async def _open(self, identity: str, station_headers: Headers) -> ClientConnection:
         url = station_url(self._base_url, identity)
         headers = {}
         authorization = self._authorization(identity, station_headers)
@@ -137,7 +164,9 @@ class Upstream:
                 f"upstream not reached within {self.config.connect_timeout:g}s"
             ) from exc
         except (OSError, InvalidHandshake, InvalidURI) as exc:
-            raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
+            raise UpstreamUnavailable(
+                f"upstream unreachable: {exc}", shown="upstream unreachable"
+            ) from exc
         if connection.subprotocol != SUBPROTOCOL:
             await connection.close(1002, f"{SUBPROTOCOL} required")
             raise UpstreamUnavailable(f"upstream did not accept the {SUBPROTOCOL} subprotocol")

@@ -42,6 +42,7 @@ def test_it_answers_the_health_check(start_gateway):
         "event_backlog": 0,
         "mode": "endpoint",
         "upstream": None,
+        "upstream_last_link": None,
     }
 
 

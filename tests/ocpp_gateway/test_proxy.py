@@ -149,6 +149,8 @@ def test_a_station_boots_through_the_proxy_and_the_upstreams_answer_is_recorded(
         assert upstream.received_frames("CP-1")[0][2] == "BootNotification"
         reply = send_command(redis_client, "CP-1", "GetConfiguration", {"key": ["X"]}, timeout=5)
         assert reply.outcome is Outcome.RESULT and reply.boot["serial"] == "SN-1"
+        last_link = health(base)["upstream_last_link"]
+        assert (last_link["ok"], last_link["error"]) == (True, "")
 
 
 def test_a_pending_upstream_answer_is_what_the_station_gets_and_commands_wait(
@@ -539,9 +541,15 @@ def test_an_unreachable_upstream_refuses_the_station_with_502(start_gateway):
                     pass
             return refused.value.response.status_code, refused.value.response.body
 
+        assert health(base)["upstream_last_link"] is None  # no station tried yet
         # The station learns nothing of why (an OS error, the upstream's address).
         assert asyncio.run(attempt(base)) == (502, b"Upstream CSMS unavailable.\n")
         assert asyncio.run(attempt(slow)) == (502, b"Upstream CSMS unavailable.\n")
+        # A monitor does: the gateway is up, its stations cannot get through.
+        unreachable = health(base)["upstream_last_link"]
+        timed_out = health(slow)["upstream_last_link"]
+        assert (unreachable["ok"], unreachable["error"]) == (False, "upstream unreachable")
+        assert (timed_out["ok"], timed_out["error"]) == (False, "upstream not reached within 0.5s")
 
 
 def test_upstream_closing_closes_the_station_1012_and_a_station_closing_closes_the_link(
