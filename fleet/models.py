@@ -15,12 +15,12 @@ from django.utils import timezone
 from fleet.validators import (
     CSMS_URL_MAX_LENGTH,
     same_csms_url,
-    url_without_credentials,
     validate_csms_url,
     validate_root_ca_pem,
     validate_upstream_url,
 )
 from ocpp_gateway.envelopes import EventKind
+from ocpp_gateway.upstream import url_without_credentials
 
 # OCPP 1.6 BootNotification.chargePointSerialNumber is a CiString25.
 SERIAL_NUMBER_MAX_LENGTH = 25

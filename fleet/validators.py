@@ -16,10 +16,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from django.core.exceptions import ValidationError
 
-# One definition, the gateway's (Django may import the gateway, never the reverse): /health
-# and the inventory show an upstream the same way. Re-exported for fleet.models and forms.
-from ocpp_gateway.upstream import url_without_credentials  # noqa: F401
-
 # OCPP 1.6 ChangeConfiguration.value is a CiString500: a longer URL cannot even be sent.
 CSMS_URL_MAX_LENGTH = 500
 CSMS_URL_SCHEMES = ("ws", "wss")

@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -271,7 +272,7 @@ def check_root_ca(m: StationMigration) -> Next:
     if m.batch.dry_run:
         return _armable(m, plan, reason=f"{named} is not installed: would install it")
     return _install_root(
-        m, plan, root_pem=target.root_ca_pem, named=named, replaces=additional_check
+        m, plan, root=root, root_pem=target.root_ca_pem, named=named, replaces=additional_check
     )
 
 
@@ -300,7 +301,13 @@ def _installed_roots(m: StationMigration) -> Reply:
 
 
 def _install_root(
-    m: StationMigration, plan: NetworkPlan, *, root_pem: str, named: str, replaces: bool
+    m: StationMigration,
+    plan: NetworkPlan,
+    *,
+    root: x509.Certificate,
+    root_pem: str,
+    named: str,
+    replaces: bool,
 ) -> Next:
     # InstallCertificate is safe to repeat: a re-run after a lost answer finds the root in
     # GetInstalledCertificateIds first, or installs it again.
@@ -321,7 +328,6 @@ def _install_root(
         )
     check = _installed_roots(m)
     installed = _hash_data(check)
-    root = load_certificate(root_pem)
     if installed is None or not any(identifies(data, root) for data in installed):
         seen = "not listed" if installed is not None else describe(check)
         return Next(

@@ -9,9 +9,9 @@ from fleet.validators import (
     root_ca_summary,
     same_csms_url,
     upstream_url_problems,
-    url_without_credentials,
     validate_csms_url,
 )
+from ocpp_gateway.upstream import url_without_credentials
 
 
 @pytest.mark.parametrize(
