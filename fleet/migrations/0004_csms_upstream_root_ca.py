@@ -19,6 +19,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='csmsbackend',
             name='upstream_url',
-            field=models.CharField(blank=True, help_text="The operator's real CSMS its gateways run in front of (proxy mode, python -m ocpp_gateway --upstream); empty: the gateway is the CSMS (endpoint mode). No credentials: per-station ones go in the gateway's --upstream-auth-file.", max_length=500, validators=[fleet.validators.validate_upstream_url], verbose_name='upstream URL'),
+            field=models.CharField(blank=True, help_text="The operator's real CSMS its gateways run in front of (proxy mode, python -m ocpp_gateway --upstream); empty: the gateway is the CSMS (endpoint mode).", max_length=500, validators=[fleet.validators.validate_csms_url], verbose_name='upstream URL'),
         ),
     ]
