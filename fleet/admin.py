@@ -29,7 +29,6 @@ from fleet.services.registrations import (
 )
 from fleet.services.registry import registry_publish_on_commit
 from fleet.validators import root_ca_summary
-from migrations_app.admin import MigrateStationsActionMixin
 
 # What event ingestion owns: an operator editing it would be overwritten by the next event.
 _REPORTED_FIELDS = (
@@ -139,7 +138,7 @@ class RegistrationInline(admin.TabularInline):
 
 
 @admin.register(ChargingStation)
-class ChargingStationAdmin(MigrateStationsActionMixin, admin.ModelAdmin):
+class ChargingStationAdmin(admin.ModelAdmin):
     list_display = (
         "identity",
         "csms",

@@ -34,6 +34,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from fleet.admin import ChargingStationAdmin
 from fleet.admin_readonly import ReadOnlyAdminMixin
 from fleet.models import ChargingStation
 from migrations_app.forms import BatchStationFilterForm, MigrateStationsForm
@@ -51,10 +52,11 @@ from migrations_app.selectors import (
     batch_source_names,
     batch_stations,
     batch_verified_count,
-    progress_from_counts,
+    progress_from_segments,
     station_migration_preview,
     station_migration_timeline,
 )
+from migrations_app.services import workflow
 from migrations_app.services.batches import BatchError, BatchOptions, batch_create
 from migrations_app.services.controls import (
     ControlError,
@@ -153,13 +155,17 @@ def _migrate_page(
     )
 
 
-class MigrateStationsActionMixin:
-    """Gives a stations changelist (fleet.admin) the migrate action, for those allowed to run it."""
+# fleet knows nothing of migrations (the apps have no import cycle): this app gives fleet's
+# stations changelist its action, for those allowed to run it.
+admin.site.unregister(ChargingStation)
 
+
+@admin.register(ChargingStation)
+class MigratableStationAdmin(ChargingStationAdmin):
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        actions = super().get_actions(request)  # type: ignore[misc]
+        actions = super().get_actions(request)
         if request.user.has_perm(RUN_PERMISSION) and IS_POPUP_VAR not in request.GET:
-            actions[ACTION_NAME] = self.get_action(migrate_to_another_csms)  # type: ignore[attr-defined]
+            actions[ACTION_NAME] = self.get_action(migrate_to_another_csms)
         return actions
 
 
@@ -228,7 +234,8 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="progress")
     def progress(self, batch: MigrationBatch) -> str:
-        return _bar(progress_from_counts(_list_counts(batch)), small=True)
+        total = batch.total  # type: ignore[attr-defined]
+        return _bar(progress_from_segments(total, _list_segment_counts(batch)), small=True)
 
     @admin.display(description="stations")
     def counts(self, batch: MigrationBatch) -> str:
@@ -238,7 +245,7 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         parts += [f"{b.cancelled} cancelled"] if b.cancelled else []
         return format_html(
             '<span class="mig-counts">{} / {}: {}</span>',
-            b.done + b.failed + b.skipped + b.cancelled,
+            sum(getattr(b, segment) for segment in workflow.ENDED_SEGMENTS),
             b.total,
             ", ".join(parts),
         )
@@ -395,18 +402,16 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         return response
 
 
-def _list_counts(batch: Any) -> dict[str, int]:
-    """Per-state counts from batch_list's annotations, enough for the list's small bar."""
-    State = StationMigration.State
-    ended = batch.done + batch.failed + batch.skipped + batch.cancelled
-    return {
-        State.DONE: batch.done,
-        State.FAILED: batch.failed,
-        State.SKIPPED: batch.skipped,
-        State.CANCELLED: batch.cancelled,
-        State.PENDING: batch.waiting,
-        State.PREFLIGHT: batch.total - ended - batch.waiting,
+def _list_segment_counts(batch: Any) -> dict[str, int]:
+    """Stations per bar segment from batch_list's annotations (all but the in-flight one,
+    which is the rest of the total)."""
+    counts = {
+        segment: getattr(batch, segment)
+        for segment in workflow.Segment
+        if segment != workflow.Segment.IN_FLIGHT
     }
+    counts[workflow.Segment.IN_FLIGHT] = batch.total - sum(counts.values())
+    return counts
 
 
 def _controls(batch: MigrationBatch, progress: Any, verified: int) -> list[dict[str, Any]]:

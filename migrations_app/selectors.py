@@ -6,7 +6,7 @@ import heapq
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from migrations_app.models import (
     StateChange,
     StationMigration,
 )
+from migrations_app.services import workflow
 from migrations_app.services.firmware import firmware_gate
 from migrations_app.services.liveness import stack_health
 
@@ -37,25 +38,6 @@ def batch_counts(batch: MigrationBatch) -> dict[str, int]:
 
 # --- the admin: previews, dashboards, exports -------------------------------------------
 
-# The order in which the dashboard lists states: how a station moves through them.
-STATE_ORDER = [value for value, _ in StationMigration.State.choices]
-# Which bar segment each state counts in.
-_SEGMENT_OF = {
-    StationMigration.State.DONE: "done",
-    StationMigration.State.FAILED: "failed",
-    StationMigration.State.SKIPPED: "skipped",
-    StationMigration.State.CANCELLED: "cancelled",
-    StationMigration.State.PENDING: "waiting",
-    StationMigration.State.WAITING_ONLINE: "waiting",
-}
-_SEGMENTS = [
-    ("done", "done"),
-    ("failed", "failed"),
-    ("skipped", "skipped"),
-    ("cancelled", "cancelled"),
-    ("in_flight", "in flight"),
-    ("waiting", "waiting to start"),
-]
 _SAMPLE = 10
 
 
@@ -141,17 +123,15 @@ def station_migration_preview(
 
 
 def batch_list() -> QuerySet[MigrationBatch]:
-    """Batches with their station counts (one query for the admin list)."""
-    State = StationMigration.State
+    """Batches with their station counts per bar segment but the in-flight one (computed:
+    total minus the rest), in one query for the admin list."""
     return MigrationBatch.objects.select_related("target", "source", "created_by").annotate(
         total=Count("stations"),
-        done=Count("stations", filter=Q(stations__state=State.DONE)),
-        failed=Count("stations", filter=Q(stations__state=State.FAILED)),
-        skipped=Count("stations", filter=Q(stations__state=State.SKIPPED)),
-        cancelled=Count("stations", filter=Q(stations__state=State.CANCELLED)),
-        waiting=Count(
-            "stations", filter=Q(stations__state__in=[State.PENDING, State.WAITING_ONLINE])
-        ),
+        **{
+            segment.value: Count("stations", filter=Q(stations__state__in=sorted(states)))
+            for segment, states in workflow.SEGMENT_STATES.items()
+            if segment != workflow.Segment.IN_FLIGHT
+        },
         first_source=Min("stations__source__name"),
         last_source=Max("stations__source__name"),
     )
@@ -168,7 +148,7 @@ class Segment:
 @dataclass(frozen=True)
 class BatchProgress:
     total: int
-    counts: list[tuple[str, str, int]]  # (state, label, count) in STATE_ORDER, zeros left out
+    counts: list[tuple[str, str, int]]  # (state, label, count) in workflow order, no zeros
     segments: list[Segment]  # for the bar, zeros left out
     ended: int
     in_flight: int
@@ -182,24 +162,32 @@ class BatchProgress:
 
 
 def progress_from_counts(counts: dict[str, int]) -> BatchProgress:
-    """Progress for a bar from per-state counts (batch_counts, or batch_list's annotations)."""
+    """Progress for a bar from per-state counts (batch_counts)."""
     labels = dict(StationMigration.State.choices)
-    total = sum(counts.values())
     segment_counts: Counter[str] = Counter()
     for state, n in counts.items():
-        segment_counts[_SEGMENT_OF.get(state, "in_flight")] += n  # type: ignore[call-overload]
+        segment_counts[workflow.segment_of(state)] += n
+    progress = progress_from_segments(sum(counts.values()), segment_counts)
+    return replace(
+        progress,
+        counts=[(s, labels[s], counts[s]) for s in workflow.STATE_ORDER if counts.get(s)],
+    )
+
+
+def progress_from_segments(total: int, segment_counts: dict[str, int]) -> BatchProgress:
+    """Progress for a bar from counts per segment (batch_list's annotations); no per-state
+    counts."""
     segments = [
-        Segment(key, label, segment_counts[key], 100 * segment_counts[key] / total)
-        for key, label in _SEGMENTS
-        if segment_counts[key]
+        Segment(segment.value, label, n, 100 * n / total)
+        for segment, label in workflow.SEGMENT_LABELS.items()
+        if (n := segment_counts.get(segment, 0))
     ]
-    ended = sum(counts.get(state, 0) for state in StationMigration.TERMINAL)
     return BatchProgress(
         total=total,
-        counts=[(s, labels[s], counts[s]) for s in STATE_ORDER if counts.get(s)],
+        counts=[],
         segments=segments,
-        ended=ended,
-        in_flight=segment_counts["in_flight"],
+        ended=sum(segment_counts.get(segment, 0) for segment in workflow.ENDED_SEGMENTS),
+        in_flight=segment_counts.get(workflow.Segment.IN_FLIGHT, 0),
     )
 
 

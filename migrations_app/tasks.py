@@ -17,8 +17,9 @@ from redis import RedisError
 
 from fleet.celery import app
 from migrations_app.services import batches, liveness
-from migrations_app.services.dispatch import DRIVE_BATCH_TASK, STEP_TASKS, enqueue_step
+from migrations_app.services.dispatch import DRIVE_BATCH_TASK, enqueue_step
 from migrations_app.services.runner import run_step, step_raised
+from migrations_app.services.workflow import TASK_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _step_task(name: str):
 
 
 # One task per step of the procedure (migrations.read_config, migrations.set_url, ...).
-step_tasks = {name: _step_task(name) for name in sorted(set(STEP_TASKS.values()))}
+step_tasks = {name: _step_task(name) for name in TASK_NAMES}
 
 # Drives, ticks and recoveries read and write a few rows: a minute is plenty. A drive lost
 # to an outage would end the batch's own schedule: retried like a step.

@@ -15,20 +15,15 @@ from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend
 from fleet.validators import csms_url_problems
-from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
+from migrations_app.models import BatchAction, MigrationBatch, StationMigration
 from migrations_app.selectors import batch_counts, state_counts
-from migrations_app.services import liveness
+from migrations_app.services import liveness, workflow
 from migrations_app.services.dispatch import drive_ran, enqueue_drive, enqueue_step, schedule_drive
-from migrations_app.services.transitions import transition
+from migrations_app.services.transitions import transition_many
 
 State = StationMigration.State
-# Started and not ended: what counts against max in flight. A station queued until it is
-# back online holds no slot.
-ACTIVE_STATES = [
-    s
-    for s in State.values
-    if s not in StationMigration.TERMINAL and s not in (State.PENDING, State.WAITING_ONLINE)
-]
+# Started and not ended: what counts against max in flight (see workflow.StateSpec).
+ACTIVE_STATES = workflow.ACTIVE
 # While a batch has stations in flight it drives itself at least this often (lost steps,
 # reconnected offline stations), so the beat is a safety net and not a requirement.
 DRIVE_SAFETY_SECONDS = 15.0
@@ -126,7 +121,7 @@ def _batch_create(
     with transaction.atomic():
         busy = list(
             StationMigration.objects.filter(station__in=stations)
-            .exclude(state__in=StationMigration.TERMINAL)
+            .exclude(state__in=workflow.TERMINAL)
             .values_list("station__identity", "batch_id")
         )
         if busy:
@@ -230,20 +225,13 @@ def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now) -> 
     candidates = batch.stations.filter(state=State.PENDING)
     if batch.canary_size and candidates.filter(canary=True).exists():
         candidates = candidates.filter(canary=True)
-    elif batch.stations.filter(canary=True).exclude(state__in=StationMigration.TERMINAL).exists():
+    elif batch.stations.filter(canary=True).exclude(state__in=workflow.TERMINAL).exists():
         return 0  # the rest wait until every canary station has ended
-    chosen = list(candidates.order_by("id").values_list("id", "station__identity")[:room])
-    ids = [migration_id for migration_id, _ in chosen]
-    StationMigration.objects.filter(id__in=ids, state=State.PENDING).update(
-        state=State.PREFLIGHT, started_at=now, updated_at=now
-    )
-    StateChange.objects.bulk_create(
-        StateChange(migration_id=i, from_state=State.PENDING, to_state=State.PREFLIGHT, at=now)
-        for i in ids
-    )
-    for migration_id, identity in chosen:
-        enqueue_step(migration_id, identity, State.PREFLIGHT)
-    return len(chosen)
+    chosen = dict(candidates.order_by("id").values_list("id", "station__identity")[:room])
+    started = transition_many(chosen, State.PENDING, State.PREFLIGHT, started_at=now)
+    for migration_id in started:
+        enqueue_step(migration_id, chosen[migration_id], State.PREFLIGHT)
+    return len(started)
 
 
 def in_window(batch: MigrationBatch, now: time) -> bool:
@@ -316,17 +304,20 @@ def _auto_pause(batch: MigrationBatch, reason: str) -> None:
 
 def _requeue_reconnected(batch: MigrationBatch, now) -> None:
     """Offline stations queued for their reconnection: back in line, or failed when late."""
-    waiting = batch.stations.filter(state=State.WAITING_ONLINE)
-    for migration in waiting.filter(station__connected=True).only("id"):
-        transition(migration.id, State.WAITING_ONLINE, State.PENDING, reason="back online")
-    for migration in waiting.filter(wait_until__lte=now).only("id"):
-        transition(
-            migration.id,
-            State.WAITING_ONLINE,
-            State.FAILED,
-            reason=f"offline: did not reconnect within {batch.offline_wait_seconds}s",
-            failed_step=State.PREFLIGHT,
-        )
+    waiting = batch.stations.filter(state=State.WAITING_ONLINE).values_list("id", flat=True)
+    transition_many(
+        waiting.filter(station__connected=True),
+        State.WAITING_ONLINE,
+        State.PENDING,
+        reason="back online",
+    )
+    transition_many(
+        waiting.filter(wait_until__lte=now),
+        State.WAITING_ONLINE,
+        State.FAILED,
+        reason=f"offline: did not reconnect within {batch.offline_wait_seconds}s",
+        failed_step=State.PREFLIGHT,
+    )
 
 
 def _rate_room(batch: MigrationBatch, now) -> int:

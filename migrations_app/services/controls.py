@@ -12,23 +12,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from fleet.models import CsmsBackend
-from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
+from migrations_app.models import BatchAction, MigrationBatch, StationMigration
+from migrations_app.services import workflow
 from migrations_app.services.batches import BatchOptions, batch_create
 from migrations_app.services.dispatch import enqueue_drive
+from migrations_app.services.transitions import transition_many
 
 State = StationMigration.State
 BatchState = MigrationBatch.State
-# Cancelling or pausing stops a station only before it is armed (its priority changed):
-# after that, finishing (reset and verify) is what leaves it in a known state.
-STOPPABLE_STATES = frozenset(
-    {
-        State.PREFLIGHT,
-        State.READING_CONFIG,
-        State.CHECKING_ROOT_CA,
-        State.SETTING_URL,
-        State.SETTING_PRIORITY,
-    }
-)
 
 
 class ControlError(ValueError):
@@ -71,31 +62,24 @@ def batch_resume(*, batch_id: int, user: Any) -> MigrationBatch:
 
 def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
     """Stations not started are cancelled; started ones stop at their next safe point."""
-    now = timezone.now()
     with transaction.atomic():
         batch = _locked(batch_id, {BatchState.RUNNING, BatchState.PAUSED}, "cancel")
-        waiting = batch.stations.filter(state__in=[State.PENDING, State.WAITING_ONLINE])
-        changes = [
-            StateChange(
-                migration_id=migration_id,
-                from_state=state,
-                to_state=State.CANCELLED,
-                at=now,
+        cancelled = [
+            transition_many(
+                batch.stations.filter(state=state).values_list("id", flat=True),
+                state,
+                State.CANCELLED,
                 reason=f"batch cancelled by {user}",
             )
-            for migration_id, state in waiting.values_list("id", "state")
+            for state in workflow.QUEUED
         ]
-        waiting.update(
-            state=State.CANCELLED, finished_at=now, updated_at=now, reason="batch cancelled"
-        )
-        StateChange.objects.bulk_create(changes)
         batch.state = BatchState.CANCELLED
         batch.save(update_fields=["state"])
         BatchAction.objects.create(
             batch=batch,
             user=user,
             kind=BatchAction.Kind.CANCEL,
-            detail=f"{len(changes)} stations cancelled before starting",
+            detail=f"{sum(map(len, cancelled))} stations cancelled before starting",
         )
     return batch
 
@@ -108,37 +92,25 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
             batch_id, {BatchState.RUNNING, BatchState.PAUSED, BatchState.FINISHED}, "retry"
         )
         # A station that another batch is migrating now stays failed here.
-        live_elsewhere = StationMigration.objects.exclude(
-            state__in=StationMigration.TERMINAL
-        ).values("station_id")
+        live_elsewhere = StationMigration.objects.exclude(state__in=workflow.TERMINAL).values(
+            "station_id"
+        )
         failed = batch.stations.filter(state=State.FAILED).exclude(station_id__in=live_elsewhere)
-        ids = list(failed.values_list("id", flat=True))
+        ids = transition_many(
+            failed.values_list("id", flat=True),
+            State.FAILED,
+            State.PENDING,
+            reason=f"retry by {user}",
+            failed_step="",
+            reset_sent_at=None,
+            reset_accepted=False,
+            started_at=None,
+            warnings=[],
+        )
         if not ids:
             raise ControlError(
                 f"batch {batch_id} has no failed stations that are not in another live batch"
             )
-        StateChange.objects.bulk_create(
-            StateChange(
-                migration_id=i,
-                from_state=State.FAILED,
-                to_state=State.PENDING,
-                at=now,
-                reason=f"retry by {user}",
-            )
-            for i in ids
-        )
-        StationMigration.objects.filter(id__in=ids).update(
-            state=State.PENDING,
-            failed_step="",
-            reason="",
-            reset_sent_at=None,
-            reset_accepted=False,
-            started_at=None,
-            finished_at=None,
-            wait_until=None,
-            warnings=[],
-            updated_at=now,
-        )
         if batch.state != BatchState.PAUSED:
             batch.state = BatchState.RUNNING
             batch.finished_at = None

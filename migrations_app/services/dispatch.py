@@ -1,4 +1,4 @@
-"""Which Celery task runs which state, and enqueueing after the current transaction commits.
+"""Enqueueing a state's step task (workflow.STEP_TASKS) after the current transaction commits.
 
 Tasks are sent by name so that services never import the task module (tasks call services).
 """
@@ -13,28 +13,10 @@ from redis import RedisError
 
 from fleet.celery import app
 from fleet.redis import get_redis
-from migrations_app.models import StationMigration
+from migrations_app.services.workflow import STEP_TASKS
 
 logger = logging.getLogger(__name__)
 
-State = StationMigration.State
-
-# Named after the seed's steps, so Flower reads like the procedure.
-STEP_TASKS: dict[str, str] = {
-    # Pre-flight sends nothing: the task that runs it goes straight on to step 1.
-    State.PREFLIGHT: "migrations.read_config",
-    State.READING_CONFIG: "migrations.read_config",
-    State.CHECKING_ROOT_CA: "migrations.check_root_ca",
-    State.SETTING_URL: "migrations.set_url",
-    State.SETTING_PRIORITY: "migrations.set_priority",
-    State.WAITING_IDLE: "migrations.wait_idle",
-    State.RESETTING: "migrations.reset",
-    State.AWAITING_BOOT: "migrations.verify_boot",
-    # Normally run inline by verify_boot; a re-driven station may be found here.
-    State.VERIFIED: "migrations.mark_old_registration",
-    State.OLD_REGISTRATION_MARKED: "migrations.mark_old_registration",
-    State.CLEANUP: "migrations.cleanup",
-}
 DRIVE_BATCH_TASK = "migrations.drive_batch"
 # A countdown held by a worker is redelivered by Redis after the visibility timeout (1 h)
 # and would then run twice: a scheduled drive never waits longer than this.

@@ -9,10 +9,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services import batches
-from migrations_app.services.controls import STOPPABLE_STATES
+from migrations_app.services import batches, workflow
 from migrations_app.services.steps import (
-    HANDLERS,
     OFFLINE_RETRY_SECONDS,
     Next,
     Unreachable,
@@ -25,20 +23,6 @@ from ocpp_gateway.client import StationOffline
 State = StationMigration.State
 BatchState = MigrationBatch.State
 PAUSED_POLL_SECONDS = 5.0
-# Past a possible priority write: giving up on these must try to restore the station.
-ARMED_STATES = frozenset({State.SETTING_PRIORITY, State.WAITING_IDLE, State.RESETTING})
-
-# States entered after a step that did no OCPP exchange (pre-flight, the idle check, the
-# verification, the registrations): run straight on in the same task. A task is ~4 ms of
-# worker CPU plus a trip through the queue, so a station costs about six, not nine.
-INLINE_STATES = frozenset(
-    {
-        State.READING_CONFIG,
-        State.WAITING_IDLE,
-        State.VERIFIED,
-        State.OLD_REGISTRATION_MARKED,
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -62,9 +46,11 @@ def run_step(migration_id: int, expected_state: str) -> Followup | None:
             return Followup(migration.id, migration.station.identity, state, outcome.countdown)
         if not _move(migration, state, outcome):
             return None
-        if outcome.state in StationMigration.TERMINAL or outcome.state == State.WAITING_ONLINE:
-            return None
-        if outcome.state in INLINE_STATES and outcome.countdown == 0:
+        if outcome.state not in workflow.ACTIVE:
+            return None  # ended, or queued until it reconnects: no step runs there
+        # Run straight on in the same task (see workflow.StateSpec.inline): a station then
+        # costs about six tasks, not nine.
+        if outcome.state in workflow.INLINE and outcome.countdown == 0:
             migration.refresh_from_db()  # keeps the station, batch and CSMS already loaded
             state = outcome.state
             continue
@@ -88,7 +74,7 @@ def step_raised(migration_id: int, expected_state: str, error: BaseException) ->
     reason = f"the step raised {type(error).__name__}: {error} ({attempts} attempts)"
     # Past the Reset claim the station may be anywhere: the rollback (through the source
     # only) tells where it is not, and says so when it cannot be done.
-    if expected_state in ARMED_STATES or migration.reset_sent_at is not None:
+    if expected_state in workflow.ARMED or migration.reset_sent_at is not None:
         try:
             reason += restore(migration, expected_state, priority=True)
         except Exception as exc:  # the same bug may be in the rollback path
@@ -108,9 +94,7 @@ def _move(migration: StationMigration, state: str, outcome: Next) -> bool:
         apply=outcome.apply,
         **outcome.fields,
     )
-    if moved and (
-        outcome.state in StationMigration.TERMINAL or outcome.state == State.WAITING_ONLINE
-    ):
+    if moved and outcome.state not in workflow.ACTIVE:
         # Its in-flight slot is free: start the next station now, not at the next tick.
         batches.batch_drive(batch_id=migration.batch_id)
     return moved
@@ -118,7 +102,7 @@ def _move(migration: StationMigration, state: str, outcome: Next) -> bool:
 
 def _run_handler(migration: StationMigration, state: str) -> Next:
     try:
-        return HANDLERS[state](migration)
+        return workflow.handler(state)(migration)
     except StationOffline:
         if state == State.PREFLIGHT and migration.batch.offline_wait_seconds:
             # Queued until it reconnects; it holds no in-flight slot meanwhile.
@@ -136,7 +120,7 @@ def _run_handler(migration: StationMigration, state: str) -> Next:
 def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
     """A paused batch holds stations that are not armed yet; a cancelled one stops them."""
     batch_state = migration.batch.state
-    if state not in STOPPABLE_STATES or batch_state not in (
+    if state not in workflow.STOPPABLE or batch_state not in (
         BatchState.PAUSED,
         BatchState.CANCELLED,
     ):
@@ -160,7 +144,7 @@ def _wait_for_station(migration: StationMigration, state: str, reason: str) -> N
     if state == State.CLEANUP:
         # Cleanup is optional and the station is already verified on the target.
         return Next(State.DONE, f"migrated, but the old slot was not blanked: {waited}")
-    if state in ARMED_STATES:
+    if state in workflow.ARMED:
         # The priority may already point at the target: put it back if the station
         # can still be reached, and say so either way.
         return fail(state, waited + restore(migration, state, priority=True))

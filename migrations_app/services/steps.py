@@ -931,18 +931,3 @@ def restore(m: StationMigration, step: str, *, priority: bool) -> str:
     if problems:
         return "; ROLLBACK INCOMPLETE: " + "; ".join(problems)
     return "; " + " and ".join(key for key, _ in writes) + " restored"
-
-
-HANDLERS: dict[str, Callable[[StationMigration], Next]] = {
-    State.PREFLIGHT: preflight,
-    State.READING_CONFIG: read_config,
-    State.CHECKING_ROOT_CA: check_root_ca,
-    State.SETTING_URL: set_url,
-    State.SETTING_PRIORITY: set_priority,
-    State.WAITING_IDLE: wait_idle,
-    State.RESETTING: reset,
-    State.AWAITING_BOOT: verify_boot,
-    State.VERIFIED: mark_old_registration,
-    State.OLD_REGISTRATION_MARKED: after_marking,
-    State.CLEANUP: cleanup,
-}

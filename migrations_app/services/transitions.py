@@ -1,17 +1,25 @@
-"""The one way a station migration changes state: conditional, atomic, recorded."""
+"""The one way a station migration changes state: conditional, atomic, recorded.
+
+Nothing else writes a migration's state or its attempt count: a step's outcome, a batch
+moving stations in bulk, an operator's cancel or retry all come through here, so every
+change has its StateChange row.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
-from django.db import transaction
-from django.db.models import F
+from django.db import connection, transaction
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from migrations_app.models import StateChange, StationMigration
+from migrations_app.services.workflow import TERMINAL
 
-State = StationMigration.State
+# Ids per UPDATE: under SQLite's oldest limit on query parameters (999).
+_UPDATE_CHUNK = 900
 
 
 def transition(
@@ -30,17 +38,7 @@ def transition(
     transaction, only for the one that moved it.
     """
     now = timezone.now()
-    # Each waiting state sets its own deadline; leaving a state ends its wait.
-    changes: dict[str, Any] = {
-        "state": to_state,
-        "updated_at": now,
-        "wait_until": None,
-        "attempts": 0,
-    }
-    changes.update(fields)
-    if to_state in StationMigration.TERMINAL:
-        changes.setdefault("finished_at", now)
-        changes.setdefault("reason", reason)
+    changes = _changes(from_state, to_state, reason, now, fields)
     with transaction.atomic():
         moved = StationMigration.objects.filter(id=migration_id, state=from_state).update(**changes)
         if moved:
@@ -54,6 +52,74 @@ def transition(
             if apply is not None:
                 apply()
     return bool(moved)
+
+
+def transition_many(
+    migration_ids: Iterable[int],
+    from_state: str,
+    to_state: str,
+    *,
+    reason: str = "",
+    **fields: Any,
+) -> list[int]:
+    """Move those of the migrations still in from_state to to_state; the ids that moved.
+
+    One transaction, one StateChange row per moved station. ``migration_ids`` may be a
+    ``values_list("id", flat=True)`` queryset: it is then read as a subquery, so a batch
+    of any size is never spelled out as one list of parameters.
+    """
+    if not isinstance(migration_ids, QuerySet):
+        migration_ids = list(migration_ids)
+        if not migration_ids:
+            return []
+    now = timezone.now()
+    changes = _changes(from_state, to_state, reason, now, fields)
+    with transaction.atomic():
+        candidates = StationMigration.objects.filter(id__in=migration_ids, state=from_state)
+        if connection.features.has_select_for_update:
+            # Locked (in id order, as every bulk move) so that the rows updated are exactly
+            # the rows read: the history then matches what moved. SQLite needs no lock here:
+            # its IMMEDIATE transactions hold the database's write lock from the start.
+            candidates = candidates.select_for_update()
+        moved = list(candidates.order_by("id").values_list("id", flat=True))
+        for start in range(0, len(moved), _UPDATE_CHUNK):
+            chunk = moved[start : start + _UPDATE_CHUNK]
+            StationMigration.objects.filter(id__in=chunk, state=from_state).update(**changes)
+        StateChange.objects.bulk_create(
+            StateChange(
+                migration_id=migration_id,
+                from_state=from_state,
+                to_state=to_state,
+                reason=reason,
+                at=now,
+            )
+            for migration_id in moved
+        )
+        # TODO(lead, merging flat's progress module): call
+        # progress.count_moves(batch_id, from_state, to_state, moved) here, as transition() will.
+    return moved
+
+
+def _changes(
+    from_state: str, to_state: str, reason: str, now: datetime, fields: dict[str, Any]
+) -> dict[str, Any]:
+    # Each waiting state sets its own deadline; leaving a state ends its wait.
+    changes: dict[str, Any] = {
+        "state": to_state,
+        "updated_at": now,
+        "wait_until": None,
+        "attempts": 0,
+    }
+    changes.update(fields)
+    # A terminal state's reason is the station's outcome: set on entering one, cleared on
+    # leaving one (a retried station starts again).
+    if to_state in TERMINAL:
+        changes.setdefault("finished_at", now)
+        changes.setdefault("reason", reason)
+    elif from_state in TERMINAL:
+        changes.setdefault("finished_at", None)
+        changes.setdefault("reason", "")
+    return changes
 
 
 def touch(migration_id: int, state: str, **fields: Any) -> bool:

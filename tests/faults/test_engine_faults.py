@@ -29,6 +29,7 @@ import redis
 from fleet.models import CsmsBackend
 from fleet.services.inventory import csms_backend_upsert
 from migrations_app.models import MigrationBatch, StationMigration
+from migrations_app.services import workflow
 from migrations_app.services.controls import batch_cancel
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Timing
@@ -285,7 +286,7 @@ def test_each_gateway_sigkilled_and_restarted_mid_batch(gateways, start_worker, 
 
 def paused_and_idle(batch: MigrationBatch) -> bool:
     batch.refresh_from_db()
-    armed = batch.stations.exclude(state__in=[*StationMigration.TERMINAL, State.PENDING])
+    armed = batch.stations.exclude(state__in=[*workflow.TERMINAL, State.PENDING])
     return batch.state == MigrationBatch.State.PAUSED and not armed.exists()
 
 

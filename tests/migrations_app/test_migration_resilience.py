@@ -10,6 +10,7 @@ import subprocess
 from django.db.models import Q
 
 from migrations_app.models import MigrationBatch, StateChange, StationMigration
+from migrations_app.services import workflow
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.conftest import process_env
 from tests.migrations_app.conftest import WORKER_ENV, by_identity
@@ -110,7 +111,7 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
 
 def most_in_flight_at_once() -> int:
     """From the recorded history: starts (pending -> preflight) and ends (terminal)."""
-    terminal = list(StationMigration.TERMINAL)
+    terminal = list(workflow.TERMINAL)
     changes = StateChange.objects.filter(
         Q(from_state=State.PENDING) | Q(to_state__in=terminal)
     ).exclude(from_state=State.PENDING, to_state__in=terminal)
@@ -127,10 +128,9 @@ def test_every_step_task_has_time_limits_that_fit_four_commands_and_a_rollback_a
 
     import migrations_app.tasks  # noqa: F401  (registers the tasks)
     from fleet.celery import app
-    from migrations_app.services.dispatch import STEP_TASKS
 
     command = settings.OCPP_COMMAND_TIMEOUT + 1
-    for name in set(STEP_TASKS.values()):
+    for name in workflow.TASK_NAMES:
         task = app.tasks[name]
         assert 4 * command < task.soft_time_limit, name
         assert task.soft_time_limit + 2 * command < task.time_limit, name

@@ -238,7 +238,7 @@ def test_the_default_brake_pauses_when_the_first_five_ended_stations_all_failed(
 
 def test_a_step_that_keeps_raising_fails_after_bounded_attempts_with_the_error(stack):
     from fleet.celery import app
-    from migrations_app.services.dispatch import STEP_TASKS
+    from migrations_app.services.workflow import STEP_TASKS
 
     with stack.fleet([stack.station("CP-BUG")]):
         now = timezone.now()

@@ -21,8 +21,9 @@ from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Max
 
 from fleet.models import ChargingStation, CsmsBackend
-from migrations_app.models import MigrationBatch, StationMigration
+from migrations_app.models import MigrationBatch
 from migrations_app.selectors import batch_counts
+from migrations_app.services import workflow
 from migrations_app.services.batches import BatchError, BatchOptions, batch_create, batch_report
 from migrations_app.services.liveness import StackHealth, stack_health
 
@@ -307,7 +308,7 @@ class Command(BaseCommand):
                 self.stderr.write(line)
                 last_print = now
             last_line = line
-            ended = sum(counts.get(s, 0) for s in StationMigration.TERMINAL)
+            ended = sum(counts.get(s, 0) for s in workflow.TERMINAL)
             if batch.state == MigrationBatch.State.FINISHED or ended == sum(counts.values()):
                 break
             try:
@@ -379,15 +380,13 @@ class _Progress:
 
 
 def _waiting_for(counts: dict[str, int]) -> str:
-    waiting = {
-        state: n for state, n in counts.items() if state not in StationMigration.TERMINAL and n
-    }
+    waiting = {state: n for state, n in counts.items() if state not in workflow.TERMINAL and n}
     return "waited for: " + ", ".join(f"{n} {state}" for state, n in sorted(waiting.items()))
 
 
 def _progress_line(counts: dict[str, int]) -> str:
     total = sum(counts.values()) or 1
-    ended = sum(counts.get(s, 0) for s in ("done", "failed", "skipped", "cancelled"))
+    ended = sum(counts.get(s, 0) for s in workflow.TERMINAL)
     filled = int(BAR_WIDTH * ended / total)
     in_flight = total - ended - counts.get("pending", 0)
     return (
