@@ -64,6 +64,9 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
     """Stations not started are cancelled; started ones stop at their next safe point."""
     with transaction.atomic():
         batch = _locked(batch_id, {BatchState.RUNNING, BatchState.PAUSED}, "cancel")
+        # Later states first: a station that moves on meanwhile (back online: pending) is
+        # met again by the next pass instead of left behind.
+        queued = [state for state in workflow.STATE_ORDER if state in workflow.QUEUED]
         cancelled = [
             transition_many(
                 batch.stations.filter(state=state).values_list("id", flat=True),
@@ -71,7 +74,7 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
                 State.CANCELLED,
                 reason=f"batch cancelled by {user}",
             )
-            for state in workflow.QUEUED
+            for state in reversed(queued)
         ]
         batch.state = BatchState.CANCELLED
         batch.save(update_fields=["state"])
