@@ -10,6 +10,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from migrations_app.models import StateChange, StationMigration
+from migrations_app.services import progress
 
 State = StationMigration.State
 
@@ -53,6 +54,7 @@ def transition(
             )
             if apply is not None:
                 apply()
+            progress.count_move(migration_id, from_state, to_state)
     return bool(moved)
 
 
