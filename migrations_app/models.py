@@ -89,6 +89,15 @@ class MigrationBatch(models.Model):
     )
     pause_reason = models.TextField(blank=True)
     resumed_at = models.DateTimeField(null=True, blank=True)
+    # What the brake judges, counted as the stations end (services.progress) so that no
+    # drive counts the batch: stations done and failed since `progress_since`, and the
+    # failures before the first done one. They hold for the resume they were counted
+    # from: when `progress_since` is not `resumed_at` (a resume or retry since), they are
+    # 0 and the next station to end starts them again.
+    progress_since = models.DateTimeField(null=True, blank=True, editable=False)
+    ended_done = models.PositiveIntegerField(default=0, editable=False)
+    ended_failed = models.PositiveIntegerField(default=0, editable=False)
+    failed_before_done = models.PositiveIntegerField(default=0, editable=False)
     migrated_back_from = models.ForeignKey(
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
@@ -185,7 +194,17 @@ class StationMigration(models.Model):
             ),
         ]
         indexes = [
-            models.Index(fields=["batch", "state"], name="migration_batch_state"),
+            # With the id: the next pending stations in order without sorting them all.
+            models.Index(fields=["batch", "state", "id"], name="migration_batch_state_id"),
+            # The canary wave's checks read the canary stations only. Partial: SQLite does
+            # not search an index by a bare boolean column ("WHERE canary").
+            models.Index(
+                fields=["batch", "state", "id"],
+                condition=models.Q(canary=True),
+                name="migration_batch_canary",
+            ),
+            # The rate limiter reads the last minute's starts only.
+            models.Index(fields=["batch", "started_at"], name="migration_batch_started"),
             models.Index(fields=["state", "updated_at"], name="migration_state_updated"),
         ]
 

@@ -16,8 +16,7 @@ from django.utils import timezone
 from fleet.models import ChargingStation, CsmsBackend
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
-from migrations_app.selectors import batch_counts, state_counts
-from migrations_app.services import liveness, workflow
+from migrations_app.services import liveness, progress, workflow
 from migrations_app.services.dispatch import drive_ran, enqueue_drive, enqueue_step, schedule_drive
 from migrations_app.services.transitions import transition_many
 
@@ -168,15 +167,21 @@ def batch_drive(*, batch_id: int, scheduled: bool = False) -> int:
         if batch is None:
             return 0
         started, wait = _drive_locked(batch)
-        if scheduled:
-            redrive_stale(batch.stations.all())
         if wait is not None:
             transaction.on_commit(lambda: schedule_drive(batch_id, wait))
+    if scheduled:
+        # After the batch lock: a station's end waits for that lock (its counters) while
+        # holding its own row, which this claims.
+        redrive_stale(batch.stations.all())
     return started
 
 
 def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
-    """(stations started, seconds until the next drive is needed or None)."""
+    """(stations started, seconds until the next drive is needed or None).
+
+    Every read here is bounded by a limit of the batch (max in flight, the rate, the
+    canary size) and never by its size: it runs each time a station ends.
+    """
     if batch.state == MigrationBatch.State.FINISHED:
         return 0, None
     if batch.state != MigrationBatch.State.RUNNING:
@@ -184,13 +189,13 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
         active = batch.stations.filter(state__in=ACTIVE_STATES).exists()
         return 0, DRIVE_SAFETY_SECONDS if active else None
     _requeue_reconnected(batch, timezone.now())
-    counts = Counter(batch_counts(batch))
+    in_flight = batch.stations.filter(state__in=ACTIVE_STATES).count()  # <= max in flight
+    # Counted up to one more than could start: more than that changes nothing below.
+    pending = _count_up_to(batch, State.PENDING, batch.max_in_flight + 1)
+    offline = _count_up_to(batch, State.WAITING_ONLINE, 1)
     # Read the clock after counting: a start stamped earlier could predate the end of a
     # station that committed meanwhile and that this count saw as ended.
     now = timezone.now()
-    pending = counts[State.PENDING]
-    in_flight = sum(counts[s] for s in ACTIVE_STATES)
-    offline = counts[State.WAITING_ONLINE]
     if pending == 0 and in_flight == 0 and offline == 0:
         batch.state = MigrationBatch.State.FINISHED
         batch.finished_at = now
@@ -216,6 +221,11 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
     return started, min(waits)
 
 
+def _count_up_to(batch: MigrationBatch, state: str, limit: int) -> int:
+    """How many of the batch's stations are in `state`, counted up to `limit`."""
+    return batch.stations.filter(state=state).order_by()[:limit].count()
+
+
 def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now) -> int:
     room = min(pending, batch.max_in_flight - in_flight)
     if batch.rate_per_minute:
@@ -225,10 +235,14 @@ def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now) -> 
     candidates = batch.stations.filter(state=State.PENDING)
     if batch.canary_size and candidates.filter(canary=True).exists():
         candidates = candidates.filter(canary=True)
-    elif batch.stations.filter(canary=True).exclude(state__in=workflow.TERMINAL).exists():
-        return 0  # the rest wait until every canary station has ended
+    elif batch.stations.filter(
+        canary=True, state__in=[*ACTIVE_STATES, State.WAITING_ONLINE]
+    ).exists():
+        # The rest wait until every canary station has ended (none is pending). Named
+        # states, not "not ended": SQLite would read the whole batch for a NOT IN.
+        return 0
     chosen = dict(candidates.order_by("id").values_list("id", "station__identity")[:room])
-    started = transition_many(chosen, State.PENDING, State.PREFLIGHT, started_at=now)
+    started = transition_many(batch.id, chosen, State.PENDING, State.PREFLIGHT, started_at=now)
     for migration_id in started:
         enqueue_step(migration_id, chosen[migration_id], State.PREFLIGHT)
     return len(started)
@@ -244,53 +258,34 @@ def in_window(batch: MigrationBatch, now: time) -> bool:
     return now >= start or now < end
 
 
-def _ended_since_resume(batch: MigrationBatch):
-    """Stations that ended since the operator last resumed: what the controls judge.
-
-    A resume means "go on despite what paused it": the same failures must not pause again.
-    """
-    ended = batch.stations.filter(state__in=[State.DONE, State.FAILED])
-    if batch.resumed_at is not None:
-        ended = ended.filter(finished_at__gt=batch.resumed_at)
-    return ended
-
-
 def _canary_verdict(batch: MigrationBatch) -> str:
     if not batch.canary_size:
         return ""
-    failed = (
-        _ended_since_resume(batch)
-        .filter(canary=True, state=State.FAILED)
-        .select_related("station")
-        .order_by("id")
-        .first()
-    )
-    if failed is None:
+    # Ended since the operator last resumed: a resume means "go on despite what paused
+    # it", so the same failure must not pause again.
+    failed = batch.stations.filter(canary=True, state=State.FAILED)
+    if batch.resumed_at is not None:
+        failed = failed.filter(finished_at__gt=batch.resumed_at)
+    first = failed.select_related("station").order_by("id").first()
+    if first is None:
         return ""
-    return f"canary failed: {failed.station.identity}: {failed.reason}"
+    return f"canary failed: {first.station.identity}: {first.reason}"
 
 
 def _brake_verdict(batch: MigrationBatch) -> str:
+    ended = progress.ended_since_resume(batch)
     first = batch.brake_first_failed
-    if first:
-        states = list(
-            _ended_since_resume(batch)
-            .order_by("finished_at", "id")
-            .values_list("state", flat=True)[:first]
-        )
-        if len(states) == first and set(states) == {State.FAILED}:
-            return f"brake: the first {first} ended stations all failed"
+    if first and ended.failed_before_done >= first:
+        return f"brake: the first {first} ended stations all failed"
     if batch.brake_failure_ratio is None:
         return ""
-    counts = Counter(state_counts(_ended_since_resume(batch)))
-    ended = counts[State.DONE] + counts[State.FAILED]
-    if ended < max(batch.brake_min_sample, 1):
+    if ended.total < max(batch.brake_min_sample, 1):
         return ""
-    ratio = counts[State.FAILED] / ended
+    ratio = ended.failed / ended.total
     if ratio <= batch.brake_failure_ratio:
         return ""
     return (
-        f"brake: {counts[State.FAILED]} of {ended} ended stations failed "
+        f"brake: {ended.failed} of {ended.total} ended stations failed "
         f"({ratio:.0%} > {batch.brake_failure_ratio:.0%})"
     )
 
@@ -306,12 +301,14 @@ def _requeue_reconnected(batch: MigrationBatch, now) -> None:
     """Offline stations queued for their reconnection: back in line, or failed when late."""
     waiting = batch.stations.filter(state=State.WAITING_ONLINE).values_list("id", flat=True)
     transition_many(
+        batch.id,
         waiting.filter(station__connected=True),
         State.WAITING_ONLINE,
         State.PENDING,
         reason="back online",
     )
     transition_many(
+        batch.id,
         waiting.filter(wait_until__lte=now),
         State.WAITING_ONLINE,
         State.FAILED,
@@ -322,21 +319,19 @@ def _requeue_reconnected(batch: MigrationBatch, now) -> None:
 
 def _rate_room(batch: MigrationBatch, now) -> int:
     """Starts allowed now: R per sliding minute, spread so a minute does not start at once."""
-    started = batch.stations.exclude(started_at=None)
-    last_minute = started.filter(started_at__gt=now - timedelta(seconds=60)).count()
-    last_tenth = started.filter(started_at__gt=now - timedelta(seconds=10)).count()
+    last_minute = _started_since(batch, now - timedelta(seconds=60)).count()
+    last_tenth = _started_since(batch, now - timedelta(seconds=10)).count()
     per_tenth = math.ceil(batch.rate_per_minute / 6)
     return min(batch.rate_per_minute - last_minute, per_tenth - last_tenth)
 
 
 def _rate_wait(batch: MigrationBatch, now) -> float | None:
     """Seconds until the rate limit lets one more station start; None if it does now."""
-    started = batch.stations.exclude(started_at=None)
     per_tenth = math.ceil(batch.rate_per_minute / 6)
     frees = []
     for span, limit in ((60, batch.rate_per_minute), (10, per_tenth)):
         recent = list(
-            started.filter(started_at__gt=now - timedelta(seconds=span))
+            _started_since(batch, now - timedelta(seconds=span))
             .order_by("started_at")
             .values_list("started_at", flat=True)
         )
@@ -344,6 +339,11 @@ def _rate_wait(batch: MigrationBatch, now) -> float | None:
             # The start that leaves the window first frees a slot.
             frees.append((recent[len(recent) - limit] - now).total_seconds() + span)
     return max(frees) + 0.05 if frees else None
+
+
+def _started_since(batch: MigrationBatch, since: datetime):
+    """The batch's starts after `since` (the rate keeps them to about one minute's)."""
+    return batch.stations.filter(started_at__gt=since)
 
 
 def _until_window_opens(batch: MigrationBatch, now) -> float:

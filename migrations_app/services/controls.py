@@ -69,6 +69,7 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
         queued = [state for state in workflow.STATE_ORDER if state in workflow.QUEUED]
         cancelled = [
             transition_many(
+                batch.id,
                 batch.stations.filter(state=state).values_list("id", flat=True),
                 state,
                 State.CANCELLED,
@@ -100,6 +101,7 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
         )
         failed = batch.stations.filter(state=State.FAILED).exclude(station_id__in=live_elsewhere)
         ids = transition_many(
+            batch.id,
             failed.values_list("id", flat=True),
             State.FAILED,
             State.PENDING,

@@ -16,6 +16,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from migrations_app.models import StateChange, StationMigration
+from migrations_app.services import progress
 from migrations_app.services.workflow import TERMINAL
 
 # Ids per UPDATE: under SQLite's oldest limit on query parameters (999).
@@ -51,10 +52,12 @@ def transition(
             )
             if apply is not None:
                 apply()
+            progress.count_move(migration_id, from_state, to_state)
     return bool(moved)
 
 
 def transition_many(
+    batch_id: int,
     migration_ids: Iterable[int],
     from_state: str,
     to_state: str,
@@ -62,11 +65,14 @@ def transition_many(
     reason: str = "",
     **fields: Any,
 ) -> list[int]:
-    """Move those of the migrations still in from_state to to_state; the ids that moved.
+    """Move those of the batch's migrations still in from_state to to_state; the ids that
+    moved.
 
     One transaction, one StateChange row per moved station. ``migration_ids`` may be a
     ``values_list("id", flat=True)`` queryset: it is then read as a subquery, so a batch
-    of any size is never spelled out as one list of parameters.
+    of any size is never spelled out as one list of parameters. The batch narrows every
+    query to its stations (SQLite would otherwise search every batch's stations in the
+    state) and gets its progress counted.
     """
     if not isinstance(migration_ids, QuerySet):
         migration_ids = list(migration_ids)
@@ -75,7 +81,8 @@ def transition_many(
     now = timezone.now()
     changes = _changes(from_state, to_state, reason, now, fields)
     with transaction.atomic():
-        candidates = StationMigration.objects.filter(id__in=migration_ids, state=from_state)
+        in_batch = StationMigration.objects.filter(batch_id=batch_id)
+        candidates = in_batch.filter(id__in=migration_ids, state=from_state)
         if connection.features.has_select_for_update:
             # Locked (in id order, as every bulk move) so that the rows updated are exactly
             # the rows read: the history then matches what moved. SQLite needs no lock here:
@@ -84,7 +91,7 @@ def transition_many(
         moved = list(candidates.order_by("id").values_list("id", flat=True))
         for start in range(0, len(moved), _UPDATE_CHUNK):
             chunk = moved[start : start + _UPDATE_CHUNK]
-            StationMigration.objects.filter(id__in=chunk, state=from_state).update(**changes)
+            in_batch.filter(id__in=chunk, state=from_state).update(**changes)
         StateChange.objects.bulk_create(
             StateChange(
                 migration_id=migration_id,
@@ -95,8 +102,7 @@ def transition_many(
             )
             for migration_id in moved
         )
-        # TODO(lead, merging flat's progress module): call
-        # progress.count_moves(batch_id, from_state, to_state, moved) here, as transition() will.
+        progress.count_moves(batch_id, from_state, to_state, moved)
     return moved
 
 

@@ -43,7 +43,9 @@ class TestTransitionMany:
     def test_it_moves_only_those_still_in_the_state_with_one_row_each(self):
         a, b, c = make_batch(State.PENDING, State.PREFLIGHT, State.PENDING)
 
-        moved = transition_many([c.id, b.id, a.id], State.PENDING, State.PREFLIGHT, reason="go")
+        moved = transition_many(
+            a.batch_id, [c.id, b.id, a.id], State.PENDING, State.PREFLIGHT, reason="go"
+        )
 
         assert moved == [a.id, c.id]
         assert [m.state for m in StationMigration.objects.order_by("id")] == [State.PREFLIGHT] * 3
@@ -54,6 +56,7 @@ class TestTransitionMany:
         (a,) = make_batch(State.WAITING_ONLINE)
 
         transition_many(
+            a.batch_id,
             StationMigration.objects.values_list("id", flat=True),
             State.WAITING_ONLINE,
             State.FAILED,
@@ -69,13 +72,15 @@ class TestTransitionMany:
         (a,) = make_batch(State.PENDING)
         transition(a.id, State.PENDING, State.FAILED, reason="broken")
 
-        assert transition_many([a.id], State.FAILED, State.PENDING, reason="retry") == [a.id]
+        assert transition_many(a.batch_id, [a.id], State.FAILED, State.PENDING, reason="retry") == [
+            a.id
+        ]
 
         a.refresh_from_db()
         assert (a.state, a.reason, a.finished_at) == (State.PENDING, "", None)
 
     def test_no_ids_move_nothing(self):
-        assert transition_many([], State.PENDING, State.PREFLIGHT) == []
+        assert transition_many(1, [], State.PENDING, State.PREFLIGHT) == []
         assert not StateChange.objects.exists()
 
 

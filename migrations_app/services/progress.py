@@ -1,0 +1,103 @@
+"""What the brake judges, counted as stations end: O(1) per station and per drive.
+
+The batch drive runs each time a station ends; counting the batch's ended stations there
+made every end cost a scan of the batch. Instead each move to done or failed adds to the
+batch's counters in the transaction of the move (the batch row serialises the adds), and
+the drive reads them from the batch row it holds.
+
+The counters belong to one resume: they count from ``progress_since``, a copy of the
+batch's ``resumed_at``. A resume or a retry (which set ``resumed_at``) thereby zeroes them
+without touching them, and the next end starts them again in the same update, so no end
+between the resume and the next drive is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from django.db.models import (
+    Case,
+    F,
+    PositiveIntegerField,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
+
+from migrations_app.models import MigrationBatch, StationMigration
+
+State = StationMigration.State
+COUNTED = frozenset({State.DONE, State.FAILED})
+_COUNT = PositiveIntegerField()
+# The counters count from the batch's last resume (both empty: never resumed).
+_SAME_RESUME = Q(progress_since=F("resumed_at")) | Q(
+    progress_since__isnull=True, resumed_at__isnull=True
+)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """Stations ended since the last resume."""
+
+    done: int
+    failed: int
+    # Failures before the first done station: "the first N all failed" is this >= N.
+    failed_before_done: int
+
+    @property
+    def total(self) -> int:
+        return self.done + self.failed
+
+
+def ended_since_resume(batch: MigrationBatch) -> Ended:
+    """What the counters say for the batch as read (the drive holds its row lock)."""
+    if batch.progress_since != batch.resumed_at:
+        return Ended(0, 0, 0)
+    return Ended(batch.ended_done, batch.ended_failed, batch.failed_before_done)
+
+
+def count_move(migration_id: int, from_state: str, to_state: str) -> None:
+    """Count one station's move (transitions.transition, in its transaction)."""
+    if to_state not in COUNTED:
+        return
+    batch = StationMigration.objects.filter(id=migration_id).values("batch_id")[:1]
+    _count(MigrationBatch.objects.filter(id=Subquery(batch)), to_state, 1)
+
+
+def count_moves(batch_id: int, from_state: str, to_state: str, moved: Collection[int]) -> None:
+    """Count a bulk move of one batch's stations (the ids that moved), in its transaction."""
+    if to_state not in COUNTED or not moved:
+        return
+    _count(MigrationBatch.objects.filter(id=batch_id), to_state, len(moved))
+
+
+def _count(batches: QuerySet[MigrationBatch], to_state: str, n: int) -> None:
+    # One UPDATE: the expressions read the row as it was, so a stale resume's counts are
+    # replaced (not added to) by this move's.
+    def add(field: str) -> Case:
+        return Case(When(_SAME_RESUME, then=F(field) + n), default=Value(n), output_field=_COUNT)
+
+    def keep(field: str) -> Case:
+        return Case(When(_SAME_RESUME, then=F(field)), default=Value(0), output_field=_COUNT)
+
+    if to_state == State.DONE:
+        changes = {
+            "ended_done": add("ended_done"),
+            "ended_failed": keep("ended_failed"),
+            "failed_before_done": keep("failed_before_done"),
+        }
+    else:
+        changes = {
+            "ended_done": keep("ended_done"),
+            "ended_failed": add("ended_failed"),
+            "failed_before_done": Case(
+                When(_SAME_RESUME & Q(ended_done=0), then=F("failed_before_done") + n),
+                When(_SAME_RESUME, then=F("failed_before_done")),
+                default=Value(n),
+                output_field=_COUNT,
+            ),
+        }
+    batches.update(progress_since=F("resumed_at"), **changes)
