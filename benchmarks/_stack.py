@@ -282,8 +282,8 @@ class Stack:
         path.write_text("identity,serial_number\n" + "\n".join(rows) + "\n")
         self.manage("import_registrations", csms, str(path))
 
-    def worker(self, name: str = "worker", *, concurrency: int = 2) -> subprocess.Popen:
-        """`celery -A fleet worker --beat` with `concurrency` prefork children."""
+    def worker(self, name: str = "worker", *, concurrency: int = 2, **env: str) -> subprocess.Popen:
+        """`celery -A fleet worker --beat` with `concurrency` prefork children (and env)."""
         args = python(
             "-m",
             "celery",
@@ -302,7 +302,7 @@ class Stack:
             "--hostname",
             f"{name}-{os.getpid()}@%h",
         )
-        proc = self.start(name, args)
+        proc = self.start(name, args, **env)
         from celery import Celery
 
         pinger = Celery("bench", broker=self.redis_url)

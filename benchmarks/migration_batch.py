@@ -56,6 +56,7 @@ def bare_baseline(n: int, args: argparse.Namespace) -> dict[str, Any]:
             str(ROOT / "benchmarks" / "bare_migration.py"),
             *("--stations", str(n), "--in-flight", str(args.in_flight)),
             *("--reboot-delay", str(args.reboot_delay)),
+            *("--settle", str(args.settle)),
         ),
         cwd=ROOT,
         capture_output=True,
@@ -74,7 +75,12 @@ def product_run(workdir: Path, n: int, args: argparse.Namespace) -> dict[str, An
         source = stack.gateway("csms-1", open_admission=True)
         target = stack.gateway("csms-2")
         stack.register("csms-2", [identity_for("SIM-", i, n) for i in range(1, n + 1)])
-        worker = stack.worker(concurrency=args.concurrency)
+        # The settle time is a wait both sides do alike (see --settle): the station's own
+        # NetworkProfileConnectionTimeoutSec plus a margin would make every run ~35 s a
+        # station whatever the engine costs.
+        worker = stack.worker(
+            concurrency=args.concurrency, MIGRATION_SETTLE_SECONDS=str(args.settle)
+        )
         simulator = stack.simulator(
             "fleet", source.url, n, "--reboot-delay", str(args.reboot_delay)
         )
@@ -197,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=100, help="default 100")
     parser.add_argument("--reboot-delay", type=float, default=1.0, help="default 1 s")
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds a station must stay on the target before it is confirmed, for the "
+        "product (MIGRATION_SETTLE_SECONDS) and the baseline alike (default 0)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=2 * (os.cpu_count() or 1),
@@ -261,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "migration_batch",
         "in_flight": args.in_flight,
         "reboot_delay": args.reboot_delay,
+        "settle_s": args.settle,
         "concurrency": args.concurrency,
         "runs": runs,
     }
