@@ -18,7 +18,13 @@ from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
 from migrations_app.selectors import batch_counts, state_counts
 from migrations_app.services import liveness
-from migrations_app.services.dispatch import drive_ran, enqueue_drive, enqueue_step, schedule_drive
+from migrations_app.services.dispatch import (
+    drive_ran,
+    enqueue_drive,
+    enqueue_step,
+    enqueue_steps,
+    schedule_drive,
+)
 from migrations_app.services.transitions import transition
 
 State = StationMigration.State
@@ -241,8 +247,7 @@ def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now) -> 
         StateChange(migration_id=i, from_state=State.PENDING, to_state=State.PREFLIGHT, at=now)
         for i in ids
     )
-    for migration_id, identity in chosen:
-        enqueue_step(migration_id, identity, State.PREFLIGHT)
+    enqueue_steps(State.PREFLIGHT, chosen)
     return len(chosen)
 
 

@@ -9,8 +9,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services import batches
 from migrations_app.services.controls import STOPPABLE_STATES
+from migrations_app.services.dispatch import drive_soon
 from migrations_app.services.steps import (
     HANDLERS,
     OFFLINE_RETRY_SECONDS,
@@ -111,8 +111,9 @@ def _move(migration: StationMigration, state: str, outcome: Next) -> bool:
     if moved and (
         outcome.state in StationMigration.TERMINAL or outcome.state == State.WAITING_ONLINE
     ):
-        # Its in-flight slot is free: start the next station now, not at the next tick.
-        batches.batch_drive(batch_id=migration.batch_id)
+        # Its in-flight slot is free: the next station starts shortly (stations ending
+        # together share one drive), not at the next tick.
+        drive_soon(migration.batch_id)
     return moved
 
 
