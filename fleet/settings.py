@@ -151,10 +151,16 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 # --- The command bridge -----------------------------------------------------------------
 # Default deadline of one OCPP command, publish to reply.
 OCPP_COMMAND_TIMEOUT = env_float("OCPP_COMMAND_TIMEOUT", 30.0)
+# A step task runs the stations of its group (migrations_app.tasks) one after another for
+# up to this long, then hands the rest on to a new task.
+MIGRATION_STEP_GROUP_BUDGET_SECONDS = OCPP_COMMAND_TIMEOUT
 # A step sends at most four commands that may each wait their deadline plus the reply grace
-# (verification: the confirmation, a look for the station, a two-write rollback): past that
-# it is interrupted, and the hard limit leaves its failure path time for a rollback.
-MIGRATION_STEP_SOFT_TIME_LIMIT = 4 * (OCPP_COMMAND_TIMEOUT + 1) + 10
+# (verification: the confirmation, a look for the station, a two-write rollback), and may
+# start just before its group's budget ends: past that it is interrupted, and the hard limit
+# leaves its failure path time for a rollback.
+MIGRATION_STEP_SOFT_TIME_LIMIT = (
+    MIGRATION_STEP_GROUP_BUDGET_SECONDS + 4 * (OCPP_COMMAND_TIMEOUT + 1) + 10
+)
 MIGRATION_STEP_HARD_TIME_LIMIT = MIGRATION_STEP_SOFT_TIME_LIMIT + 2 * (OCPP_COMMAND_TIMEOUT + 1) + 5
 
 # --- Migrations -------------------------------------------------------------------------

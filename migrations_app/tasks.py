@@ -8,6 +8,9 @@ redelivered or re-driven task is harmless.
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
+from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
@@ -17,19 +20,22 @@ from redis import RedisError
 
 from fleet.celery import app
 from migrations_app.services import batches, liveness
-from migrations_app.services.dispatch import DRIVE_BATCH_TASK, enqueue_step
-from migrations_app.services.runner import run_step, step_raised
+from migrations_app.services.dispatch import DRIVE_BATCH_TASK, enqueue_step, enqueue_steps
+from migrations_app.services.runner import Followup, run_step, step_raised
 from migrations_app.services.workflow import TASK_NAMES
 
 logger = logging.getLogger(__name__)
 
+# How long a step task runs its group's stations before handing the rest on: within the
+# task's soft time limit, which allows for one more station's step after it.
+STEP_GROUP_BUDGET_SECONDS = settings.MIGRATION_STEP_GROUP_BUDGET_SECONDS
 # The broker or the database is away: not the step's fault, retried without counting.
 OUTAGES = (RedisError, OperationalError, InterfaceError)
 
 
-def _run(migration_id: int, station: str, expected_state: str) -> str | None:
+def _run(migration_id: int, station: str, expected_state: str) -> Followup | None:
     try:
-        followup = run_step(migration_id, expected_state)
+        return run_step(migration_id, expected_state)
     except OUTAGES:
         raise
     except Exception as exc:  # a bug or a time limit: bounded attempts, then failed
@@ -38,10 +44,38 @@ def _run(migration_id: int, station: str, expected_state: str) -> str | None:
         if countdown is not None:
             enqueue_step(migration_id, station, expected_state, countdown)
         return None
-    if followup is None:
-        return None
-    enqueue_step(followup.migration_id, followup.station, followup.state, followup.countdown)
-    return followup.state
+
+
+def _run_group(hostname: str, expected_state: str, group: list[tuple[int, str]]) -> int:
+    """Run the step for each station of the group; send their next steps, grouped again.
+
+    Stations after the group's time budget are handed on to a new task, so a group of
+    stations that each wait out a command deadline never runs into the task's time limit.
+    On an outage the task is retried with its whole group: the stations that ran have
+    moved on (their next steps are sent here first) and are left alone by the retry.
+    """
+    followups: dict[tuple[str, float], list[tuple[int, str]]] = defaultdict(list)
+    budget_ends = time.monotonic() + STEP_GROUP_BUDGET_SECONDS
+    ran = 0
+    try:
+        for migration_id, station in group:
+            if ran and time.monotonic() > budget_ends:
+                enqueue_steps(expected_state, group[ran:])
+                break
+            # Known to be running here: a recovery re-drives it only if this worker dies.
+            liveness.step_started(hostname, migration_id)
+            try:
+                followup = _run(migration_id, station, expected_state)
+            finally:
+                liveness.step_finished(hostname, migration_id)
+            ran += 1
+            if followup is not None:
+                key = (followup.state, followup.countdown)
+                followups[key].append((followup.migration_id, followup.station))
+    finally:
+        for (state, countdown), stations in followups.items():
+            enqueue_steps(state, stations, countdown)
+    return ran
 
 
 # Every step, drive and tick would otherwise write a result row: thousands per batch, and
@@ -63,13 +97,15 @@ def _step_task(name: str):
         soft_time_limit=settings.MIGRATION_STEP_SOFT_TIME_LIMIT,
         time_limit=settings.MIGRATION_STEP_HARD_TIME_LIMIT,
     )
-    def step(self, migration_id: int, station: str, expected_state: str) -> str | None:
-        # Known to be running here: a recovery re-drives it only if this worker dies.
-        liveness.step_started(self.request.hostname, migration_id)
-        try:
-            return _run(migration_id, station, expected_state)
-        finally:
-            liveness.step_finished(self.request.hostname, migration_id)
+    def step(
+        self,
+        migration_id: int,
+        station: str,
+        expected_state: str,
+        more: list[list[Any]] | None = None,
+    ) -> int:
+        group = [(migration_id, station), *((int(i), str(s)) for i, s in more or ())]
+        return _run_group(self.request.hostname, expected_state, group)
 
     return step
 

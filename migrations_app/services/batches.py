@@ -17,7 +17,13 @@ from fleet.models import ChargingStation, CsmsBackend
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
 from migrations_app.services import liveness, progress, workflow
-from migrations_app.services.dispatch import drive_ran, enqueue_drive, enqueue_step, schedule_drive
+from migrations_app.services.dispatch import (
+    drive_ran,
+    enqueue_drive,
+    enqueue_step,
+    enqueue_steps,
+    schedule_drive,
+)
 from migrations_app.services.transitions import transition_many
 
 State = StationMigration.State
@@ -243,8 +249,9 @@ def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now) -> 
         return 0
     chosen = dict(candidates.order_by("id").values_list("id", "station__identity")[:room])
     started = transition_many(batch.id, chosen, State.PENDING, State.PREFLIGHT, started_at=now)
-    for migration_id in started:
-        enqueue_step(migration_id, chosen[migration_id], State.PREFLIGHT)
+    enqueue_steps(
+        State.PREFLIGHT, [(migration_id, chosen[migration_id]) for migration_id in started]
+    )
     return len(started)
 
 

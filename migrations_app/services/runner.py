@@ -9,7 +9,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services import batches, workflow
+from migrations_app.services import workflow
+from migrations_app.services.dispatch import drive_soon
 from migrations_app.services.steps import (
     OFFLINE_RETRY_SECONDS,
     Next,
@@ -95,8 +96,9 @@ def _move(migration: StationMigration, state: str, outcome: Next) -> bool:
         **outcome.fields,
     )
     if moved and outcome.state not in workflow.ACTIVE:
-        # Its in-flight slot is free: start the next station now, not at the next tick.
-        batches.batch_drive(batch_id=migration.batch_id)
+        # Its in-flight slot is free: the next station starts shortly (stations ending
+        # together share one drive), not at the next tick.
+        drive_soon(migration.batch_id)
     return moved
 
 
