@@ -19,9 +19,10 @@ from django.db import InterfaceError, OperationalError
 from redis import RedisError
 
 from fleet.celery import app
+from migrations_app.models import StationMigration
 from migrations_app.services import batches, liveness
 from migrations_app.services.dispatch import DRIVE_BATCH_TASK, enqueue_step, enqueue_steps
-from migrations_app.services.runner import Followup, run_step, step_raised
+from migrations_app.services.runner import Followup, load_group, run_step, step_raised
 from migrations_app.services.workflow import TASK_NAMES
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ STEP_GROUP_BUDGET_SECONDS = settings.MIGRATION_STEP_GROUP_BUDGET_SECONDS
 OUTAGES = (RedisError, OperationalError, InterfaceError)
 
 
-def _run(migration_id: int, station: str, expected_state: str) -> Followup | None:
+def _run(
+    migration_id: int, station: str, expected_state: str, loaded: StationMigration | None
+) -> Followup | None:
     try:
-        return run_step(migration_id, expected_state)
+        return run_step(migration_id, expected_state, loaded)
     except OUTAGES:
         raise
     except Exception as exc:  # a bug or a time limit: bounded attempts, then failed
@@ -56,18 +59,17 @@ def _run_group(hostname: str, expected_state: str, group: list[tuple[int, str]])
     """
     followups: dict[tuple[str, float], list[tuple[int, str]]] = defaultdict(list)
     budget_ends = time.monotonic() + STEP_GROUP_BUDGET_SECONDS
+    ids = [migration_id for migration_id, _ in group]
+    # Known to be running here: a recovery re-drives them only if this worker dies.
+    liveness.steps_started(hostname, ids)
     ran = 0
     try:
+        loaded = load_group(ids)
         for migration_id, station in group:
             if ran and time.monotonic() > budget_ends:
                 enqueue_steps(expected_state, group[ran:])
                 break
-            # Known to be running here: a recovery re-drives it only if this worker dies.
-            liveness.step_started(hostname, migration_id)
-            try:
-                followup = _run(migration_id, station, expected_state)
-            finally:
-                liveness.step_finished(hostname, migration_id)
+            followup = _run(migration_id, station, expected_state, loaded.get(migration_id))
             ran += 1
             if followup is not None:
                 key = (followup.state, followup.countdown)
@@ -75,6 +77,7 @@ def _run_group(hostname: str, expected_state: str, group: list[tuple[int, str]])
     finally:
         for (state, countdown), stations in followups.items():
             enqueue_steps(state, stations, countdown)
+        liveness.steps_finished(hostname, ids)
     return ran
 
 

@@ -110,9 +110,24 @@ def held_by_live_workers() -> set[int]:
     return held
 
 
+# PUBSUB CHANNELS with a pattern walks every channel, one per station held: asked before
+# each Reset, a fleet of 10,000 would make Redis walk 10,000 channels a Reset. A gateway
+# that stops within this window is no different from one that stops just after the Reset.
+GATEWAY_UP_CACHE_SECONDS = 1.0
+_gateway_seen_up: dict[str, float] = {}
+
+
 def gateway_up(csms: str) -> bool:
-    """Whether at least one gateway of this CSMS is connected to Redis (one cheap call)."""
-    return bool(get_redis().pubsub_channels(gateway_channels(csms)))
+    """Whether at least one gateway of this CSMS is connected to Redis."""
+    now = time.monotonic()
+    if now - _gateway_seen_up.get(csms, -GATEWAY_UP_CACHE_SECONDS) < GATEWAY_UP_CACHE_SECONDS:
+        return True
+    up = bool(get_redis().pubsub_channels(gateway_channels(csms)))
+    if up:
+        _gateway_seen_up[csms] = now
+    else:
+        _gateway_seen_up.pop(csms, None)
+    return up
 
 
 def beat_alive() -> None:
@@ -123,15 +138,16 @@ def beat_alive() -> None:
 # --- the worker's side -----------------------------------------------------------------
 
 
-def step_started(hostname: str, migration_id: int) -> None:
-    get_redis().zadd(running_key(hostname), {str(migration_id): time.time()})
+def steps_started(hostname: str, migration_ids: list[int]) -> None:
+    now = time.time()
+    get_redis().zadd(running_key(hostname), {str(i): now for i in migration_ids})
 
 
-def step_finished(hostname: str, migration_id: int) -> None:
+def steps_finished(hostname: str, migration_ids: list[int]) -> None:
     try:
-        get_redis().zrem(running_key(hostname), migration_id)
-    except RedisError as exc:  # the entry ages out (held_by_live_workers); the step ran
-        logger.warning("could not clear running step of migration %s: %s", migration_id, exc)
+        get_redis().zrem(running_key(hostname), *migration_ids)
+    except RedisError as exc:  # the entries age out (held_by_live_workers); the steps ran
+        logger.warning("could not clear running steps of migrations %s: %s", migration_ids, exc)
 
 
 def take_running(hostnames: list[str]) -> list[int]:

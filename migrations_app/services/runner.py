@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from migrations_app.models import MigrationBatch, StationMigration
@@ -34,9 +35,16 @@ class Followup:
     countdown: float
 
 
-def run_step(migration_id: int, expected_state: str) -> Followup | None:
-    """Run the handler of expected_state if the migration is still there; None when done."""
-    migration = _load(migration_id)
+def run_step(
+    migration_id: int, expected_state: str, loaded: StationMigration | None = None
+) -> Followup | None:
+    """Run the handler of expected_state if the migration is still there; None when done.
+
+    ``loaded``: the migration as load_group read it for the task's group (one query for
+    all its stations). It may be a moment old: a step that another run took meanwhile
+    still moves only once (transitions are conditional, the Reset is claimed).
+    """
+    migration = loaded if loaded is not None else _load(migration_id)
     if migration is None or migration.state != expected_state:
         return None  # another run got there first, or it was cancelled
     state = expected_state
@@ -52,7 +60,7 @@ def run_step(migration_id: int, expected_state: str) -> Followup | None:
         # Run straight on in the same task (see workflow.StateSpec.inline): a station then
         # costs about six tasks, not nine.
         if outcome.state in workflow.INLINE and outcome.countdown == 0:
-            migration.refresh_from_db()  # keeps the station, batch and CSMS already loaded
+            _refresh(migration, outcome.state)
             state = outcome.state
             continue
         return Followup(migration.id, migration.station.identity, outcome.state, outcome.countdown)
@@ -153,9 +161,30 @@ def _wait_for_station(migration: StationMigration, state: str, reason: str) -> N
     return fail(state, waited)
 
 
+def load_group(migration_ids: list[int]) -> dict[int, StationMigration]:
+    """The migrations of a step task's group, with what their steps read, in one query."""
+    return _loading().in_bulk(migration_ids)
+
+
+# The migration's own columns: refreshing a foreign key would drop the station, batch and
+# CSMS already loaded (Django clears a refreshed relation's cache), and each would then be
+# read again by the next handler.
+_OWN_FIELDS = [
+    field.attname for field in StationMigration._meta.concrete_fields if not field.is_relation
+]
+
+
+def _refresh(migration: StationMigration, next_state: str) -> None:
+    """Read again what the last step wrote, before the next step runs in the same task."""
+    migration.refresh_from_db(fields=_OWN_FIELDS)
+    if next_state in workflow.STOPPABLE:
+        # An operator may have paused or cancelled the batch meanwhile (_held_by_batch).
+        migration.batch.refresh_from_db(fields=["state"])
+
+
 def _load(migration_id: int) -> StationMigration | None:
-    return (
-        StationMigration.objects.select_related("station", "source", "batch", "batch__target")
-        .filter(id=migration_id)
-        .first()
-    )
+    return _loading().filter(id=migration_id).first()
+
+
+def _loading() -> QuerySet[StationMigration]:
+    return StationMigration.objects.select_related("station", "source", "batch", "batch__target")
