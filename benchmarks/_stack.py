@@ -2,7 +2,8 @@
 
 Every server a benchmark starts binds 127.0.0.1 on a free port, logs under the run's
 temporary directory and is stopped (SIGTERM to its process group, then SIGKILL) when the
-``Stack`` block ends. The process helpers are the tests' own (``tests/processes.py``).
+``Stack`` block ends. The processes are started as the demo and the tests start them
+(``devstack/processes.py``).
 """
 
 from __future__ import annotations
@@ -28,18 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ocpp_gateway.simulator.spec import StationSpec  # noqa: E402
-from tests.processes import (  # noqa: E402 - importable once ROOT is on the path
+from devstack.processes import (  # noqa: E402 - importable once ROOT is on the path
+    Processes,
     free_port,
-    port_open,
     python,
-    redis_server_args,
-    running,
-    wait_for,
 )
+from ocpp_gateway.simulator.spec import StationSpec  # noqa: E402
 
 # Quiet servers: per-task and per-frame log lines would be part of what is measured.
 LOG_LEVEL = "WARNING"
+QUIET_SIMULATOR = ("--status-every", "0", "--log-level", LOG_LEVEL)
 
 
 # --- the run's directory and the benchmark process ---------------------------------------
@@ -127,7 +126,7 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(session: int) -> float:
     """User + system CPU seconds of the live processes of a session.
 
-    Every child started through ``running`` leads its own session (start_new_session), so
+    Every child started through devstack leads its own session (start_new_session), so
     this covers a worker's prefork children and beat too.
     """
     total = 0
@@ -197,14 +196,14 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.database = workdir / "db.sqlite3"
         self.redis_url = ""
-        self.procs: dict[str, subprocess.Popen] = {}
-        self._exit = contextlib.ExitStack()
+        self.processes = Processes(self.workdir)
+        self.procs = self.processes.procs
 
     def __enter__(self) -> Stack:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._exit.close()
+        self.processes.close()
 
     @property
     def env(self) -> dict[str, str]:
@@ -219,18 +218,13 @@ class Stack:
         }
 
     def log(self, name: str) -> Path:
-        return self.workdir / f"{name}.log"
+        return self.processes.log(name)
 
     def start(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
-        proc = self._exit.enter_context(running(args, env={**self.env, **env}, log=self.log(name)))
-        self.procs[name] = proc
-        return proc
+        return self.processes.start(name, args, **{**self.env, **env})
 
     def redis(self) -> str:
-        port = free_port()
-        self.start("redis", redis_server_args(port, self.workdir))
-        wait_for(lambda: port_open(port), 15, "redis-server to listen")
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url = self.processes.redis()
         return self.redis_url
 
     def manage(
@@ -266,10 +260,8 @@ class Stack:
         url = f"ws://127.0.0.1:{port}/ocpp"
         lab = ["--open"] if open_admission else []
         self.manage("add_csms", csms, url, *lab)
-        args = python("-m", "ocpp_gateway", "--csms", csms, "--port", str(port), *lab, *extra)
-        proc = self.start(f"gateway-{csms}", args)
-        wait_for(lambda: gateway_stations(port) >= 0, 20, f"gateway {csms} to answer /health")
-        return Gateway(csms, port, url, proc)
+        self.processes.gateway(csms, *lab, *extra, port=port, **self.env)
+        return Gateway(csms, port, url, self.procs[f"gateway-{csms}"])
 
     def register(self, csms: str, identities: list[str]) -> None:
         """Register stations on a CSMS as an operator would: `import_registrations` of a CSV
@@ -284,43 +276,13 @@ class Stack:
 
     def worker(self, name: str = "worker", *, concurrency: int = 2, **env: str) -> subprocess.Popen:
         """`celery -A fleet worker --beat` with `concurrency` prefork children (and env)."""
-        args = python(
-            "-m",
-            "celery",
-            "-A",
-            "fleet",
-            "worker",
-            "--beat",
-            "-s",
-            str(self.workdir / f"beat-{name}"),
-            "--concurrency",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-            "--loglevel",
-            LOG_LEVEL,
-            "--hostname",
-            f"{name}-{os.getpid()}@%h",
+        return self.processes.worker(
+            name, concurrency=concurrency, loglevel=LOG_LEVEL, beat=True, **{**self.env, **env}
         )
-        proc = self.start(name, args, **env)
-        from celery import Celery
-
-        pinger = Celery("bench", broker=self.redis_url)
-        try:
-            wait_for(
-                lambda: pinger.control.ping(timeout=0.5) or proc.poll() is not None,
-                60,
-                f"celery worker {name} to answer a ping",
-                interval=0.2,
-            )
-        finally:
-            pinger.close()
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker {name} exited; see {self.log(name)}")
-        return proc
 
     def simulator(self, name: str, url: str, count: int, *extra: str) -> subprocess.Popen:
-        return self.start(name, simulator_args(url, count, *extra))
+        """The simulator CLI, quiet: `count` stations (SIM-0001...) on `url`."""
+        return self.processes.simulator(name, url, count, *QUIET_SIMULATOR, *extra, **self.env)
 
 
 def worker_task_totals(redis_url: str) -> dict[str, int]:
@@ -445,29 +407,6 @@ def fast_ocpp() -> Callable[[Any], Any]:
     except ImportError:
         return asyncio.run
     return uvloop.run
-
-
-async def wait_async(condition: Callable[[], object], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def simulator_args(url: str, count: int, *extra: str) -> list[str]:
-    """The simulator CLI: `count` stations (SIM-0001...) on `url`, quiet."""
-    return python(
-        *("-m", "ocpp_gateway.simulator", "--url", url, "--count", str(count)),
-        *("--status-every", "0", "--log-level", LOG_LEVEL, *extra),
-    )
-
-
-@contextlib.contextmanager
-def simulator_process(url: str, count: int, log: Path, *extra: str) -> Iterator[subprocess.Popen]:
-    """The simulator CLI as a child process (for baselines that run without a Stack)."""
-    with running(simulator_args(url, count, *extra), log=log) as proc:
-        yield proc
 
 
 # --- profiling (py-spy, when installed) -----------------------------------------------------

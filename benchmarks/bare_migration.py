@@ -31,15 +31,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._stack import (
+    QUIET_SIMULATOR,
     BareCentralSystem,
     cpu_seconds,
     fast_ocpp,
     print_results,
     raise_open_file_limit,
     run_dir,
-    simulator_process,
-    wait_async,
 )
+from devstack import processes
+from devstack.processes import wait_until_async
 from migrations_app.services.plan import (
     NETWORK_KEYS,
     PRIORITY,
@@ -100,12 +101,17 @@ async def migrate_station(
 async def run_baseline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     n = args.stations
     async with BareCentralSystem() as source, BareCentralSystem() as target:
-        context = simulator_process(
-            source.url, n, workdir / "simulator.log", "--reboot-delay", str(args.reboot_delay)
+        context = processes.simulator(
+            source.url,
+            n,
+            *QUIET_SIMULATOR,
+            "--reboot-delay",
+            str(args.reboot_delay),
+            log=workdir / "simulator.log",
         )
         simulator = context.__enter__()
         try:
-            await wait_async(
+            await wait_until_async(
                 lambda: source.boots >= n and len(source.stations) >= n,
                 60 + n / 20,
                 "every station to boot on the first central system",

@@ -42,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._stack import (
+    QUIET_SIMULATOR,
     BareCentralSystem,
     JournalTail,
     Profiler,
@@ -49,17 +50,15 @@ from benchmarks._stack import (
     cpu_seconds,
     django_setup,
     fast_ocpp,
-    free_port,
     gateway_stations,
     inventory_count,
     print_results,
     raise_open_file_limit,
     ratio,
     run_dir,
-    simulator_process,
-    wait_async,
-    wait_for,
 )
+from devstack import processes
+from devstack.processes import free_port, wait_until, wait_until_async
 from migrations_app.services.plan import NETWORK_KEYS  # what step 1 of a migration reads
 from ocpp_gateway.simulator.spec import identity_for
 
@@ -90,10 +89,10 @@ async def _bare_loop(log: Path, stations: int, warmup: float, duration: float) -
     from ocpp.v16 import call
 
     async with BareCentralSystem() as csms:
-        context = simulator_process(csms.url, stations, log)
+        context = processes.simulator(csms.url, stations, *QUIET_SIMULATOR, log=log)
         simulator = context.__enter__()
         try:
-            await wait_async(
+            await wait_until_async(
                 lambda: csms.boots >= stations and len(csms.stations) >= stations,
                 60 + stations / 20,
                 "the stations to boot on the bare central system",
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "simulator", gateway.url, args.stations, "--journal", str(journal)
         )
         tail = JournalTail(journal)
-        wait_for(
+        wait_until(
             lambda: (
                 tail.poll() >= args.stations and gateway_stations(gateway.port) >= args.stations
             ),
@@ -334,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.no_celery:
             stack.worker()
-            wait_for(
+            wait_until(
                 lambda: inventory_count("csms-1") >= args.stations,
                 60,
                 "the stations in the inventory",

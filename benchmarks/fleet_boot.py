@@ -44,18 +44,15 @@ from benchmarks._stack import (
     Stack,
     cpu_seconds,
     django_setup,
-    free_port,
     gateway_stations,
     inventory_count,
-    port_open,
     print_results,
-    python,
     raise_open_file_limit,
     ratio,
     rss_kib,
     run_dir,
-    wait_for,
 )
+from devstack.processes import free_port, port_open, python, wait_until
 
 WARMUP = 20
 
@@ -117,7 +114,7 @@ def measure_gateway(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         rss_idle = rss_kib(gateway.proc.pid)
 
         stack.simulator("warmup", gateway.url, WARMUP, "--prefix", "WARM-")
-        wait_for(lambda: inventory_count("csms-1") >= WARMUP, 60, "the warm-up stations")
+        wait_until(lambda: inventory_count("csms-1") >= WARMUP, 60, "the warm-up stations")
         time.sleep(args.settle)
         rss_warm = rss_kib(gateway.proc.pid)
 
@@ -199,7 +196,7 @@ def measure_bare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         url = f"ws://127.0.0.1:{port}/echo"
         server = stack.start("echo-server", python(str(server_py), str(port)))
-        wait_for(lambda: port_open(port), 15, "the echo server to listen")
+        wait_until(lambda: port_open(port), 15, "the echo server to listen")
         time.sleep(args.settle)
         rss_idle = rss_kib(server.pid)
 
@@ -209,12 +206,12 @@ def measure_bare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             return b"ready" in stack.log(name).read_bytes()
 
         stack.start("echo-warmup", python(str(client_py), url, str(WARMUP), "WARM-"))
-        wait_for(lambda: ready("echo-warmup"), 60, "the warm-up connections")
+        wait_until(lambda: ready("echo-warmup"), 60, "the warm-up connections")
         time.sleep(args.settle)
         rss_warm = rss_kib(server.pid)
         started = time.monotonic()
         stack.start("echo-clients", python(str(client_py), url, str(n), "BARE-"))
-        wait_for(lambda: ready("echo-clients"), args.timeout, f"{n} echo connections")
+        wait_until(lambda: ready("echo-clients"), args.timeout, f"{n} echo connections")
         held_s = time.monotonic() - started
         time.sleep(args.settle)
         rss_loaded = rss_kib(server.pid)

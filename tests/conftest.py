@@ -6,21 +6,13 @@ Each server binds 127.0.0.1 on a free port and is stopped by the fixture that st
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.processes import (
-    free_port,
-    python,
-    redis_pings,
-    redis_server_args,
-    running,
-    wait_for,
-)
+from devstack.processes import free_port, gateway, redis_server, worker
 
 # The ocpp library logs every frame at INFO: a failing test's output would be all frames.
 logging.getLogger("ocpp").setLevel(logging.WARNING)
@@ -31,10 +23,8 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     """A private redis-server for the test session (never the machine's shared one)."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
-    with running(redis_server_args(port, workdir), log=workdir / "redis.log"):
+    with redis_server(port, workdir, log=workdir / "redis.log"):
         url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(url)
-        wait_for(lambda: redis_pings(client), 10, "redis-server to answer")
         # Tasks this process sends (services enqueue on commit) must reach the test's
         # workers: point the project's Celery app at this server before its first use.
         from fleet.celery import app
@@ -82,27 +72,15 @@ def start_worker(transactional_db, redis_client, redis_url, tmp_path):
 
         def start(name: str = "w1", *, beat: bool = False, concurrency: int = 2, **env: str):
             log = tmp_path / f"worker-{name}.log"
-            args = python(
-                "-m",
-                "celery",
-                "-A",
-                "fleet",
-                "worker",
-                "--concurrency",
-                str(concurrency),
-                "--loglevel",
-                "INFO",
-                "--without-mingle",
-                "--without-gossip",
-                "--hostname",
-                f"{name}-{os.getpid()}@%h",
-            )
-            if beat:
-                args += ["--beat", "--schedule", str(tmp_path / f"beat-{name}")]
             proc = stack.enter_context(
-                running(args, env={**process_env(redis_url), **env}, log=log)
+                worker(
+                    name,
+                    env={**process_env(redis_url), **env},
+                    log=log,
+                    concurrency=concurrency,
+                    beat_schedule=tmp_path / f"beat-{name}" if beat else None,
+                )
             )
-            wait_for(lambda: b"ready." in log.read_bytes(), 30, f"celery worker {name} to be ready")
             return proc, log
 
         yield start
@@ -125,26 +103,14 @@ def start_gateway(redis_client, redis_url, tmp_path):
     """
     from contextlib import ExitStack
 
-    from tests.processes import port_open
-
     with ExitStack() as stack:
 
         def start(csms: str, *extra: str, redis: str | None = None, port: int | None = None) -> str:
             port = port or free_port()
             log = tmp_path / f"gateway-{csms}.log"
-            args = python(
-                "-m",
-                "ocpp_gateway",
-                "--csms",
-                csms,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *extra,
+            stack.enter_context(
+                gateway(csms, port, *extra, env={"REDIS_URL": redis or redis_url}, log=log)
             )
-            stack.enter_context(running(args, env={"REDIS_URL": redis or redis_url}, log=log))
-            wait_for(lambda: port_open(port), 15, f"gateway {csms} to listen")
             return f"ws://127.0.0.1:{port}/ocpp"
 
         yield start

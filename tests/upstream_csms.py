@@ -42,7 +42,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from tests.processes import wait_for
+from devstack.processes import wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -322,14 +322,14 @@ class UpstreamCsms:
         return bool(links) and not links[-1].closed.is_set()
 
     def wait_connected(self, identity: str, timeout: float) -> Link:
-        return wait_for(
+        return wait_until(
             lambda: self.connected(identity) and self.links(identity)[-1],
             timeout,
             f"{identity} connected to the upstream CSMS",
         )
 
     def wait_boots(self, identity: str, count: int, timeout: float) -> list[dict[str, Any]]:
-        return wait_for(
+        return wait_until(
             lambda: (boots := self.boots(identity)) and len(boots) >= count and boots,
             timeout,
             f"{count} BootNotification(s) of {identity} at the upstream CSMS",

@@ -4,7 +4,7 @@ A real OCPP-J client over a websocket per station, many stations per asyncio pro
 
     fleet = Fleet([StationSpec("SIM-0001", url="ws://127.0.0.1:9000/ocpp")])
     with fleet:                      # or: async with fleet / await fleet.run()
-        fleet.wait_until(lambda: fleet["SIM-0001"].online, 10, "boot")
+        ...                          # fleet["SIM-0001"].online once it has booted
 
 The command line (`python -m ocpp_gateway.simulator --help`) is a thin layer on top.
 No Django here: this package lives in the gateway's asyncio world.

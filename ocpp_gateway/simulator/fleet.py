@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -158,17 +157,6 @@ class Fleet:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    def wait_until(self, condition: Callable[[], T], timeout: float, what: str) -> T:
-        """Poll `condition` from another thread until truthy; fail after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(0.02)
 
 
 async def run_fleet(

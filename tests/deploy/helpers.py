@@ -7,10 +7,8 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 
-from tests.processes import ROOT, running
+from devstack.processes import ROOT, running
 
 DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -53,38 +51,10 @@ def shell_env(**extra: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def started(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """Run a process with exactly this environment (as systemd does) until the block ends."""
+    """Run a process with exactly this environment (as systemd does) until the block ends;
+    what a shell line left behind in its group is stopped with it."""
     with running(args, env=env, log=log, inherit_env=False) as proc:
-        try:
-            yield proc
-        finally:
-            stop_group(proc.pid)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group, from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after ")".
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                members.append(int(stat.parent.name))
-    return members
-
-
-def stop_group(pgid: int, timeout: float = 10) -> None:
-    """Stop what a shell line left behind in its group (the shell may not exec its command)."""
-    if not group_members(pgid):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if group_members(pgid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
+        yield proc
 
 
 def http_get(url: str) -> tuple[int, Message, bytes] | None:

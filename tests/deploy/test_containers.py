@@ -17,8 +17,8 @@ import tomllib
 
 import pytest
 
+from devstack.processes import ROOT
 from tests.deploy.helpers import DEPLOY, read_env_file
-from tests.processes import ROOT
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"

@@ -12,16 +12,15 @@ from contextlib import ExitStack
 
 import pytest
 
+from devstack.processes import free_port, group_members, port_open, wait_until
 from tests.deploy.helpers import (
     DEPLOY,
-    group_members,
     health,
     http_get,
     read_procfile,
     shell_env,
     started,
 )
-from tests.processes import free_port, port_open, wait_for
 
 PROCESSES = {"web", "worker", "beat", "gateway-csms-1", "gateway-csms-2", "flower"}
 
@@ -96,7 +95,7 @@ def test_gateway_lines_serve_health_and_stop_on_sigterm(redis_client, redis_url,
             for name in ports
         }
         for name, port in ports.items():
-            document = wait_for(lambda port=port: health(port), 15, f"{name} /health")
+            document = wait_until(lambda port=port: health(port), 15, f"{name} /health")
             assert document["status"] == "ok"
             assert document["csms"] == name.removeprefix("gateway-")
             assert document["stations"] == 0
@@ -107,7 +106,7 @@ def test_gateway_lines_serve_health_and_stop_on_sigterm(redis_client, redis_url,
         for proc in procs.values():
             os.killpg(proc.pid, signal.SIGTERM)
         for name, proc in procs.items():
-            wait_for(lambda pid=proc.pid: not group_members(pid), 30, f"{name} to exit")
+            wait_until(lambda pid=proc.pid: not group_members(pid), 30, f"{name} to exit")
             log = (tmp_path / f"{name}.log").read_text()
             assert "shutting down" in log
             assert "Traceback" not in log, log
@@ -132,8 +131,8 @@ def test_worker_and_gateway_lines_take_a_station_into_the_inventory(
         started(sh(processes["worker"]), env, worker_log),
         started(sh(processes["gateway-csms-1"]), env, tmp_path / "gateway.log"),
     ):
-        wait_for(lambda: b"ready." in worker_log.read_bytes(), 30, "the worker to be ready")
-        wait_for(lambda: health(port), 15, "gateway-csms-1 /health")
+        wait_until(lambda: b"ready." in worker_log.read_bytes(), 30, "the worker to be ready")
+        wait_until(lambda: health(port), 15, "gateway-csms-1 /health")
 
         async def boot() -> None:
             async with station_on(f"ws://127.0.0.1:{port}/ocpp", "CP-PROCFILE"):
@@ -141,7 +140,7 @@ def test_worker_and_gateway_lines_take_a_station_into_the_inventory(
 
         asyncio.run(boot())
 
-        station = wait_for(
+        station = wait_until(
             lambda: ChargingStation.objects.filter(identity="CP-PROCFILE").first(),
             20,
             "the worker to ingest the station's boot",
@@ -159,7 +158,7 @@ def test_web_line_serves_the_admin_login_page(tmp_path):
         WEB_WORKERS="1",
     )
     with started(sh(read_procfile()["web"]), env, tmp_path / "web.log"):
-        answer = wait_for(
+        answer = wait_until(
             lambda: http_get(f"http://127.0.0.1:{port}/admin/login/"), 20, "gunicorn to answer"
         )
         assert answer[0] == 200, (tmp_path / "web.log").read_text()
@@ -189,9 +188,9 @@ def test_a_gateway_line_with_an_upstream_relays_its_stations_there(
         )
         log = tmp_path / "gateway.log"
         with started(sh(read_procfile()["gateway-csms-2"]), env, log):
-            document = wait_for(lambda: health(port), 15, "gateway-csms-2 /health")
+            document = wait_until(lambda: health(port), 15, "gateway-csms-2 /health")
             assert (document["mode"], document["upstream"]) == ("proxy", upstream.url)
-            wait_for(
+            wait_until(
                 lambda: health(port)["admission"] == "open", 15, "the gateway to read the registry"
             )
 

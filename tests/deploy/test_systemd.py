@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.processes import ROOT, free_port, wait_until
 from tests.deploy.helpers import (
     ETC,
     SYSTEMD,
@@ -25,7 +26,6 @@ from tests.deploy.helpers import (
     started,
     unit_environment,
 )
-from tests.processes import ROOT, free_port, wait_for
 
 UNITS = {
     "web": "csms-migrate-web.service",
@@ -192,7 +192,7 @@ def test_the_gateway_instance_serves_with_its_password_file(redis_client, redis_
 
     log = tmp_path / "gateway.log"
     with started(argv, {**env, "PATH": str(VENV_BIN)}, log) as proc:
-        document = wait_for(lambda: health(port), 15, "the gateway's /health")
+        document = wait_until(lambda: health(port), 15, "the gateway's /health")
         assert document["csms"] == "csms-1"
 
         with pytest.raises(InvalidStatus) as refused:
@@ -244,7 +244,7 @@ def test_flower_starts_with_the_example_settings(redis_client, redis_url, tmp_pa
     argv, env = command("flower", REDIS_URL=redis_url, FLOWER_PORT=str(port))
 
     with started(argv, {**env, "PATH": str(VENV_BIN)}, tmp_path / "flower.log"):
-        answer = wait_for(
+        answer = wait_until(
             lambda: http_get(f"http://127.0.0.1:{port}/flower/healthcheck"), 20, "Flower"
         )
         assert answer[0] == 200, (tmp_path / "flower.log").read_text()

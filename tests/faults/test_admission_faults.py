@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 from django.core.management import call_command
 
+from devstack.processes import wait_until
 from fleet.models import StationEvent
 from migrations_app.models import MigrationBatch, StateChange, StationMigration
 from migrations_app.services.batches import batch_report
@@ -18,7 +19,6 @@ from tests.faults.ground_truth import judge
 from tests.faults.test_verification_faults import finished
 from tests.migrations_app.conftest import by_identity, migrate
 from tests.migrations_app.conftest import stack as stack  # the fixture: the migration stack
-from tests.processes import wait_for
 
 PRIORITY = "NetworkConfigurationPriority"
 State = StationMigration.State
@@ -59,7 +59,7 @@ def test_an_impostor_with_the_station_password_never_verifies(stack):
             "migrate_fleet", "--to", "csms-2", "--station", "CP-PW", "--boot-timeout", "40"
         )
         batch = MigrationBatch.objects.get()
-        wait_for(lambda: real.reset_count == 1, 30, "the real station's Reset")
+        wait_until(lambda: real.reset_count == 1, 30, "the real station's Reset")
         impostor = StationSpec(
             "CP-PW",
             url=stack.target_url,
@@ -68,7 +68,7 @@ def test_an_impostor_with_the_station_password_never_verifies(stack):
             profile_timeout=3,
         )
         with Fleet([impostor], timing=Timing(retry_interval=0.2, reconnect_delay=0.3)):
-            wait_for(lambda: finished(batch), 90, "the batch to end")
+            wait_until(lambda: finished(batch), 90, "the batch to end")
         report = batch_report(batch)
         entry = by_identity(report)["CP-PW"]
         assert entry["state"] == "failed", entry

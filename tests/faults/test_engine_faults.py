@@ -26,6 +26,19 @@ import psycopg
 import pytest
 import redis
 
+from devstack import processes
+from devstack.processes import (
+    ROOT,
+    free_port,
+    gateway_args,
+    port_open,
+    python,
+    redis_pings,
+    redis_server_args,
+    stop,
+    wait_until,
+    worker,
+)
 from fleet.models import CsmsBackend
 from fleet.services.inventory import csms_backend_upsert
 from migrations_app.models import MigrationBatch, StationMigration
@@ -36,17 +49,6 @@ from ocpp_gateway.simulator.spec import Timing
 from tests.conftest import process_env
 from tests.faults.ground_truth import judge
 from tests.migrations_app.conftest import WORKER_ENV, Stack
-from tests.processes import (
-    ROOT,
-    free_port,
-    port_open,
-    python,
-    redis_pings,
-    redis_server_args,
-    running,
-    stop,
-    wait_for,
-)
 
 State = StationMigration.State
 # The lease as in production: a test that ends well before it proves the fast path.
@@ -58,17 +60,13 @@ class Server:
 
     def __init__(self, args: list[str], log: Path, ready, what: str, env=None) -> None:
         self.args, self.log, self.ready, self.what = args, log, ready, what
-        self.env = {**os.environ, **(env or {})}
+        self.env = env
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        wait_for(self.ready, 15, self.what)
+        self.proc = processes.start(self.args, env=self.env, log=self.log)
+        processes.wait_serving(self.proc, self.ready, 15, self.what, self.log)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -107,10 +105,7 @@ def restartable_gateway(csms: str, redis_url: str, tmp_path: Path, *extra: str) 
     """A gateway on a fixed port, so that it can be SIGKILLed and started again there."""
     port = free_port()
     gateway = Server(
-        python(
-            "-m", "ocpp_gateway", "--csms", csms, "--host", "127.0.0.1", "--port", str(port),
-            *extra,
-        ),
+        gateway_args(csms, port, *extra),
         tmp_path / f"gateway-{csms}.log",
         lambda: port_open(port),
         f"gateway {csms} to listen",
@@ -188,7 +183,7 @@ def test_the_whole_worker_sigkilled_mid_batch_is_replaced_well_within_the_lease(
             redis_url, "--to", "csms-2", "--from", "csms-1", "--max-in-flight", "8",
             "--rate-per-minute", "0", "--boot-timeout", "60",
         )  # fmt: skip
-        wait_for(some_in(State.RESETTING, State.AWAITING_BOOT, at_least=3), 60, "resets")
+        wait_until(some_in(State.RESETTING, State.AWAITING_BOOT, at_least=3), 60, "resets")
         os.killpg(stack.worker.pid, signal.SIGKILL)  # the main process and its children
         stack.worker.wait(10)
         killed_at = time.monotonic()
@@ -218,7 +213,7 @@ def test_redis_sigkilled_and_restarted_empty_mid_batch(
             redis_url, "--to", "csms-2", "--from", "csms-1", "--max-in-flight", "6",
             "--rate-per-minute", "0", "--boot-timeout", "40",
         )  # fmt: skip
-        wait_for(some_in(State.RESETTING, State.AWAITING_BOOT, at_least=2), 60, "resets")
+        wait_until(some_in(State.RESETTING, State.AWAITING_BOOT, at_least=2), 60, "resets")
         private_redis.kill()
         time.sleep(3)
         private_redis.start()
@@ -239,14 +234,14 @@ def test_the_target_gateway_down_during_the_reset_wave(gateways, start_worker, r
             redis_url, "--to", "csms-2", "--from", "csms-1", "--max-in-flight", "5",
             "--rate-per-minute", "0", "--boot-timeout", "60",
         )  # fmt: skip
-        wait_for(some_in(State.SETTING_PRIORITY, State.WAITING_IDLE, at_least=1), 60, "arming")
+        wait_until(some_in(State.SETTING_PRIORITY, State.WAITING_IDLE, at_least=1), 60, "arming")
         target.kill()
         time.sleep(30)
         resets_while_down = sum(station.reset_count for station in fleet)
         held = StationMigration.objects.filter(state=State.RESETTING, reset_sent_at=None).count()
         target.start()
         batch = MigrationBatch.objects.get()
-        wait_for(lambda: cli.proc.poll() is not None or paused_and_idle(batch), 180, "an end")
+        wait_until(lambda: cli.proc.poll() is not None or paused_and_idle(batch), 180, "an end")
         if paused_and_idle(batch):
             # The default brake stopped the wave; the operator cancels the rest.
             assert batch.pause_reason.startswith("brake:")
@@ -274,7 +269,7 @@ def test_each_gateway_sigkilled_and_restarted_mid_batch(gateways, start_worker, 
             busy = (State.READING_CONFIG, State.SETTING_URL, State.SETTING_PRIORITY)
         else:
             busy = (State.AWAITING_BOOT,)
-        wait_for(some_in(*busy, at_least=1), 60, f"a station in {busy}")
+        wait_until(some_in(*busy, at_least=1), 60, f"a station in {busy}")
         gateways[which].kill()
         time.sleep(2)
         gateways[which].start()
@@ -416,10 +411,6 @@ def test_postgresql_restarted_mid_batch(private_postgres, start_gateway, redis_u
     manage(python("manage.py", "add_csms", "csms-1", source_url, "--open"))
     manage(python("manage.py", "add_csms", "csms-2", target_url))
     log = tmp_path / "worker-pg.log"
-    worker_args = python(
-        "-m", "celery", "-A", "fleet", "worker", "--concurrency", "2", "--loglevel", "INFO",
-        "--without-mingle", "--without-gossip", "--hostname", f"pg-{os.getpid()}@%h",
-    )  # fmt: skip
     stack = Stack(source_url, target_url, None, None, None, None)  # type: ignore[arg-type]
     specs = [stack.station(f"CP-PG{i:02}") for i in range(10)]
     registrations = tmp_path / "registrations.csv"
@@ -428,9 +419,8 @@ def test_postgresql_restarted_mid_batch(private_postgres, start_gateway, redis_u
     )
     manage(python("manage.py", "import_registrations", "csms-2", str(registrations)))
     timing = Timing(reboot_delay=1.5, retry_interval=0.2, reconnect_delay=0.3)
-    with running(worker_args, env=env, log=log), Fleet(specs, timing=timing) as fleet:
-        wait_for(lambda: b"ready." in log.read_bytes(), 30, "the worker to be ready")
-        wait_for(
+    with worker("pg", env=env, log=log), Fleet(specs, timing=timing) as fleet:
+        wait_until(
             lambda: (
                 pg.query(
                     "SELECT count(*) FROM fleet_chargingstation "
@@ -445,7 +435,7 @@ def test_postgresql_restarted_mid_batch(private_postgres, start_gateway, redis_u
             redis_url, "--to", "csms-2", "--from", "csms-1", "--max-in-flight", "5",
             "--rate-per-minute", "0", "--boot-timeout", "60", DATABASE_URL=pg.url,
         )  # fmt: skip
-        wait_for(
+        wait_until(
             lambda: (pg.query(
                 "SELECT count(*) FROM migrations_app_stationmigration "
                 "WHERE state IN ('resetting', 'awaiting_boot', 'setting_priority')"

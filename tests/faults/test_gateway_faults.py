@@ -14,13 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
+from devstack.processes import free_port, port_open, redis_server, wait_until
 from ocpp_gateway.client import send_command
 from ocpp_gateway.envelopes import EventKind, Outcome, command_channel
 from ocpp_gateway.simulator import Fleet, StationSpec, Timing
-from tests.ocpp_gateway.redis_server import redis_server
 from tests.ocpp_gateway.registry import publish_registry, stream_events
 from tests.ocpp_gateway.test_gateway import health
-from tests.processes import free_port, port_open, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,35 +53,37 @@ def test_redis_killed_and_restarted_empty_keeps_every_station(start_gateway, tmp
     with redis_server(port, tmp_path) as first_redis:
         publish_registry(client, "csms-2", dict.fromkeys(everyone, ""))
         base = start_gateway("csms-2", "--registry-refresh", "0.5", redis=url)
-        wait_for(lambda: health(base)["registered"] == len(everyone), 5, "the registry loaded")
+        wait_until(lambda: health(base)["registered"] == len(everyone), 5, "the registry loaded")
         fleet = Fleet([StationSpec(i, url=base) for i in STATIONS], timing=FAST)
         newcomer = Fleet([StationSpec("CP-NEW", url=base)], timing=FAST)
         with fleet:
-            fleet.wait_until(lambda: all(s.online for s in fleet), 20, "every station online")
+            wait_until(lambda: all(s.online for s in fleet), 20, "every station online")
             _kill(first_redis)
-            wait_for(lambda: health(base)["redis"] == "down", 5, "the gateway to see Redis down")
+            wait_until(lambda: health(base)["redis"] == "down", 5, "the gateway to see Redis down")
 
             # Redis is down: a new station is admitted (the registry in memory) and stays.
             with newcomer:
-                newcomer.wait_until(lambda: newcomer["CP-NEW"].online, 10, "CP-NEW online")
+                wait_until(lambda: newcomer["CP-NEW"].online, 10, "CP-NEW online")
                 time.sleep(3)  # a real outage: the gateway's loops all meet the dead Redis
                 status = health(base)
                 assert status["redis"] == "down" and status["stations"] == len(everyone)
                 assert status["event_backlog"] >= 2  # CP-NEW: connect, boot at least
                 with redis_server(port, tmp_path):  # empty: no AOF, no RDB
-                    wait_for(
+                    wait_until(
                         lambda: health(base)["redis"] == "ok" and not health(base)["event_backlog"],
                         15,
                         "the gateway back on Redis with its events flushed",
                     )
-                    wait_for(lambda: _subscribed(client, everyone), 10, "every station subscribed")
+                    wait_until(
+                        lambda: _subscribed(client, everyone), 10, "every station subscribed"
+                    )
                     replies = _ask_all(client, everyone)
                     assert replies == dict.fromkeys(everyone, Outcome.RESULT)
                     boots = {e.station for e in stream_events(client) if e.kind is EventKind.BOOT}
                     assert "CP-NEW" in boots  # buffered while Redis was down
                     assert health(base)["registered"] == len(everyone)  # kept the copy
                     # and asked the Django side to publish it again (a Celery task by name)
-                    wait_for(
+                    wait_until(
                         lambda: any(
                             b"fleet.publish_registry" in m for m in client.lrange("celery", 0, -1)
                         ),
@@ -111,24 +112,24 @@ def test_each_gateway_killed_and_restarted_gets_its_stations_back(
     homes = {i: "csms-1" if n < 10 else "csms-2" for n, i in enumerate(STATIONS)}
     specs = [StationSpec(i, url=urls[homes[i]], profile_timeout=2) for i in STATIONS]
     with Fleet(specs, timing=FAST) as fleet:
-        fleet.wait_until(lambda: all(s.online for s in fleet), 20, "every station online")
+        wait_until(lambda: all(s.online for s in fleet), 20, "every station online")
         for csms in ("csms-1", "csms-2"):
             mine = [i for i in STATIONS if homes[i] == csms]
             _signal_gateway(ports[csms], signal.SIGKILL)
-            fleet.wait_until(
+            wait_until(
                 lambda mine=mine: all(fleet[i].events("disconnected") for i in mine),
                 10,
                 f"the stations of {csms} to see it gone",
             )
             start_gateway(csms, *(["--open"] if csms == "csms-1" else []), port=ports[csms])
-            fleet.wait_until(
+            wait_until(
                 lambda mine=mine: all(
                     fleet[i].online and len(fleet[i].events("boot_accepted")) >= 2 for i in mine
                 ),
                 20,
                 f"the stations of {csms} back",
             )
-            wait_for(lambda mine=mine: _subscribed(redis_client, mine), 10, "subscribed again")
+            wait_until(lambda mine=mine: _subscribed(redis_client, mine), 10, "subscribed again")
             assert _ask_all(redis_client, mine) == dict.fromkeys(mine, Outcome.RESULT)
         for station in fleet:
             assert station.connected_url == urls[homes[station.identity]], station
@@ -146,4 +147,4 @@ def _signal_gateway(port: int, signum: int) -> None:
     pids = [int(pid) for pid in found.stdout.split()]
     assert len(pids) == 1, f"expected one gateway on port {port}, found {pids}"
     os.kill(pids[0], signum)
-    wait_for(lambda: not port_open(port), 15, f"the gateway on port {port} to exit")
+    wait_until(lambda: not port_open(port), 15, f"the gateway on port {port} to exit")

@@ -13,6 +13,7 @@ import pytest
 from django.core.management import call_command
 from ocpp.v16.enums import RegistrationStatus
 
+from devstack.processes import wait_until
 from fleet.models import StationEvent
 from fleet.services.registrations import RegistrationRow, registrations_import
 from migrations_app.models import MigrationBatch, StateChange, StationMigration
@@ -27,7 +28,6 @@ from tests.migrations_app.conftest import proxied_stack as proxied_stack  # the 
 from tests.migrations_app.conftest import upstream_options as upstream_options  # the fixture
 from tests.migrations_app.conftest import upstreams as upstreams  # the fixture
 from tests.migrations_app.test_proxy_migration import boot_answers, leaks
-from tests.processes import wait_for
 
 P1 = "NetworkConnectionProfile1"
 P2 = "NetworkConnectionProfile2"
@@ -39,7 +39,7 @@ def run_batch(*args: str, within: float = 90) -> dict:
     """Start a batch (not --wait) and wait, bounded, for it to end; its report."""
     call_command("migrate_fleet", "--to", "csms-2", "--from", "csms-1", *args)
     batch = MigrationBatch.objects.get()
-    wait_for(lambda: finished(batch), within, "the batch to end")
+    wait_until(lambda: finished(batch), within, "the batch to end")
     return batch_report(batch)
 
 
@@ -133,7 +133,7 @@ def test_upstream_csms_2_answering_pending_until_the_boot_timeout_never_verifies
         # The upstream accepts it at last: it is on the target, which the report admits
         # (the rollback through the source could not reach it).
         stack.upstream_target.set_boot_status("CP-UPEND", "Accepted")
-        wait_for(lambda: station.online, 30, "the station accepted by upstream CSMS 2")
+        wait_until(lambda: station.online, 30, "the station accepted by upstream CSMS 2")
         assert station.connected_url == stack.target_url
         judge(report, fleet, stack)
     assert verified() == []
@@ -173,19 +173,19 @@ def test_other_hardware_accepted_by_upstream_csms_2_never_verifies(proxied_stack
     stack = proxied_stack
     real_spec = stack.station("CP-UHW")
     registrations_import(csms=stack.target, rows=[RegistrationRow(2, "CP-UHW", "", "")])
-    wait_for(lambda: stack.redis.hget(registry_key("csms-2"), "CP-UHW"), 10, "csms-2's registry")
+    wait_until(lambda: stack.redis.hget(registry_key("csms-2"), "CP-UHW"), 10, "csms-2's registry")
     with stack.fleet([real_spec], reboot_delay=8, register_on_target=False) as fleet:
         real = fleet["CP-UHW"]
         call_command(
             "migrate_fleet", "--to", "csms-2", "--station", "CP-UHW", "--boot-timeout", "45"
         )
         batch = MigrationBatch.objects.get()
-        wait_for(lambda: real.reset_count == 1, 30, "the real station's Reset")
+        wait_until(lambda: real.reset_count == 1, 30, "the real station's Reset")
         impostor = StationSpec(
             "CP-UHW", url=stack.target_url, serial_number="SN-IMPOSTOR", profile_timeout=3
         )
         with Fleet([impostor], timing=Timing(retry_interval=0.2, reconnect_delay=0.3)):
-            wait_for(lambda: finished(batch), 90, "the batch to end")
+            wait_until(lambda: finished(batch), 90, "the batch to end")
         report = batch_report(batch)
         entry = by_identity(report)["CP-UHW"]
         assert entry["state"] == "failed", entry
@@ -194,7 +194,7 @@ def test_other_hardware_accepted_by_upstream_csms_2_never_verifies(proxied_stack
         assert StationEvent.objects.filter(
             kind=EventKind.SECURITY, station__identity="CP-UHW"
         ).exists()
-        wait_for(lambda: real.connected_url == stack.source_url, 30, "the real one on csms-1")
+        wait_until(lambda: real.connected_url == stack.source_url, 30, "the real one on csms-1")
         assert real.reset_count == 1
         judge(report, fleet, stack)
     assert verified() == []

@@ -15,13 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from devstack.processes import ROOT, wait_until
 from migrations_app.models import OcppExchange
 from ocpp_gateway.envelopes import registry_key, registry_meta_key
 from ocpp_gateway.simulator.config import PRIORITY
 from tests.conftest import process_env
 from tests.faults.ground_truth import differences, judge
 from tests.migrations_app.conftest import by_identity, migrate, stack  # noqa: F401 - fixture
-from tests.processes import ROOT, wait_for
 
 NOT_REGISTERED = (
     "not registered on csms-2: register it first "
@@ -92,7 +92,7 @@ def test_an_unregistered_station_is_skipped_untouched_and_migrates_once_register
         # The reason says what to do; doing it lets the station migrate.
         completed = import_registrations(redis_url, write_csv(whitelist, [*registered, stranger]))
         assert completed.stdout.strip() == "csms-2: 4 registered (1 new, 0 updated, 3 unchanged)"
-        wait_for(
+        wait_until(
             lambda: stack.redis.hexists(registry_key("csms-2"), "CP-STRANGER"),
             10,
             "CP-STRANGER in the registry of csms-2",

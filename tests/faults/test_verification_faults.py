@@ -14,6 +14,7 @@ import pytest
 import redis
 from django.core.management import call_command
 
+from devstack.processes import port_open, redis_server, wait_until
 from fleet.models import StationEvent
 from migrations_app.models import MigrationBatch, OcppExchange, StateChange, StationMigration
 from migrations_app.services.batches import batch_report
@@ -23,7 +24,6 @@ from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.faults.ground_truth import judge
 from tests.migrations_app.conftest import by_identity, migrate
 from tests.migrations_app.conftest import stack as stack  # the fixture: the migration stack
-from tests.processes import port_open, redis_server_args, running, wait_for
 
 P1 = "NetworkConnectionProfile1"
 P2 = "NetworkConnectionProfile2"
@@ -71,13 +71,13 @@ def test_an_impostor_on_the_target_while_the_station_reboots_never_verifies(stac
             "migrate_fleet", "--to", "csms-2", "--station", "CP-REAL", "--boot-timeout", "45"
         )
         batch = MigrationBatch.objects.get()
-        wait_for(lambda: real.reset_count == 1, 30, "the real station's Reset")
+        wait_until(lambda: real.reset_count == 1, 30, "the real station's Reset")
         impostor = StationSpec(
             "CP-REAL", url=stack.target_url, serial_number="SN-IMPOSTOR", profile_timeout=3
         )
         timing = Timing(retry_interval=0.2, reconnect_delay=0.3)
         with Fleet([impostor], timing=timing):
-            wait_for(lambda: finished(batch), 90, "the batch to end")
+            wait_until(lambda: finished(batch), 90, "the batch to end")
         report = batch_report(batch)
         entry = by_identity(report)["CP-REAL"]
         assert entry["state"] == "failed", entry
@@ -86,7 +86,7 @@ def test_an_impostor_on_the_target_while_the_station_reboots_never_verifies(stac
         assert StationEvent.objects.filter(
             kind=EventKind.SECURITY, station__identity="CP-REAL"
         ).exists()
-        wait_for(lambda: real.connected_url == stack.source_url, 30, "the real one on csms-1")
+        wait_until(lambda: real.connected_url == stack.source_url, 30, "the real one on csms-1")
         assert real.config[PRIORITY] == f"{P1},{P2}"
         assert "ROLLBACK INCOMPLETE" not in entry["reason"]
         judge(report, fleet, stack)
@@ -103,13 +103,13 @@ def test_redis_killed_and_restarted_empty_after_the_reset_wave(stack, redis_clie
             "--rate-per-minute", "0", "--boot-timeout", "90",
         )  # fmt: skip
         batch = MigrationBatch.objects.get()
-        wait_for(
+        wait_until(
             lambda: all(s.online and s.connected_url == stack.target_url for s in fleet),
             60,
             "every station to boot on the target",
         )
         restart_empty(redis_client, request)
-        wait_for(lambda: finished(batch), 150, "the batch to end after the Redis restart")
+        wait_until(lambda: finished(batch), 150, "the batch to end after the Redis restart")
         report = batch_report(batch)
         assert {entry["state"] for entry in report["stations"]} == {"done"}, report
         for station in fleet:
@@ -133,8 +133,7 @@ def restart_empty(client: redis.Redis, request: pytest.FixtureRequest) -> None:
     port = client.get_connection_kwargs()["port"]
     workdir = request.getfixturevalue("tmp_path_factory").mktemp("redis-restarted")
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not port_open(port), 10, "the killed redis-server to be gone")
+    wait_until(lambda: not port_open(port), 10, "the killed redis-server to be gone")
     server = contextlib.ExitStack()
-    server.enter_context(running(redis_server_args(port, workdir), log=workdir / "redis.log"))
+    server.enter_context(redis_server(port, workdir, log=workdir / "redis.log"))
     request.config.add_cleanup(server.close)
-    wait_for(lambda: port_open(port), 10, "the new redis-server to listen")

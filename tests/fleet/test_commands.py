@@ -8,9 +8,9 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from devstack.processes import ROOT
 from fleet.models import ChargingStation, CsmsBackend
 from tests.conftest import process_env
-from tests.processes import ROOT
 
 BAD_URLS = [
     "ws://csms.example.com/oc pp",

@@ -13,10 +13,10 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
+from devstack.processes import ROOT
 from fleet.models import ChargingStation, Registration
 from ocpp_gateway.envelopes import password_matches, registry_key, registry_meta_key
 from tests.conftest import process_env
-from tests.processes import ROOT
 
 State = Registration.State
 

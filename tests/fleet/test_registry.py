@@ -7,6 +7,7 @@ import threading
 import pytest
 from django.db import connection, transaction
 
+from devstack.processes import wait_until
 from fleet import celery_app
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from fleet.services.events import events_ingest
@@ -23,7 +24,6 @@ from ocpp_gateway.envelopes import (
     registry_key,
     registry_meta_key,
 )
-from tests.processes import wait_for
 
 State = Registration.State
 
@@ -198,13 +198,13 @@ def test_a_real_worker_publishes_on_a_gateways_request(celery_worker, redis_clie
         celery_app.send_task(PUBLISH_REGISTRY_TASK, args=["nowhere"], connection=broker)
         celery_app.send_task(PUBLISH_REGISTRY_TASK, args=["alpha"], connection=broker)
 
-    wait_for(
+    wait_until(
         lambda: redis_client.exists(registry_meta_key("alpha")),
         30,
         "the worker to publish the registry of alpha",
     )
     assert registry(redis_client) == {"CP-1": {"serial": "SN-1", "password_sha256": ""}}
-    wait_for(
+    wait_until(
         lambda: b"no CSMS named 'nowhere'" in celery_worker.read_bytes(),
         10,
         "the worker to log the unknown CSMS",

@@ -1,3 +1,4 @@
+from devstack.processes import wait_until
 from fleet import celery_app
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from ocpp_gateway.envelopes import (
@@ -7,7 +8,6 @@ from ocpp_gateway.envelopes import (
     Event,
     EventKind,
 )
-from tests.processes import wait_for
 
 
 def test_a_real_worker_ingests_a_boot(celery_worker, redis_client, redis_url):
@@ -25,7 +25,7 @@ def test_a_real_worker_ingests_a_boot(celery_worker, redis_client, redis_url):
     with celery_app.connection_for_write(redis_url) as broker:
         celery_app.send_task(INGEST_EVENTS_TASK, connection=broker)
 
-    station = wait_for(
+    station = wait_until(
         lambda: ChargingStation.objects.filter(identity="CP-42").first(),
         30,
         "the worker to add CP-42 to the inventory",
@@ -33,7 +33,7 @@ def test_a_real_worker_ingests_a_boot(celery_worker, redis_client, redis_url):
     assert (station.vendor, station.model, station.firmware_version) == ("Acme", "AC22", "5.1.0")
     assert station.csms.name == "alpha"
     assert Registration.objects.get(station=station).state == Registration.State.ACTIVE
-    wait_for(
+    wait_until(
         lambda: (
             redis_client.xpending(EVENT_STREAM, EVENT_CONSUMER_GROUP)["pending"] == 0
             and redis_client.xlen(EVENT_STREAM) == 0

@@ -24,13 +24,13 @@ import pytest
 import redis
 from django.core.management import call_command
 
+from devstack.processes import wait_until
 from fleet.models import ChargingStation, CsmsBackend
 from fleet.services.inventory import csms_backend_upsert
 from fleet.services.registrations import RegistrationRow, registrations_import
 from ocpp_gateway.envelopes import registry_key, registry_meta_key
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
-from tests.processes import wait_for
 from tests.upstream_csms import UpstreamCsms
 
 # Short enough for tests, long enough for a loaded 2-core machine.
@@ -73,7 +73,7 @@ class Stack:
             ],
         )
         identities = [spec.identity for spec in specs]
-        wait_for(
+        wait_until(
             lambda: (
                 self.redis.exists(registry_meta_key(target))
                 and all(self.redis.hmget(registry_key(target), identities))
@@ -99,7 +99,7 @@ class Stack:
         timing = Timing(reboot_delay=reboot_delay, retry_interval=0.2, reconnect_delay=0.3)
         with Fleet(specs, timing=timing, journal=journal) as fleet:
             identities = {spec.identity for spec in specs}
-            wait_for(
+            wait_until(
                 lambda: (
                     ChargingStation.objects.filter(identity__in=identities, connected=True)
                     .exclude(firmware_version="")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import urllib.request
 
+from devstack.processes import free_port, port_open, python, running, wait_until
 from tests.conftest import process_env
 from tests.migrations_app.conftest import migrate
-from tests.processes import free_port, port_open, python, running, wait_for
 
 
 def test_flower_lists_the_step_tasks_of_a_batch(stack, redis_url, tmp_path):
@@ -17,7 +17,7 @@ def test_flower_lists_the_step_tasks_of_a_batch(stack, redis_url, tmp_path):
         "-m", "celery", "-A", "fleet", "flower", f"--port={port}", "--address=127.0.0.1"
     )  # fmt: skip
     with running(args, env=env, log=tmp_path / "flower.log"):
-        wait_for(lambda: port_open(port), 30, "Flower to listen")
+        wait_until(lambda: port_open(port), 30, "Flower to listen")
         with stack.fleet([stack.station("CP-FLOWER")]):
             code, report = migrate("--to", "csms-2", "--station", "CP-FLOWER")
             assert code == 0, report
@@ -28,7 +28,7 @@ def test_flower_lists_the_step_tasks_of_a_batch(stack, redis_url, tmp_path):
                 tasks = json.load(response).values()
             return {t["name"]: t for t in tasks if (t.get("name") or "").startswith("migrations.")}
 
-        tasks = wait_for(
+        tasks = wait_until(
             lambda: (found := step_tasks()) and "migrations.verify_boot" in found and found,
             30,
             "the step tasks in Flower",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
+from devstack.processes import wait_until
 from fleet.models import ChargingStation
 from migrations_app.models import OcppExchange
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.migrations_app.conftest import by_identity, migrate
-from tests.processes import wait_for
 
 P1 = "NetworkConnectionProfile1"
 P2 = "NetworkConnectionProfile2"
@@ -114,7 +114,7 @@ def test_an_offline_station_fails_offline_within_the_boot_timeout(stack):
         stack.station("CP-GONE", behaviour=Behaviour(drop_offline=True, drop_offline_after=0.5))
     ]
     with stack.fleet(specs):
-        wait_for(
+        wait_until(
             lambda: not ChargingStation.objects.get(identity="CP-GONE").connected,
             15,
             "the station to drop offline",

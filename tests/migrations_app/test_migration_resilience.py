@@ -9,12 +9,12 @@ import subprocess
 
 from django.db.models import Q
 
+from devstack.processes import ROOT, python, wait_until
 from migrations_app.models import MigrationBatch, StateChange, StationMigration
 from migrations_app.services import workflow
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.conftest import process_env
 from tests.migrations_app.conftest import WORKER_ENV, by_identity
-from tests.processes import ROOT, python, wait_for
 
 P1 = "NetworkConnectionProfile1"
 P2 = "NetworkConnectionProfile2"
@@ -32,7 +32,7 @@ def test_a_worker_killed_mid_batch_loses_no_station_and_resets_none_twice(stack,
             "--max-in-flight", "10", "--rate-per-minute", "0", "--boot-timeout", "60",
         )  # fmt: skip
         batch = MigrationBatch.objects.get()
-        wait_for(
+        wait_until(
             lambda: (
                 batch.stations.filter(state__in=[State.RESETTING, State.AWAITING_BOOT]).count() >= 3
             ),
@@ -42,7 +42,7 @@ def test_a_worker_killed_mid_batch_loses_no_station_and_resets_none_twice(stack,
         os.killpg(stack.worker.pid, signal.SIGKILL)
         stack.worker.wait(10)
         stack.start_worker("w2", beat=True, **WORKER_ENV)
-        wait_for(
+        wait_until(
             lambda: MigrationBatch.objects.get(id=batch.id).state == MigrationBatch.State.FINISHED,
             120,
             "the batch to finish on the new worker",

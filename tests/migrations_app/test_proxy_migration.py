@@ -22,13 +22,13 @@ from ocpp.v16.enums import (
     TriggerMessageStatus,
 )
 
+from devstack.processes import wait_until
 from fleet.models import ChargingStation, Registration, StationEvent
 from migrations_app.models import MigrationBatch, OcppExchange, StationMigration
 from migrations_app.services.batches import batch_report
 from ocpp_gateway.envelopes import EventKind
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.migrations_app.conftest import by_identity
-from tests.processes import wait_for
 from tests.upstream_csms import UpstreamCsms
 
 P1 = "NetworkConnectionProfile1"
@@ -129,12 +129,12 @@ def test_a_full_migration_between_proxied_csmss_ends_verified_and_the_upstreams_
     with stack.fleet([spec]) as fleet:
         station = fleet["CP-PX"]
         assert boot_answers(upstream1, "CP-PX") == [RegistrationStatus.accepted]
-        wait_for(
+        wait_until(
             lambda: station.transaction is not None and station.transaction.transaction_id,
             20,
             "the session's StartTransaction answered by upstream CSMS 1",
         )
-        wait_for(
+        wait_until(
             lambda: (
                 (ChargingStation.objects.get(identity="CP-PX").connector_status.get("1", {})).get(
                     "status"
@@ -164,7 +164,7 @@ def test_a_full_migration_between_proxied_csmss_ends_verified_and_the_upstreams_
             if migration_state(migration) not in BEFORE_IDLE_WAIT:
                 break
             assert time.monotonic() < deadline, "the migration never reached its idle check"
-        wait_for(
+        wait_until(
             lambda: migration_state(migration) == State.WAITING_IDLE,
             30,
             "the migration to wait for the session to end",
@@ -192,7 +192,7 @@ def test_a_full_migration_between_proxied_csmss_ends_verified_and_the_upstreams_
         )
         assert stop.status == RemoteStartStopStatus.accepted
 
-        wait_for(lambda: finished(batch), 120, "the batch to end")
+        wait_until(lambda: finished(batch), 120, "the batch to end")
         entry = by_identity(batch_report(batch))["CP-PX"]
         assert entry["state"] == "done", entry
         assert station.connected_url == stack.target_url and station.reset_count == 1

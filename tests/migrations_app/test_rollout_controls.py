@@ -8,6 +8,7 @@ from collections import Counter
 
 from django.utils import timezone
 
+from devstack.processes import wait_until
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
 from migrations_app.services.batches import BatchOptions, batch_create, batch_drive
@@ -22,7 +23,6 @@ from ocpp_gateway.simulator import Fleet
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.migrations_app.conftest import WORKER_ENV
 from tests.migrations_app.test_migration_resilience import most_in_flight_at_once
-from tests.processes import wait_for
 
 State = StationMigration.State
 BatchState = MigrationBatch.State
@@ -53,7 +53,7 @@ def wait_batch(batch: MigrationBatch, *states: str, timeout: float = 90) -> Migr
         batch.refresh_from_db()
         return batch.state in states
 
-    wait_for(reached, timeout, f"batch {batch.id} to be {' or '.join(states)}")
+    wait_until(reached, timeout, f"batch {batch.id} to be {' or '.join(states)}")
     return batch
 
 
@@ -69,7 +69,7 @@ def test_a_failed_canary_pauses_the_batch_and_the_rest_wait(stack, admin_user):
         batch = start(ids, canary_size=2)
         wait_batch(batch, BatchState.PAUSED)
         assert batch.pause_reason.startswith("canary failed: CP-C00")
-        wait_for(lambda: not set(states(batch)) & ARMED, 30, "armed stations to finish")
+        wait_until(lambda: not set(states(batch)) & ARMED, 30, "armed stations to finish")
         assert states(batch)[State.PENDING] == 4  # only the canary wave started
         assert all(fleet[i].events("config_changed") == [] for i in ids[2:])
         assert BatchAction.objects.filter(batch=batch, kind="auto_pause", user=None).exists()
@@ -90,7 +90,7 @@ def test_the_brake_pauses_once_failures_pass_the_ratio(stack):
         batch = start(ids, max_in_flight=2, brake_failure_ratio=0.3, brake_min_sample=3)
         wait_batch(batch, BatchState.PAUSED)
         assert batch.pause_reason.startswith("brake:")
-        wait_for(lambda: not set(states(batch)) & ARMED, 30, "armed stations to end")
+        wait_until(lambda: not set(states(batch)) & ARMED, 30, "armed stations to end")
         assert states(batch)[State.PENDING] >= 4  # the rest were not started
 
 
@@ -113,9 +113,9 @@ def test_pause_holds_unarmed_stations_and_resume_goes_on(stack, admin_user):
     ids = [f"CP-P{i:02}" for i in range(8)]
     with stack.fleet([stack.station(i) for i in ids], reboot_delay=2) as fleet:
         batch = start(ids, max_in_flight=4)
-        wait_for(lambda: states(batch)[State.AWAITING_BOOT] >= 1, 30, "a station resetting")
+        wait_until(lambda: states(batch)[State.AWAITING_BOOT] >= 1, 30, "a station resetting")
         batch_pause(batch_id=batch.id, user=admin_user, reason="checking the target")
-        wait_for(lambda: not set(states(batch)) & ARMED, 30, "armed stations to finish")
+        wait_until(lambda: not set(states(batch)) & ARMED, 30, "armed stations to finish")
         paused = states(batch)
         assert paused[State.PENDING] >= 4  # nothing new started
         armed_done = paused[State.DONE]
@@ -151,7 +151,7 @@ def test_retry_failed_puts_failed_stations_back_in_line(stack, admin_user):
         batch = start(["CP-R"], idle_wait_seconds=1)
         wait_batch(batch, BatchState.FINISHED)
         assert states(batch) == Counter({State.FAILED: 1})  # busy
-        wait_for(
+        wait_until(
             lambda: (
                 ChargingStation.objects.get(identity="CP-R").connector_status["1"]["status"]
                 == "Available"
@@ -183,11 +183,11 @@ def test_an_offline_station_is_queued_until_it_reconnects(stack):
     spec = stack.station("CP-LATE")
     with stack.fleet([spec]):
         pass  # it booted once, so the inventory knows it; now it is off
-    wait_for(
+    wait_until(
         lambda: not ChargingStation.objects.get(identity="CP-LATE").connected, 15, "it offline"
     )
     batch = start(["CP-LATE"], offline_wait_seconds=60)
-    wait_for(lambda: states(batch)[State.WAITING_ONLINE] == 1, 30, "it queued")
+    wait_until(lambda: states(batch)[State.WAITING_ONLINE] == 1, 30, "it queued")
     with Fleet([spec]) as fleet:
         wait_batch(batch, BatchState.FINISHED)
         assert states(batch) == Counter({State.DONE: 1})
@@ -228,7 +228,7 @@ def test_the_default_brake_pauses_when_the_first_five_ended_stations_all_failed(
         batch = start(ids, max_in_flight=6)  # the defaults' brake, nothing said
         wait_batch(batch, BatchState.PAUSED)
         assert batch.pause_reason == "brake: the first 5 ended stations all failed"
-        wait_for(lambda: not set(states(batch)) & ARMED, 30, "armed stations to end")
+        wait_until(lambda: not set(states(batch)) & ARMED, 30, "armed stations to end")
         # Each failure freed a slot for the next station until the fifth ended; then none.
         pending = list(
             batch.stations.filter(state=State.PENDING).values_list("station__identity", flat=True)
@@ -255,7 +255,7 @@ def test_a_step_that_keeps_raising_fails_after_bounded_attempts_with_the_error(s
         app.send_task(
             STEP_TASKS[State.SETTING_URL], args=[migration.id, "CP-BUG", State.SETTING_URL]
         )
-        wait_for(
+        wait_until(
             lambda: StationMigration.objects.get(id=migration.id).state == State.FAILED,
             60,
             "the raising step to fail",

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 from django.core.management import call_command
 
+from devstack.processes import wait_until
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from migrations_app.models import MigrationBatch, OcppExchange, StateChange, StationMigration
 from migrations_app.services.steps import expected_hardware, settle_seconds, verify_boot
@@ -26,7 +27,6 @@ from ocpp_gateway.envelopes import (
 )
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.migrations_app.conftest import by_identity, migrate
-from tests.processes import wait_for
 
 P1 = "NetworkConnectionProfile1"
 P2 = "NetworkConnectionProfile2"
@@ -207,7 +207,7 @@ def test_the_settle_catches_a_station_that_falls_back_after_booting_on_the_targe
         assert code == 1 and entry["state"] == "failed", entry
         assert "fell back to csms-1 after booting on csms-2" in entry["reason"]
         assert entry["reason"].endswith(f"{PRIORITY} and {P2} restored")
-        wait_for(lambda: station.connected_url == stack.source_url, 15, "it back on csms-1")
+        wait_until(lambda: station.connected_url == stack.source_url, 15, "it back on csms-1")
         assert station.config[PRIORITY] == f"{P1},{P2}"
         assert station.reset_count == 1
     assert StateChange.objects.filter(to_state=State.VERIFIED).count() == 0
@@ -245,7 +245,7 @@ def test_a_pending_boot_then_an_accepted_one_is_verified(stack, start_gateway, r
         )
         station = fleet["CP-PEND"]
         call_command("migrate_fleet", "--to", "csms-3", "--station", "CP-PEND")
-        wait_for(
+        wait_until(
             lambda: [e for e in station.events("boot_not_accepted") if e["status"] == "Pending"],
             30,
             "a Pending answer from csms-3",
@@ -256,7 +256,7 @@ def test_a_pending_boot_then_an_accepted_one_is_verified(stack, start_gateway, r
         publish.hset(registry_meta_key("csms-3"), mapping=meta)
         publish.execute()
         migration = StationMigration.objects.get()
-        wait_for(lambda: StationMigration.objects.get(id=migration.id).is_terminal, 60, "the end")
+        wait_until(lambda: StationMigration.objects.get(id=migration.id).is_terminal, 60, "the end")
         migration.refresh_from_db()
         assert migration.state == State.DONE, migration.reason
         assert station.connected_url == url and station.reset_count == 1

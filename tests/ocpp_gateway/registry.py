@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import redis
 
+from devstack.processes import wait_until
 from ocpp_gateway.envelopes import (
     EVENT_STREAM,
     Event,
@@ -16,7 +17,6 @@ from ocpp_gateway.envelopes import (
     registry_key,
     registry_meta_key,
 )
-from tests.processes import wait_for
 
 
 def publish_registry(
@@ -59,4 +59,4 @@ def events_of(client: redis.Redis, kind: EventKind, count: int, timeout: float =
         events = [event for event in stream_events(client) if event.kind is kind]
         return events if len(events) >= count else []
 
-    return wait_for(found, timeout, f"{count} {kind} events in the stream")
+    return wait_until(found, timeout, f"{count} {kind} events in the stream")

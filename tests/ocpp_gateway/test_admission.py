@@ -15,14 +15,13 @@ import redis
 from ocpp.v16 import call
 from websockets.exceptions import InvalidStatus
 
+from devstack.processes import free_port, redis_pings, redis_server, wait_until
 from ocpp_gateway.client import send_command
 from ocpp_gateway.envelopes import EventKind, Outcome, command_channel
 from ocpp_gateway.simulator import Fleet, StationSpec, Timing
-from tests.ocpp_gateway.redis_server import redis_server
 from tests.ocpp_gateway.registry import events_of, publish_registry, stream_events
 from tests.ocpp_gateway.stations import station_on
 from tests.ocpp_gateway.test_gateway import health
-from tests.processes import free_port, redis_pings, wait_for
 
 FAST = Timing(reboot_delay=0.3, retry_interval=0.2, reconnect_delay=0.3)
 
@@ -66,7 +65,7 @@ def test_an_unregistered_station_is_refused_and_falls_back_to_its_other_profile(
 
     spec = StationSpec("CP-X", url=target, url2=source, profile_timeout=1)
     with Fleet([spec], timing=FAST) as fleet:
-        fleet.wait_until(
+        wait_until(
             lambda: fleet["CP-X"].online and fleet["CP-X"].connected_url == source,
             10,
             "the station on its other profile (the source)",
@@ -84,7 +83,7 @@ def test_a_station_rejected_for_its_serial_falls_back_to_its_other_profile(
     spec = StationSpec("CP-1", url=target, url2=source, serial_number="SN-OTHER", profile_timeout=1)
     with Fleet([spec], timing=FAST) as fleet:
         station = fleet["CP-1"]
-        fleet.wait_until(
+        wait_until(
             lambda: station.online and station.connected_url == source,
             15,
             "the rejected station back on its other profile (the source)",
@@ -108,7 +107,7 @@ def test_a_registered_station_is_admitted_and_a_new_one_within_seconds(start_gat
 
     publish_registry(redis_client, "csms-2", {"CP1": "", "CP2": ""})
     started = time.monotonic()
-    wait_for(lambda: health(base)["registered"] == 2, 5, "the new registry version loaded")
+    wait_until(lambda: health(base)["registered"] == 2, 5, "the new registry version loaded")
     assert _boot(base, "CP2") == ("Accepted", 300)
     assert time.monotonic() - started < 5
 
@@ -122,7 +121,7 @@ def test_while_the_registry_is_unknown_boots_are_pending_then_accepted(start_gat
             assert (station.boot_result.status, station.boot_result.interval) == ("Pending", 5)
             publish_registry(redis_client, "csms-2", {"CP1": "SN-1"})
             await asyncio.to_thread(
-                wait_for, lambda: health(base)["admission"] == "registered", 5, "the registry"
+                wait_until, lambda: health(base)["admission"] == "registered", 5, "the registry"
             )
             result = await station.call(
                 call.BootNotification(
@@ -150,7 +149,7 @@ def test_a_station_admitted_before_the_registry_but_not_in_it_is_rejected_and_cl
             assert station.boot_result.status == "Pending"
             publish_registry(redis_client, "csms-2", {"CP2": ""})
             await asyncio.to_thread(
-                wait_for, lambda: health(base)["admission"] == "registered", 5, "the registry"
+                wait_until, lambda: health(base)["admission"] == "registered", 5, "the registry"
             )
             result = await station.call(
                 call.BootNotification(charge_point_vendor="TestVendor", charge_point_model="T1")
@@ -286,7 +285,7 @@ def test_a_station_reconnecting_without_a_boot_is_served(start_gateway, redis_cl
     async def scenario():
         async with station_on(base, "CP1", boot=False):
             # The subscription follows the handshake (never awaited on the station's path).
-            await asyncio.to_thread(wait_for, lambda: _subscribed(redis_client, "CP1"), 5, "sub")
+            await asyncio.to_thread(wait_until, lambda: _subscribed(redis_client, "CP1"), 5, "sub")
             return await asyncio.to_thread(
                 send_command, redis_client, "CP1", "GetConfiguration", timeout=5
             )
@@ -314,10 +313,10 @@ def test_redis_with_a_password(start_gateway, redis_client, tmp_path):
                 )
 
         assert asyncio.run(scenario()).outcome is Outcome.RESULT
-        wait_for(lambda: len(stream_events(client)) >= 3, 5, "connect, boot, disconnect events")
+        wait_until(lambda: len(stream_events(client)) >= 3, 5, "connect, boot, disconnect events")
         kinds = [e.kind for e in stream_events(client)]
         assert kinds == [EventKind.CONNECT, EventKind.BOOT, EventKind.DISCONNECT]
         # The Celery nudge authenticated too: the ingestion task waits in the broker's queue.
-        wait_for(lambda: client.llen("celery") > 0, 10, "the ingestion task in the queue")
+        wait_until(lambda: client.llen("celery") > 0, 10, "the ingestion task in the queue")
         assert health(base)["redis"] == "ok"
         client.close()

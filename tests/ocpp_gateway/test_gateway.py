@@ -14,10 +14,10 @@ from ocpp.exceptions import GenericError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
+from devstack.processes import free_port, wait_until
 from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
 from ocpp_gateway.envelopes import EVENT_STREAM, Event, EventKind, Outcome, last_boot_key
 from tests.ocpp_gateway.stations import station_on
-from tests.processes import free_port, wait_for
 
 
 def http_base(ws_url: str) -> str:
@@ -31,7 +31,7 @@ def health(ws_url: str) -> dict:
 
 def test_it_answers_the_health_check(start_gateway):
     base = start_gateway("csms-1", "--open")
-    body = wait_for(lambda: (b := health(base))["redis"] == "ok" and b, 5, "redis ok in /health")
+    body = wait_until(lambda: (b := health(base))["redis"] == "ok" and b, 5, "redis ok in /health")
     assert body == {
         "status": "ok",
         "csms": "csms-1",
@@ -96,7 +96,7 @@ def test_a_boot_is_reported_durably_and_kept_as_the_last_boot(start_gateway, red
             pass
 
     asyncio.run(boot_and_leave())
-    wait_for(lambda: redis_client.xlen(EVENT_STREAM) >= 3, 5, "connect, boot, disconnect")
+    wait_until(lambda: redis_client.xlen(EVENT_STREAM) >= 3, 5, "connect, boot, disconnect")
     entries = redis_client.xrange(EVENT_STREAM)
     events = [Event.from_json(fields[b"e"]) for _, fields in entries]
     assert [e.kind for e in events] == [EventKind.CONNECT, EventKind.BOOT, EventKind.DISCONNECT]
@@ -202,7 +202,7 @@ def test_a_reconnecting_station_replaces_its_dead_connection(start_gateway, redi
             await asyncio.sleep(0)
 
     asyncio.run(scenario())
-    wait_for(lambda: redis_client.pubsub_numsub("ocpp:cmd:CP1")[0][1] == 0, 5, "unsubscribed")
+    wait_until(lambda: redis_client.pubsub_numsub("ocpp:cmd:CP1")[0][1] == 0, 5, "unsubscribed")
 
 
 def test_a_malformed_frame_gets_a_callerror(start_gateway):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+from devstack.processes import free_port, wait_until
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from ocpp_gateway.client import send_command
 from ocpp_gateway.envelopes import Outcome, last_boot_key
 from ocpp_gateway.simulator import Fleet, StationSpec, Timing
-from tests.processes import free_port, wait_for
 
 NETWORK_KEYS = [
     "NetworkConnectionProfile1",
@@ -27,7 +27,7 @@ def test_a_booting_station_appears_in_the_inventory_through_a_real_worker(
     CsmsBackend.objects.create(name="csms-1", url=url)
     spec = StationSpec("CP-NEW", url=url, firmware="4.2.85", vendor="Acme", model="AC22")
     with Fleet([spec], timing=FAST):
-        station = wait_for(
+        station = wait_until(
             lambda: (
                 ChargingStation.objects.filter(identity="CP-NEW", connected=True)
                 .exclude(firmware_version="")
@@ -46,7 +46,7 @@ def test_the_bridge_reads_the_network_keys_and_a_whitespace_value_is_rejected(
 ):
     url = start_gateway("csms-1", "--open")
     with Fleet([StationSpec("CP-1", url=url)], timing=FAST) as fleet:
-        fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
+        wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
         reply = send_command(
             redis_client, "CP-1", "GetConfiguration", {"key": NETWORK_KEYS}, timeout=5
         )
@@ -76,7 +76,7 @@ def test_a_hundred_stations_answer_in_parallel_each_with_its_own_answer(
         StationSpec(f"CP-{i:03}", url=url, url2=f"ws://127.0.0.1:9/slot-{i:03}") for i in range(100)
     ]
     with Fleet(specs, timing=FAST) as fleet:
-        fleet.wait_until(lambda: all(s.online for s in fleet), 30, "every station online")
+        wait_until(lambda: all(s.online for s in fleet), 30, "every station online")
 
         def ask(identity: str):
             return send_command(
@@ -100,9 +100,11 @@ def test_after_priority_change_and_reset_the_station_boots_on_the_new_csms(
 ):
     old, new = start_gateway("csms-1", "--open"), start_gateway("csms-2", "--open")
     with Fleet([StationSpec("CP-1", url=old)], timing=FAST) as fleet:
-        fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
+        wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
         _point_at(redis_client, "CP-1", new)
-        wait_for(lambda: redis_client.hget(last_boot_key("csms-2"), "CP-1"), 15, "a boot on csms-2")
+        wait_until(
+            lambda: redis_client.hget(last_boot_key("csms-2"), "CP-1"), 15, "a boot on csms-2"
+        )
         assert fleet["CP-1"].connected_url == new
 
 
@@ -111,12 +113,12 @@ def test_with_the_new_csms_unreachable_the_station_falls_back(start_gateway, red
     nowhere = f"ws://127.0.0.1:{free_port()}/ocpp"
     spec = StationSpec("CP-1", url=old, profile_timeout=1)
     with Fleet([spec], timing=FAST) as fleet:
-        raw = wait_for(
+        raw = wait_until(
             lambda: redis_client.hget(last_boot_key("csms-1"), "CP-1"), 10, "the first boot"
         )
         first_boot = json.loads(raw)["at"]
         _point_at(redis_client, "CP-1", nowhere)
-        wait_for(
+        wait_until(
             lambda: (
                 json.loads(redis_client.hget(last_boot_key("csms-1"), "CP-1"))["at"] > first_boot
             ),

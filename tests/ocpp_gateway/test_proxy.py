@@ -24,12 +24,12 @@ from ocpp.v16 import call
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from devstack.processes import free_port, wait_until
 from ocpp_gateway.client import send_command
 from ocpp_gateway.envelopes import EventKind, Outcome
 from ocpp_gateway.simulator import Fleet, StationSpec, Timing
 from tests.ocpp_gateway.registry import events_of, publish_registry, stream_events
 from tests.ocpp_gateway.stations import station_on
-from tests.processes import free_port, wait_for
 from tests.upstream_csms import UpstreamCsms
 
 FAST = Timing(reboot_delay=0.3, retry_interval=0.2, reconnect_delay=0.3)
@@ -134,16 +134,16 @@ def test_a_station_boots_through_the_proxy_and_the_upstreams_answer_is_recorded(
     proxy, upstream, redis_client
 ):
     base = proxy("--open")
-    body = wait_for(lambda: (b := health(base))["redis"] == "ok" and b, 5, "redis ok in /health")
+    body = wait_until(lambda: (b := health(base))["redis"] == "ok" and b, 5, "redis ok in /health")
     assert (body["mode"], body["upstream"]) == ("proxy", upstream.url)
     spec = StationSpec("CP-1", url=base, vendor="Acme", model="AC22", serial_number="SN-1")
     with Fleet([spec], timing=FAST) as fleet:
-        fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
+        wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
         link = upstream.wait_connected("CP-1", 5)
         assert link.path == "/ocpp/CP-1" and link.subprotocol == "ocpp1.6"
         (boot,) = upstream.boots("CP-1")
         assert (boot["charge_point_vendor"], boot["charge_point_serial_number"]) == ("Acme", "SN-1")
-        (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-1"), 5, "the boot event")
+        (event,) = wait_until(lambda: boots_in_stream(redis_client, "CP-1"), 5, "the boot event")
         assert (event["status"], event["reason"], event["serial"]) == ("Accepted", "", "SN-1")
         # What the station sent reached the upstream unchanged, and the other way round.
         assert upstream.received_frames("CP-1")[0][2] == "BootNotification"
@@ -168,7 +168,7 @@ def test_a_pending_upstream_answer_is_what_the_station_gets_and_commands_wait(
             assert reply.outcome is Outcome.REJECTED and not reply.sent
 
     asyncio.run(scenario())
-    (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-P"), 5, "the boot event")
+    (event,) = wait_until(lambda: boots_in_stream(redis_client, "CP-P"), 5, "the boot event")
     assert (event["status"], event["reason"]) == ("Pending", "upstream CSMS answered Pending")
 
 
@@ -216,7 +216,7 @@ def test_a_boot_the_upstream_answers_with_a_callerror_leaves_the_station_not_acc
 
     reply = asyncio.run(scenario())
     assert reply.outcome is Outcome.REJECTED and not reply.sent
-    (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-E"), 5, "the boot event")
+    (event,) = wait_until(lambda: boots_in_stream(redis_client, "CP-E"), 5, "the boot event")
     assert event["status"] == "Pending" and "CALLERROR" in event["reason"]
 
 
@@ -238,7 +238,7 @@ def test_an_upstream_rejection_closes_the_station_1008_and_holds_it_off(
 
         asyncio.run(scenario())
         assert len(upstream.boots("CP-R")) == 1 and len(upstream.links("CP-R")) == 1
-    (event,) = wait_for(lambda: boots_in_stream(redis_client, "CP-R"), 5, "the boot event")
+    (event,) = wait_until(lambda: boots_in_stream(redis_client, "CP-R"), 5, "the boot event")
     assert (event["status"], event["reason"]) == ("Rejected", "upstream CSMS answered Rejected")
 
 
@@ -251,7 +251,7 @@ def test_upstream_calls_and_injected_commands_run_together_each_getting_its_own_
     base = proxy("--open")
     spec = StationSpec("CP-1", url=base, url2="ws://csms-2.example.com/ocpp")
     with Fleet([spec], timing=FAST) as fleet:
-        fleet.wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
+        wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
         upstream.wait_connected("CP-1", 5)
 
         def ours(n: int):
@@ -282,7 +282,7 @@ def test_upstream_calls_and_injected_commands_run_together_each_getting_its_own_
         for kind, answer in upstream_done[2:]:
             assert kind == "config" and answer.unknown_key == ["ConnectorType"]
         # The station's own CALLs that followed reached the upstream too.
-        wait_for(
+        wait_until(
             lambda: any(
                 f[0] == 2 and f[2] == "StartTransaction" for f in upstream.received_frames("CP-1")
             ),
@@ -358,7 +358,7 @@ def test_frames_whose_message_id_is_not_a_string_are_never_relayed(proxy, upstre
                 upstream.send_raw, "CP-N", json.dumps([2, 42, "GetConfiguration", {}])
             )
             errors = await asyncio.to_thread(
-                wait_for,
+                wait_until,
                 lambda: [f for f in upstream.received_frames("CP-N") if f[0] == 4],
                 5,
                 "the gateway's CALLERROR to the upstream",
@@ -457,7 +457,7 @@ def test_upstream_calls_waiting_for_the_station_are_bounded_and_each_answered_on
                 frame = json.dumps([2, f"u{n}", "GetConfiguration", {}])
                 await asyncio.to_thread(upstream.send_raw, "CP-B", frame)
             errors = await asyncio.to_thread(
-                wait_for,
+                wait_until,
                 lambda: (
                     (e := [f for f in upstream.received_frames("CP-B") if f[0] == 4])
                     and len(e) >= 12
@@ -590,7 +590,9 @@ def test_a_station_gone_while_its_link_opens_has_that_link_closed_at_once(proxy,
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             client.sendall(_upgrade_request(identity))
             # Gone before the upstream answers: the gateway is still opening the link.
-        link = wait_for(lambda i=identity: upstream.links(i), 10, f"{identity}'s upstream link")[0]
+        link = wait_until(lambda i=identity: upstream.links(i), 10, f"{identity}'s upstream link")[
+            0
+        ]
         assert link.closed.wait(5), "the link outlived its station"
         assert (link.close_code, link.close_reason) == (1001, "station left during the handshake")
         assert upstream.received(identity) == []
@@ -601,7 +603,7 @@ def test_shutdown_closes_every_upstream_link_with_1001_handshakes_under_way_incl
 ):
     import signal
 
-    from tests.processes import port_open, python, running
+    from devstack.processes import port_open, python, running
 
     port = free_port()
     upstream.set_handshake_delay("CP-SLOW", 2.0)
@@ -609,7 +611,7 @@ def test_shutdown_closes_every_upstream_link_with_1001_handshakes_under_way_incl
                   "--upstream", upstream.url)  # fmt: skip
     log = tmp_path / "gateway.log"
     with running(args, env={"REDIS_URL": redis_url}, log=log) as gateway:
-        wait_for(lambda: port_open(port), 15, "the gateway to listen")
+        wait_until(lambda: port_open(port), 15, "the gateway to listen")
         base = f"ws://127.0.0.1:{port}/ocpp"
 
         async def scenario():
@@ -618,7 +620,7 @@ def test_shutdown_closes_every_upstream_link_with_1001_handshakes_under_way_incl
                 slow = asyncio.create_task(raw_station(base, "CP-SLOW").__aenter__())
                 # SIGTERM while CP-SLOW's handshake waits for its upstream link to open.
                 await asyncio.to_thread(
-                    wait_for, lambda: upstream.handshakes("CP-SLOW"), 5, "CP-SLOW's link opening"
+                    wait_until, lambda: upstream.handshakes("CP-SLOW"), 5, "CP-SLOW's link opening"
                 )
                 gateway.send_signal(signal.SIGTERM)
                 with pytest.raises(InvalidStatus) as refused:
@@ -723,7 +725,7 @@ def test_the_upstream_gets_one_authorization_the_file_else_the_station_s_own(
 
 
 def test_the_upstream_link_ignores_a_proxy_set_in_the_environment(upstream, redis_url, tmp_path):
-    from tests.processes import port_open, python, running
+    from devstack.processes import port_open, python, running
 
     port = free_port()
     nowhere = f"http://127.0.0.1:{free_port()}"  # a proxy that is not there
@@ -733,7 +735,7 @@ def test_the_upstream_link_ignores_a_proxy_set_in_the_environment(upstream, redi
     args = python("-m", "ocpp_gateway", "--csms", "csms-1", "--port", str(port), "--open",
                   "--upstream", upstream.url)  # fmt: skip
     with running(args, env=env, log=tmp_path / "gateway.log"):
-        wait_for(lambda: port_open(port), 15, "the gateway to listen")
+        wait_until(lambda: port_open(port), 15, "the gateway to listen")
 
         async def scenario():
             async with raw_station(f"ws://127.0.0.1:{port}/ocpp", "CP-X") as station:
@@ -772,7 +774,7 @@ def test_credentials_stay_out_of_the_log_at_debug(start_gateway, upstream, tmp_p
 def test_the_allow_list_applies_to_injected_commands(proxy, upstream, redis_client):
     base = proxy("--open")
     with Fleet([StationSpec("CP-A", url=base)], timing=FAST) as fleet:
-        fleet.wait_until(lambda: fleet["CP-A"].online, 10, "the station online")
+        wait_until(lambda: fleet["CP-A"].online, 10, "the station online")
         reply = send_command(
             redis_client, "CP-A", "UnlockConnector", {"connector_id": 1}, timeout=5
         )

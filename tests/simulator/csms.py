@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -21,22 +20,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from devstack.processes import free_port, wait_until_async
 from ocpp_gateway.simulator import Timing
-from tests.processes import free_port
 
 T = TypeVar("T")
-
-
-async def wait_until(condition: Callable[[], T], what: str, within: float = 10.0) -> T:
-    """Poll `condition` on the event loop until truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -163,7 +150,9 @@ class CentralSystem:
 
     async def call(self, identity: str, payload: Any) -> Any:
         """Send a request to a connected station; CALLERRORs raise (never a silent None)."""
-        station = await wait_until(lambda: self.stations.get(identity), f"{identity} connected")
+        station = await wait_until_async(
+            lambda: self.stations.get(identity), 10, f"{identity} connected"
+        )
         assert station is not None
         return await station.call(payload, suppress=False)
 

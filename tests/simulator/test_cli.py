@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
+from devstack.processes import ROOT, wait_until_async
 from ocpp_gateway.simulator import read_journal
 from ocpp_gateway.simulator.cli import build_parser, build_specs
 from ocpp_gateway.simulator.spec import assign_firmware, parse_ids, parse_ids_with_seconds
-from tests.processes import ROOT
-from tests.simulator.csms import CentralSystem, run, wait_until
+from tests.simulator.csms import CentralSystem, run
 
 
 def specs_for(*argv: str):
@@ -112,7 +112,7 @@ def test_it_runs_a_fleet_from_the_command_line_and_stops_on_sigterm(tmp_path):
                 return {m.identity for m in csms.messages if m.action == "StatusNotification"}
 
             try:
-                await wait_until(lambda: booted() == identities, "5 stations booted", 20)
+                await wait_until_async(lambda: booted() == identities, 20, "5 stations booted")
                 proc.send_signal(signal.SIGTERM)
                 assert await asyncio.wait_for(proc.wait(), 15) == 0
             finally:
@@ -120,7 +120,9 @@ def test_it_runs_a_fleet_from_the_command_line_and_stops_on_sigterm(tmp_path):
                     proc.kill()
                     await proc.wait()
             # Closed cleanly (1001 going away), not dropped.
-            await wait_until(lambda: len(csms.seen_all("disconnect")) == 5, "5 disconnects")
+            await wait_until_async(
+                lambda: len(csms.seen_all("disconnect")) == 5, 10, "5 disconnects"
+            )
             assert {m["code"] for m in csms.seen_all("disconnect")} == {1001}
 
     with open(log, "wb") as out:

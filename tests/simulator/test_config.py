@@ -6,9 +6,10 @@ import pytest
 from ocpp.v16 import call
 from ocpp.v16.enums import ConfigurationStatus as Status
 
+from devstack.processes import wait_until_async
 from ocpp_gateway.simulator import Fleet, StationConfig, StationSpec
 from ocpp_gateway.simulator.config import key_table
-from tests.simulator.csms import FAST, CentralSystem, run, wait_until
+from tests.simulator.csms import FAST, CentralSystem, run
 
 ID = "SIM-0001"
 P1, P2 = "NetworkConnectionProfile1", "NetworkConnectionProfile2"
@@ -57,7 +58,7 @@ def test_it_answers_change_and_get_configuration_over_ocpp():
             Fleet([StationSpec(ID, url=csms.url, connectors=2)], timing=FAST) as fleet,
         ):
             station = fleet[ID]
-            await wait_until(lambda: station.online, "boot")
+            await wait_until_async(lambda: station.online, 10, "boot")
 
             async def change(key, value):
                 result = await csms.call(ID, call.ChangeConfiguration(key=key, value=value))

@@ -6,8 +6,9 @@ import pytest
 from ocpp.v16 import call
 from ocpp.v16.enums import ConfigurationStatus
 
+from devstack.processes import wait_until_async
 from ocpp_gateway.simulator import NETWORK_KEYS, Fleet, StationSpec, has_network_keys, parse_version
-from tests.simulator.csms import FAST, CentralSystem, run, wait_until
+from tests.simulator.csms import FAST, CentralSystem, run
 
 WITH_KEYS = ["4.2.85", "3.5.54", "5.0.1", "4.2.100", "3.5.60", "4.3.0"]
 WITHOUT_KEYS = ["4.2.9", "4.2.84", "3.5.9", "3.5.53"]
@@ -40,7 +41,9 @@ def test_it_reports_the_keys_by_firmware_over_ocpp():
                 for i, version in enumerate(versions)
             ]
             async with Fleet(specs, timing=FAST) as fleet:
-                await wait_until(lambda: all(s.online for s in fleet), "all stations booted")
+                await wait_until_async(
+                    lambda: all(s.online for s in fleet), 10, "all stations booted"
+                )
                 for spec in specs:
                     asked = [*NETWORK_KEYS, "HeartbeatInterval"]
                     conf = await csms.call(spec.identity, call.GetConfiguration(key=asked))

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ocpp.v16 import call
 from ocpp.v16.enums import ConfigurationStatus, ResetStatus, ResetType
 
+from devstack.processes import wait_until_async
 from ocpp_gateway.simulator import Behaviour, Fleet, StationSpec, StationState, read_journal
-from tests.simulator.csms import FAST, CentralSystem, closed_port_url, run, wait_until
+from tests.simulator.csms import FAST, CentralSystem, closed_port_url, run
 
 ID = "SIM-0001"
 PROFILE_2 = "NetworkConnectionProfile2"
@@ -32,11 +33,11 @@ def test_it_boots_on_the_new_csms_after_reset(tmp_path):
             fleet = Fleet([StationSpec(ID, url=a.url)], timing=FAST, journal=journal)
             async with fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on A")
+                await wait_until_async(lambda: station.online, 10, "boot on A")
                 await point_at(a, b.url)
 
-                await wait_until(lambda: b.seen(ID, "BootNotification"), "boot on B")
-                await wait_until(lambda: station.online, "online on B")
+                await wait_until_async(lambda: b.seen(ID, "BootNotification"), 10, "boot on B")
+                await wait_until_async(lambda: station.online, 10, "online on B")
                 assert a.seen(ID, "disconnect")
                 assert b.seen(ID, "connect")[0]["path"] == f"/ocpp/{ID}"
                 assert b.seen(ID, "connect")[0]["subprotocol"] == "ocpp1.6"
@@ -44,8 +45,9 @@ def test_it_boots_on_the_new_csms_after_reset(tmp_path):
                 assert station.connected_profile == PROFILE_2
                 assert station.reset_count == 1
                 assert len(a.seen(ID, "BootNotification")) == 1
-                await wait_until(
+                await wait_until_async(
                     lambda: {s["connector_id"] for s in b.seen(ID, "StatusNotification")} == {0, 1},
+                    10,
                     "a status for connector 0 and connector 1 on B",
                 )
 
@@ -75,11 +77,13 @@ def test_it_falls_back_when_the_new_csms_is_unreachable(tmp_path):
             spec = StationSpec(ID, url=a.url, profile_timeout=1)
             async with Fleet([spec], timing=FAST, journal=journal) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on A")
+                await wait_until_async(lambda: station.online, 10, "boot on A")
                 await point_at(a, nowhere)
 
-                await wait_until(lambda: len(a.seen(ID, "BootNotification")) == 2, "boot on A")
-                await wait_until(lambda: station.online, "online again")
+                await wait_until_async(
+                    lambda: len(a.seen(ID, "BootNotification")) == 2, 10, "boot on A"
+                )
+                await wait_until_async(lambda: station.online, 10, "online again")
                 assert station.connected_url == a.url
                 assert station.connected_profile == "NetworkConnectionProfile1"
                 fell_back = station.events("fell_back")
@@ -102,10 +106,12 @@ def test_it_cannot_reach_a_url_it_was_not_installed_with_when_target_unreachable
             spec = StationSpec(ID, url=a.url, profile_timeout=1, behaviour=behaviour)
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on A")
+                await wait_until_async(lambda: station.online, 10, "boot on A")
                 await point_at(a, b.url)
 
-                await wait_until(lambda: len(a.seen(ID, "BootNotification")) == 2, "fallback")
+                await wait_until_async(
+                    lambda: len(a.seen(ID, "BootNotification")) == 2, 10, "fallback"
+                )
                 assert not b.seen(ID, "connect")
                 assert station.events("fell_back")[0]["from_url"] == b.url
                 assert "target-unreachable" in station.events("connect_failed")[0]["error"]
@@ -121,14 +127,16 @@ def test_it_applies_nothing_until_the_reset():
             Fleet([StationSpec(ID, url=a.url)], timing=FAST) as fleet,
         ):
             station = fleet[ID]
-            await wait_until(lambda: station.online, "boot on A")
+            await wait_until_async(lambda: station.online, 10, "boot on A")
             result = await a.call(ID, call.ChangeConfiguration(key=PROFILE_2, value=b.url))
             assert result.status == ConfigurationStatus.accepted
             result = await a.call(ID, call.ChangeConfiguration(key=PRIORITY, value=NEW_PRIORITY))
             assert result.status == ConfigurationStatus.reboot_required
             # A drop that is not a Reset reconnects with the settings of the last boot.
             await a.stations[ID]._connection.close()
-            await wait_until(lambda: len(a.seen(ID, "BootNotification")) == 2, "reconnect")
+            await wait_until_async(
+                lambda: len(a.seen(ID, "BootNotification")) == 2, 10, "reconnect"
+            )
             assert not b.seen(ID, "connect")
             assert station.reset_count == 0
             assert station.config[PRIORITY] == NEW_PRIORITY
@@ -142,7 +150,7 @@ def test_it_keeps_its_csms_when_reset_is_rejected():
             spec = StationSpec(ID, url=a.url, behaviour=Behaviour(reject_reset=True))
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on A")
+                await wait_until_async(lambda: station.online, 10, "boot on A")
                 await a.call(ID, call.ChangeConfiguration(key=PROFILE_2, value=b.url))
                 result = await a.call(ID, call.Reset(type=ResetType.hard))
                 assert result.status == ResetStatus.rejected
@@ -162,7 +170,7 @@ def test_it_rejects_url_writes_when_told_to():
             spec = StationSpec(ID, url=a.url, behaviour=Behaviour(reject_url_writes=True))
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on A")
+                await wait_until_async(lambda: station.online, 10, "boot on A")
                 result = await a.call(ID, call.ChangeConfiguration(key=PROFILE_2, value=b.url))
                 assert result.status == ConfigurationStatus.rejected
                 result = await a.call(
@@ -182,13 +190,13 @@ def test_it_answers_accepted_for_priority_but_switches_at_reboot_when_told_to():
             spec = StationSpec(ID, url=a.url, url2=b.url, behaviour=behaviour)
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on A")
+                await wait_until_async(lambda: station.online, 10, "boot on A")
                 result = await a.call(
                     ID, call.ChangeConfiguration(key=PRIORITY, value=NEW_PRIORITY)
                 )
                 assert result.status == ConfigurationStatus.accepted
                 assert station.connected_url == a.url
                 await a.call(ID, call.Reset(type=ResetType.soft))
-                await wait_until(lambda: b.seen(ID, "BootNotification"), "boot on B")
+                await wait_until_async(lambda: b.seen(ID, "BootNotification"), 10, "boot on B")
 
     run(scenario())

@@ -13,11 +13,12 @@ from ocpp import exceptions as ocpp_errors
 from ocpp.v16 import call
 from ocpp.v16.enums import CertificateUse, ResetStatus, ResetType
 
+from devstack.processes import wait_until_async
 from ocpp_gateway.certificates import CertificateHashData, hash_data
 from ocpp_gateway.simulator import Behaviour, Fleet, StationSpec, read_journal
 from ocpp_gateway.simulator.cli import build_parser, build_specs
 from tests.simulator.certs import make_root, make_signed_root, write_server_cert
-from tests.simulator.csms import FAST, CentralSystem, run, wait_until
+from tests.simulator.csms import FAST, CentralSystem, run
 from tests.simulator.test_migration import point_at
 
 ID = "SIM-0001"
@@ -36,7 +37,7 @@ def test_it_lists_its_installed_roots_and_journals_them_at_power_on(tmp_path):
         async with CentralSystem() as csms:
             spec = StationSpec(ID, url=csms.url, root_certificates=(root.pem,))
             async with Fleet([spec], timing=FAST, journal=journal) as fleet:
-                await wait_until(lambda: fleet[ID].online, "boot")
+                await wait_until_async(lambda: fleet[ID].online, 10, "boot")
                 answer = await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
                 assert answer.status == "Accepted"
                 assert listed(answer) == [hash_data(root.certificate)]
@@ -63,7 +64,7 @@ def test_a_station_without_roots_answers_not_found_then_installs_one(tmp_path):
             CentralSystem() as csms,
             Fleet([StationSpec(ID, url=csms.url)], timing=FAST, journal=journal) as fleet,
         ):
-            await wait_until(lambda: fleet[ID].online, "boot")
+            await wait_until_async(lambda: fleet[ID].online, 10, "boot")
             before = await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
             assert before.status == "NotFound" and before.certificate_hash_data is None
             bad = await csms.call(
@@ -107,7 +108,7 @@ def test_with_additional_root_check_only_a_root_signed_by_an_installed_one_is_ac
                 additional_root_certificate_check=True,
             )
             async with Fleet([spec], timing=FAST) as fleet:
-                await wait_until(lambda: fleet[ID].online, "boot")
+                await wait_until_async(lambda: fleet[ID].online, 10, "boot")
                 conf = await csms.call(
                     ID, call.GetConfiguration(key=["AdditionalRootCertificateCheck"])
                 )
@@ -155,7 +156,7 @@ def test_under_additional_root_check_the_old_root_is_a_fallback_until_the_new_on
             )  # fmt: skip
             async with Fleet([spec], timing=FAST, journal=journal) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on csms-1 (old root)")
+                await wait_until_async(lambda: station.online, 10, "boot on csms-1 (old root)")
                 installed = await csms_1.call(
                     ID, call.InstallCertificate(certificate_type=ROOT, certificate=new.pem)
                 )
@@ -169,15 +170,19 @@ def test_under_additional_root_check_the_old_root_is_a_fallback_until_the_new_on
                 # through the fallback, which stays.
                 reset = await csms_1.call(ID, call.Reset(type=ResetType.hard))
                 assert reset.status == ResetStatus.accepted
-                await wait_until(lambda: station.events("root_fallback_used"), "the fallback")
-                await wait_until(lambda: station.online, "back on csms-1")
+                await wait_until_async(
+                    lambda: station.events("root_fallback_used"), 10, "the fallback"
+                )
+                await wait_until_async(lambda: station.online, 10, "back on csms-1")
                 assert station.connected_url == csms_1.url
                 assert len(station.root_fallback) == 1
 
                 # The first connection the new root verifies removes the old one.
                 await point_at(csms_1, csms_2.url)
-                await wait_until(lambda: station.events("root_fallback_removed"), "removal")
-                await wait_until(lambda: station.online, "online on csms-2")
+                await wait_until_async(
+                    lambda: station.events("root_fallback_removed"), 10, "removal"
+                )
+                await wait_until_async(lambda: station.online, 10, "online on csms-2")
                 assert station.connected_url == csms_2.url
                 assert station.root_fallback == ()
                 assert station.installed_root_hash_data() == [
@@ -209,7 +214,7 @@ def test_a_lost_install_certificate_answer_leaves_the_root_installed(tmp_path):
                 ID, url=csms.url, behaviour=Behaviour(lose_install_certificate_answer=True)
             )
             async with Fleet([spec], timing=FAST, journal=journal) as fleet:
-                await wait_until(lambda: fleet[ID].online, "boot")
+                await wait_until_async(lambda: fleet[ID].online, 10, "boot")
                 install = call.InstallCertificate(certificate_type=ROOT, certificate=root.pem)
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(csms.call(ID, install), 2)
@@ -232,7 +237,7 @@ def test_firmware_without_the_security_extension_answers_not_implemented():
         async with CentralSystem() as csms:
             spec = StationSpec(ID, url=csms.url, behaviour=Behaviour(no_security_extension=True))
             async with Fleet([spec], timing=FAST) as fleet:
-                await wait_until(lambda: fleet[ID].online, "boot")
+                await wait_until_async(lambda: fleet[ID].online, 10, "boot")
                 with pytest.raises(ocpp_errors.NotImplementedError):
                     await csms.call(ID, call.GetInstalledCertificateIds(certificate_type=ROOT))
                 with pytest.raises(ocpp_errors.NotImplementedError):
@@ -263,9 +268,11 @@ def test_a_wss_profile_is_verified_against_the_installed_roots(tmp_path):
             trusting = StationSpec("SIM-TRUST", url=csms.url, root_certificates=(ca.pem,))
             foreign = StationSpec("SIM-OTHER", url=csms.url, root_certificates=(other.pem,))
             async with Fleet([trusting, foreign], timing=FAST) as fleet:
-                await wait_until(lambda: fleet["SIM-TRUST"].online, "the trusting station")
-                await wait_until(
-                    lambda: fleet["SIM-OTHER"].events("connect_failed"), "a refused handshake"
+                await wait_until_async(
+                    lambda: fleet["SIM-TRUST"].online, 10, "the trusting station"
+                )
+                await wait_until_async(
+                    lambda: fleet["SIM-OTHER"].events("connect_failed"), 10, "a refused handshake"
                 )
                 error = fleet["SIM-OTHER"].events("connect_failed")[0]["error"]
                 assert "CERTIFICATE_VERIFY_FAILED" in error

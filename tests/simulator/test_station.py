@@ -17,8 +17,9 @@ from ocpp.v16.enums import (
     TriggerMessageStatus,
 )
 
+from devstack.processes import wait_until_async
 from ocpp_gateway.simulator import Behaviour, Fleet, StationSpec, StationState
-from tests.simulator.csms import FAST, CentralSystem, run, wait_until
+from tests.simulator.csms import FAST, CentralSystem, run
 
 ID = "SIM-0001"
 
@@ -39,8 +40,12 @@ def test_it_charges_from_boot_and_stops_after_the_given_seconds():
                 [StationSpec(ID, url=csms.url, behaviour=behaviour)], timing=FAST
             ) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: csms.seen(ID, "StopTransaction"), "the session to end")
-                await wait_until(lambda: statuses(csms)[-1:] == ["Available"], "Available")
+                await wait_until_async(
+                    lambda: csms.seen(ID, "StopTransaction"), 10, "the session to end"
+                )
+                await wait_until_async(
+                    lambda: statuses(csms)[-1:] == ["Available"], 10, "Available"
+                )
 
                 start = csms.seen(ID, "StartTransaction")[0]
                 stop = csms.seen(ID, "StopTransaction")[0]
@@ -71,11 +76,15 @@ def test_it_reports_a_session_stopped_by_a_hard_reset_after_rebooting():
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
                 # Installed with B first: it boots there.
-                await wait_until(lambda: b.seen(ID, "StartTransaction"), "session start on B")
+                await wait_until_async(
+                    lambda: b.seen(ID, "StartTransaction"), 10, "session start on B"
+                )
                 assert not a.seen(ID, "connect")
                 await b.call(ID, call.Reset(type=ResetType.hard))
-                await wait_until(lambda: len(b.seen(ID, "BootNotification")) == 2, "reboot")
-                await wait_until(lambda: b.seen(ID, "StopTransaction"), "the queued stop")
+                await wait_until_async(
+                    lambda: len(b.seen(ID, "BootNotification")) == 2, 10, "reboot"
+                )
+                await wait_until_async(lambda: b.seen(ID, "StopTransaction"), 10, "the queued stop")
 
                 stop = b.seen(ID, "StopTransaction")[0]
                 assert stop["reason"] == "HardReset"
@@ -83,7 +92,7 @@ def test_it_reports_a_session_stopped_by_a_hard_reset_after_rebooting():
                 boots = [i for i, m in enumerate(b.messages) if m.action == "BootNotification"]
                 stops = [i for i, m in enumerate(b.messages) if m.action == "StopTransaction"]
                 assert stops[0] > boots[1]
-                await wait_until(lambda: statuses(b)[-1:] == ["Available"], "Available")
+                await wait_until_async(lambda: statuses(b)[-1:] == ["Available"], 10, "Available")
                 assert len(b.seen(ID, "StartTransaction")) == 1
                 assert station.events("charging_stopped")[0]["reason"] == "HardReset"
 
@@ -95,9 +104,13 @@ def test_it_stops_a_session_before_a_soft_reset():
         async with CentralSystem() as csms:
             spec = StationSpec(ID, url=csms.url, behaviour=Behaviour(charging=True))
             async with Fleet([spec], timing=FAST) as fleet:
-                await wait_until(lambda: csms.seen(ID, "StartTransaction"), "session start")
+                await wait_until_async(
+                    lambda: csms.seen(ID, "StartTransaction"), 10, "session start"
+                )
                 await csms.call(ID, call.Reset(type=ResetType.soft))
-                await wait_until(lambda: len(csms.seen(ID, "BootNotification")) == 2, "reboot")
+                await wait_until_async(
+                    lambda: len(csms.seen(ID, "BootNotification")) == 2, 10, "reboot"
+                )
 
                 actions = [m.action for m in csms.messages]
                 assert actions.index("StopTransaction") < actions.index("disconnect")
@@ -114,12 +127,14 @@ def test_it_starts_and_stops_remote_sessions():
             Fleet([StationSpec(ID, url=csms.url)], timing=FAST) as fleet,
         ):
             station = fleet[ID]
-            await wait_until(lambda: station.online, "boot")
+            await wait_until_async(lambda: station.online, 10, "boot")
             started = await csms.call(ID, call.RemoteStartTransaction(id_tag="TAG1"))
             assert started.status == RemoteStartStopStatus.accepted
             again = await csms.call(ID, call.RemoteStartTransaction(id_tag="TAG2"))
             assert again.status == RemoteStartStopStatus.rejected
-            await wait_until(lambda: csms.seen(ID, "StartTransaction"), "StartTransaction")
+            await wait_until_async(
+                lambda: csms.seen(ID, "StartTransaction"), 10, "StartTransaction"
+            )
             assert csms.seen(ID, "StartTransaction")[0]["id_tag"] == "TAG1"
 
             tx_id = station.events("charging_started")[0]["transaction_id"]
@@ -127,7 +142,7 @@ def test_it_starts_and_stops_remote_sessions():
             assert wrong.status == RemoteStartStopStatus.rejected
             stopped = await csms.call(ID, call.RemoteStopTransaction(transaction_id=tx_id))
             assert stopped.status == RemoteStartStopStatus.accepted
-            await wait_until(lambda: csms.seen(ID, "StopTransaction"), "StopTransaction")
+            await wait_until_async(lambda: csms.seen(ID, "StopTransaction"), 10, "StopTransaction")
             assert csms.seen(ID, "StopTransaction")[0]["reason"] == "Remote"
 
     run(scenario())
@@ -139,18 +154,18 @@ def test_it_answers_triggers_and_availability():
             CentralSystem() as csms,
             Fleet([StationSpec(ID, url=csms.url)], timing=FAST) as fleet,
         ):
-            await wait_until(lambda: fleet[ID].online, "boot")
+            await wait_until_async(lambda: fleet[ID].online, 10, "boot")
             heartbeat = await csms.call(
                 ID, call.TriggerMessage(requested_message=MessageTrigger.heartbeat)
             )
             assert heartbeat.status == TriggerMessageStatus.accepted
-            await wait_until(lambda: csms.seen(ID, "Heartbeat"), "triggered Heartbeat")
+            await wait_until_async(lambda: csms.seen(ID, "Heartbeat"), 10, "triggered Heartbeat")
 
             boot = await csms.call(
                 ID, call.TriggerMessage(requested_message=MessageTrigger.boot_notification)
             )
             assert boot.status == TriggerMessageStatus.accepted
-            await wait_until(lambda: len(csms.seen(ID, "BootNotification")) == 2, "boot")
+            await wait_until_async(lambda: len(csms.seen(ID, "BootNotification")) == 2, 10, "boot")
 
             diagnostics = await csms.call(
                 ID,
@@ -167,7 +182,9 @@ def test_it_answers_triggers_and_availability():
                 ID, call.ChangeAvailability(connector_id=0, type=AvailabilityType.inoperative)
             )
             assert unavailable.status == AvailabilityStatus.accepted
-            await wait_until(lambda: statuses(csms)[-1:] == ["Unavailable"], "Unavailable")
+            await wait_until_async(
+                lambda: statuses(csms)[-1:] == ["Unavailable"], 10, "Unavailable"
+            )
             refused = await csms.call(ID, call.RemoteStartTransaction(id_tag="TAG1"))
             assert refused.status == RemoteStartStopStatus.rejected
             bad = await csms.call(
@@ -186,9 +203,11 @@ def test_it_goes_offline_for_good():
                 [StationSpec(ID, url=csms.url, behaviour=behaviour)], timing=FAST
             ) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: csms.seen(ID, "disconnect"), "the station to drop")
+                await wait_until_async(
+                    lambda: csms.seen(ID, "disconnect"), 10, "the station to drop"
+                )
                 # OFFLINE is set when the station's task has ended: nothing reconnects it.
-                await wait_until(lambda: station.state is StationState.OFFLINE, "offline")
+                await wait_until_async(lambda: station.state is StationState.OFFLINE, 10, "offline")
                 assert len(csms.seen(ID, "connect")) == 1
                 assert station.events("went_offline")[0]["url"] == csms.url
                 assert csms.seen(ID, "disconnect")[0]["code"] == 1006
@@ -203,12 +222,12 @@ def test_it_retries_a_pending_boot_and_authenticates_with_basic_auth():
             spec = StationSpec(ID, url=csms.url + "/", password="s3cret")
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: csms.seen(ID, "BootNotification"), "first boot")
+                await wait_until_async(lambda: csms.seen(ID, "BootNotification"), 10, "first boot")
                 assert station.state is StationState.BOOTING
                 csms.boot_status = RegistrationStatus.accepted
-                await wait_until(lambda: station.online, "accepted boot", within=5)
+                await wait_until_async(lambda: station.online, 5, "accepted boot")
                 assert station.events("boot_not_accepted")[0]["status"] == "Pending"
-                await wait_until(lambda: csms.seen(ID, "Heartbeat"), "a heartbeat", within=5)
+                await wait_until_async(lambda: csms.seen(ID, "Heartbeat"), 5, "a heartbeat")
 
                 connect = csms.seen(ID, "connect")[0]
                 assert connect["path"] == f"/ocpp/{ID}"

@@ -7,10 +7,11 @@ import pytest
 from ocpp.v16 import call
 from ocpp.v16.enums import ConfigurationStatus, ResetType
 
+from devstack.processes import wait_until_async
 from ocpp_gateway.simulator import Behaviour, Fleet, StationSpec
 from ocpp_gateway.simulator.cli import build_parser
 from ocpp_gateway.simulator.spec import behaviour_from_json
-from tests.simulator.csms import FAST, CentralSystem, run, wait_until
+from tests.simulator.csms import FAST, CentralSystem, run
 from tests.simulator.test_cli import specs_for
 
 ID = "SIM-0001"
@@ -35,13 +36,17 @@ def test_it_falls_back_some_seconds_after_booting_on_a_new_url():
             )
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot on A")
-                await wait_until(lambda: a.seen(ID, "StatusNotification"), "statuses on A")
+                await wait_until_async(lambda: station.online, 10, "boot on A")
+                await wait_until_async(
+                    lambda: a.seen(ID, "StatusNotification"), 10, "statuses on A"
+                )
                 # Booted on an installed URL: nothing happens there.
                 await move_to(a, b.url)
-                await wait_until(lambda: b.seen(ID, "BootNotification"), "boot on B")
-                await wait_until(lambda: len(a.seen(ID, "BootNotification")) == 2, "back on A")
-                await wait_until(lambda: station.online, "online on A")
+                await wait_until_async(lambda: b.seen(ID, "BootNotification"), 10, "boot on B")
+                await wait_until_async(
+                    lambda: len(a.seen(ID, "BootNotification")) == 2, 10, "back on A"
+                )
+                await wait_until_async(lambda: station.online, 10, "online on A")
 
                 assert station.connected_url == a.url
                 assert station.reset_count == 1
@@ -59,7 +64,9 @@ def test_it_reboots_in_a_loop_without_a_reset():
             spec = StationSpec(ID, url=a.url, behaviour=Behaviour(boot_loop=0.2))
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: len(a.seen(ID, "BootNotification")) >= 3, "3 boots")
+                await wait_until_async(
+                    lambda: len(a.seen(ID, "BootNotification")) >= 3, 10, "3 boots"
+                )
                 assert station.reset_count == 0
                 assert {e["type"] for e in station.events("rebooted")} == {"BootLoop"}
 
@@ -72,15 +79,15 @@ def test_it_reconnects_without_a_boot_but_boots_after_a_reset():
             spec = StationSpec(ID, url=a.url, behaviour=Behaviour(reconnect_without_boot=True))
             async with Fleet([spec], timing=FAST) as fleet:
                 station = fleet[ID]
-                await wait_until(lambda: station.online, "boot")
+                await wait_until_async(lambda: station.online, 10, "boot")
                 await a.stations[ID]._connection.close()  # the CSMS drops the connection
-                await wait_until(lambda: len(a.seen(ID, "connect")) == 2, "a reconnect")
-                await wait_until(lambda: station.online, "online again")
+                await wait_until_async(lambda: len(a.seen(ID, "connect")) == 2, 10, "a reconnect")
+                await wait_until_async(lambda: station.online, 10, "online again")
                 assert len(a.seen(ID, "BootNotification")) == 1
                 assert station.events("reconnected_without_boot")
 
                 await a.call(ID, call.Reset(type=ResetType.hard))
-                await wait_until(lambda: len(a.seen(ID, "BootNotification")) == 2, "boot")
+                await wait_until_async(lambda: len(a.seen(ID, "BootNotification")) == 2, 10, "boot")
 
     run(scenario())
 
@@ -91,9 +98,11 @@ def test_an_impostor_has_the_identity_and_another_serial_number():
             real = StationSpec(ID, url=a.url)
             impostor = StationSpec(ID, url=a.url, serial_number="SN-FAKE")
             async with Fleet([real], timing=FAST):
-                await wait_until(lambda: a.seen(ID, "BootNotification"), "the real boot")
+                await wait_until_async(lambda: a.seen(ID, "BootNotification"), 10, "the real boot")
                 async with Fleet([impostor], timing=FAST):
-                    await wait_until(lambda: len(a.seen(ID, "BootNotification")) >= 2, "boot")
+                    await wait_until_async(
+                        lambda: len(a.seen(ID, "BootNotification")) >= 2, 10, "boot"
+                    )
             serials = [b["charge_point_serial_number"] for b in a.seen(ID, "BootNotification")]
             assert serials[:2] == [f"SN-{ID}", "SN-FAKE"]
 
