@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ocpp.exceptions import OCPPError
-from ocpp.messages import Call, CallError, unpack
+from ocpp.messages import Call, CallError, CallResult, unpack
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.enums import (
@@ -20,9 +20,10 @@ from ocpp.v16.enums import (
     DataTransferStatus,
     RegistrationStatus,
 )
+from websockets.asyncio.server import ServerConnection
 
 from ocpp_gateway.boot import admit_boot, answer_boot, boot_hardware, close_rejected, now_iso
-from ocpp_gateway.commands import Progress, run_command
+from ocpp_gateway.commands import Progress, error_code, run_command
 from ocpp_gateway.connections import answers_ping
 from ocpp_gateway.envelopes import Command, EventKind, Reply
 from ocpp_gateway.events import EventReporter
@@ -41,7 +42,7 @@ class StationSession(ChargePoint):
     def __init__(
         self,
         identity: str,
-        connection: Any,
+        connection: ServerConnection,
         *,
         csms: str,
         reporter: EventReporter,
@@ -52,6 +53,8 @@ class StationSession(ChargePoint):
         authenticated: bool = False,
     ) -> None:
         super().__init__(identity, connection)
+        # Our own reference: the library keeps its one private (ChargePoint._connection).
+        self._websocket = connection
         self.csms = csms
         self._reporter = reporter
         self._heartbeat_interval = heartbeat_interval
@@ -69,11 +72,11 @@ class StationSession(ChargePoint):
         self._closing: asyncio.Task | None = None
 
     async def close(self, reason: str) -> None:
-        await self._connection.close(1000, reason)
+        await self._websocket.close(1000, reason)
 
     async def answers_ping(self, within: float) -> bool:
         """Whether the station's connection is alive: it answers a websocket ping in time."""
-        return await answers_ping(self._connection, within)
+        return await answers_ping(self._websocket, within)
 
     # --- inbound: what the station sends -------------------------------------------------
 
@@ -86,8 +89,8 @@ class StationSession(ChargePoint):
             logger.warning("%s sent a malformed frame (%s): %.200s", self.id, error, raw_msg)
             unique_id = _unique_id_of(raw_msg)
             if unique_id is not None:
-                reply = CallError(unique_id, error.code, error.description, {})
-                await self._send(reply.to_json())
+                reply = CallError(unique_id, error_code(error), error.description, {})
+                await self._to_station(reply.to_json())
             return
         await super().route_message(raw_msg)
 
@@ -123,7 +126,7 @@ class StationSession(ChargePoint):
         # After the answer went out: the station learns it was Rejected, then is closed.
         if self._rejection and self._closing is None:
             self._closing = close_rejected(
-                self._connection, self.id, self._rejection, self._on_rejected
+                self._websocket, self.id, self._rejection, self._on_rejected
             )
 
     @on(Action.heartbeat)
@@ -180,16 +183,25 @@ class StationSession(ChargePoint):
         """Send one OCPP call and describe what came back; never raises."""
         return await run_command(command, self, self._exchange)
 
-    async def _exchange(self, command: Command, message: Call, progress: Progress) -> Any:
-        # ChargePoint.call() turns an unknown CALLERROR code into a different exception and
-        # hides CALLERRORs behind None by default; this keeps the station's exact answer.
-        # It uses the library's call lock, so calls to one station still go one at a time.
+    async def _exchange(
+        self, command: Command, message: Call, progress: Progress
+    ) -> CallResult | CallError:
+        # ChargePoint's private call lock and response wait, as call() uses them: call()
+        # cannot tell whether the frame left (a Reset not sent may be sent again), loses a
+        # non-OCPP CALLERROR code and an invalid result's payload, and has one timeout per
+        # session instead of the command's deadline.
         async with self._call_lock:
             progress.sent = True  # from here on the frame may have reached the station
-            await self._send(message.to_json())
-            return await self._get_specific_response(
+            await self._to_station(message.to_json())
+            response: CallResult | CallError = await self._get_specific_response(
                 message.unique_id, max(command.remaining(), 0.001)
             )
+            return response
+
+    async def _to_station(self, frame: str) -> None:
+        # Logged as the library logs the frames it sends itself (its _send is private).
+        self.logger.info("%s: send %s", self.id, frame)
+        await self._websocket.send(frame)
 
 
 def _unique_id_of(raw_msg: str) -> str | None:
