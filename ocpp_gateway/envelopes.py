@@ -276,7 +276,7 @@ class Reply:
     def from_json(cls, raw: str | bytes) -> Reply:
         data = _load_object(raw, "reply")
         try:
-            outcome = Outcome(data.get("outcome"))
+            outcome = Outcome(str(data.get("outcome")))
         except ValueError as exc:
             raise EnvelopeError(f"reply has an unknown outcome {data.get('outcome')!r}") from exc
         return cls(
@@ -328,7 +328,7 @@ class Event:
     def from_json(cls, raw: str | bytes) -> Event:
         data = _load_object(raw, "event")
         try:
-            kind = EventKind(data.get("kind"))
+            kind = EventKind(str(data.get("kind")))
         except ValueError as exc:
             raise EnvelopeError(f"event has an unknown kind {data.get('kind')!r}") from exc
         return cls(

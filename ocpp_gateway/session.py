@@ -13,7 +13,7 @@ from typing import Any
 from ocpp.exceptions import OCPPError
 from ocpp.messages import Call, CallError, CallResult, unpack
 from ocpp.routing import after, on
-from ocpp.v16 import ChargePoint, call_result
+from ocpp.v16 import ChargePoint, call_result, datatypes
 from ocpp.v16.enums import (
     Action,
     AuthorizationStatus,
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Transaction ids must be unique per central system; seeding from the clock keeps them
 # unique across gateway restarts without shared state.
 _transaction_ids = itertools.count(int(time.time()) % 1_000_000_000)
+# Authorisation stays with the operator's CSMS; the gateway must not stop charging.
+_ACCEPTED = datatypes.IdTagInfo(status=AuthorizationStatus.accepted)
 
 
 class StationSession(ChargePoint):
@@ -69,7 +71,7 @@ class StationSession(ChargePoint):
         self.boot_status: BootStatus | None = None
         self.boot_hardware: dict[str, str] | None = None
         self._rejection = ""
-        self._closing: asyncio.Task | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     async def close(self, reason: str) -> None:
         await self._websocket.close(1000, reason)
@@ -146,22 +148,26 @@ class StationSession(ChargePoint):
 
     @on(Action.authorize)
     def on_authorize(self, id_tag: str) -> call_result.Authorize:
-        # Authorisation stays with the operator's CSMS; the gateway must not stop charging.
-        return call_result.Authorize(id_tag_info={"status": AuthorizationStatus.accepted})
+        return call_result.Authorize(id_tag_info=_ACCEPTED)
 
     @on(Action.start_transaction)
-    def on_start_transaction(self, connector_id: int, id_tag: str, **kwargs: Any):
+    def on_start_transaction(
+        self, connector_id: int, id_tag: str, **kwargs: Any
+    ) -> call_result.StartTransaction:
         return call_result.StartTransaction(
-            transaction_id=next(_transaction_ids),
-            id_tag_info={"status": AuthorizationStatus.accepted},
+            transaction_id=next(_transaction_ids), id_tag_info=_ACCEPTED
         )
 
     @on(Action.stop_transaction)
-    def on_stop_transaction(self, transaction_id: int, **kwargs: Any):
-        return call_result.StopTransaction(id_tag_info={"status": AuthorizationStatus.accepted})
+    def on_stop_transaction(
+        self, transaction_id: int, **kwargs: Any
+    ) -> call_result.StopTransaction:
+        return call_result.StopTransaction(id_tag_info=_ACCEPTED)
 
     @on(Action.meter_values)
-    def on_meter_values(self, connector_id: int, meter_value: list, **kwargs: Any):
+    def on_meter_values(
+        self, connector_id: int, meter_value: list[dict[str, Any]], **kwargs: Any
+    ) -> call_result.MeterValues:
         return call_result.MeterValues()
 
     @on(Action.data_transfer)
@@ -170,11 +176,11 @@ class StationSession(ChargePoint):
         return call_result.DataTransfer(status=DataTransferStatus.unknown_vendor_id)
 
     @on(Action.diagnostics_status_notification)
-    def on_diagnostics_status(self, status: str):
+    def on_diagnostics_status(self, status: str) -> call_result.DiagnosticsStatusNotification:
         return call_result.DiagnosticsStatusNotification()
 
     @on(Action.firmware_status_notification)
-    def on_firmware_status(self, status: str):
+    def on_firmware_status(self, status: str) -> call_result.FirmwareStatusNotification:
         return call_result.FirmwareStatusNotification()
 
     # --- outbound: commands relayed from the Django side ---------------------------------
