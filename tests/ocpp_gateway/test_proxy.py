@@ -354,7 +354,7 @@ def test_frames_whose_message_id_is_not_a_string_are_never_relayed(proxy, upstre
             assert (await station.call("b1", "BootNotification", BOOT))[2]["status"] == "Accepted"
             # The upstream's CALL with a numeric id would skip the call slot and its deadline.
             await asyncio.to_thread(
-                upstream.send_raw, "CP-N", json.dumps([2, 42, call.GetConfiguration()])
+                upstream.send_raw, "CP-N", json.dumps([2, 42, "GetConfiguration", {}])
             )
             errors = await asyncio.to_thread(
                 wait_for,
@@ -453,7 +453,7 @@ def test_upstream_calls_waiting_for_the_station_are_bounded_and_each_answered_on
         async with raw_station(base, "CP-B") as station:
             await station.call("b1", "BootNotification", BOOT)
             for n in range(12):  # a CSMS ignoring OCPP-J's one outstanding CALL
-                frame = json.dumps([2, f"u{n}", call.GetConfiguration()])
+                frame = json.dumps([2, f"u{n}", "GetConfiguration", {}])
                 await asyncio.to_thread(upstream.send_raw, "CP-B", frame)
             errors = await asyncio.to_thread(
                 wait_for,
