@@ -64,7 +64,7 @@ async def migrate_station(
         started = time.monotonic()
         station = source.stations[identity]
         result = await station.call(call.GetConfiguration(key=NETWORK_KEYS), suppress=False)
-        values = configuration_values({"configuration_key": result.configuration_key})
+        values = configuration_values(result)
         try:
             plan = plan_switch(values)
         except PlanError:

@@ -148,6 +148,7 @@ def bridge_trial(
     redis_url: str, stations: list[str], threads: int, warmup: float, duration: float
 ) -> dict[str, Any]:
     import redis
+    from ocpp.v16 import call
 
     from ocpp_gateway.client import send_command
     from ocpp_gateway.envelopes import Outcome
@@ -174,8 +175,7 @@ def bridge_trial(
                     reply = send_command(
                         client,
                         station,
-                        "GetConfiguration",
-                        {"key": NETWORK_KEYS},
+                        call.GetConfiguration(key=NETWORK_KEYS),
                         timeout=COMMAND_TIMEOUT,
                     )
                     good = reply.outcome is Outcome.RESULT

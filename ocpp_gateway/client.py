@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import redis
 
 from ocpp_gateway.envelopes import Command, Outcome, Reply, command_channel, reply_key
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # How long past the deadline to wait for the gateway's own "timeout" reply, which carries
 # its timing; after that the caller reports the timeout itself.
@@ -34,13 +37,13 @@ class StationOffline(Exception):
 def send_command(
     client: redis.Redis,
     station: str,
-    action: str,
-    payload: dict[str, Any] | None = None,
+    request: DataclassInstance,
     *,
     timeout: float,
     csms: str = "",
 ) -> Reply:
-    """Send one OCPP call (e.g. "GetConfiguration") to a station and wait for the outcome.
+    """Send one OCPP call (an ocpp.v16.call dataclass, e.g. ``call.GetConfiguration()``) to
+    a station and wait for the outcome (``reply.result(call_result.GetConfiguration)``).
 
     Raises StationOffline at once when no gateway holds the station, CommandNotSent when
     the command could not even be published, and other redis errors when the wait for the
@@ -48,13 +51,7 @@ def send_command(
     a CALLERROR with its code, or a timeout. With ``csms``, only a gateway of that CSMS
     sends it. The client must not have a socket timeout shorter than ``timeout``.
     """
-    command = Command(
-        station=station,
-        action=action,
-        payload=payload or {},
-        deadline=time.time() + timeout,
-        csms=csms,
-    )
+    command = Command.calling(station, request, deadline=time.time() + timeout, csms=csms)
     try:
         receivers = client.publish(command_channel(station), command.to_json())
     except redis.RedisError as exc:

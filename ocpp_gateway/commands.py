@@ -13,18 +13,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ocpp.charge_point import (
-    camel_to_snake_case,
-    remove_nones,
-    serialize_as_dict,
-    snake_to_camel_case,
-)
+# The library's own camelCase <-> snake_case conversion (public functions of its
+# charge_point module, what ChargePoint.call() applies): the same wire names as its stations.
+from ocpp.charge_point import camel_to_snake_case, snake_to_camel_case
 from ocpp.exceptions import OCPPError
-from ocpp.messages import Call, CallError, CallResult, MessageType, validate_payload
-from ocpp.v16 import call
+from ocpp.messages import Call, CallError, CallResult, validate_payload
 from websockets.exceptions import ConnectionClosed
 
-from ocpp_gateway.envelopes import Command, Outcome, Reply
+from ocpp_gateway.envelopes import Command, EnvelopeError, Outcome, Reply, payload_of
 from ocpp_gateway.registry import BootStatus
 
 OCPP_VERSION = "1.6"
@@ -79,15 +75,10 @@ async def run_command(
             error_description=f"station not accepted by this CSMS ({target.boot_status})",
             sent=False,
         )
-    request_type = getattr(call, command.action, None)
-    if not isinstance(request_type, type):
-        return reply(
-            Outcome.REJECTED, error_description=f"unknown action {command.action!r}", sent=False
-        )
     try:
-        request = request_type(**command.payload)
-    except TypeError as exc:
-        return reply(Outcome.REJECTED, error_description=f"bad payload: {exc}", sent=False)
+        request = command.request()
+    except EnvelopeError as exc:
+        return reply(Outcome.REJECTED, error_description=str(exc), sent=False)
     remaining = command.remaining()
     if remaining <= 0:
         return reply(
@@ -98,7 +89,7 @@ async def run_command(
         message = Call(
             unique_id=unique_id or command.id,
             action=command.action,
-            payload=remove_nones(snake_to_camel_case(serialize_as_dict(request))),
+            payload=snake_to_camel_case(payload_of(request)),
         )
         await validate_payload(message, OCPP_VERSION)
         async with asyncio.timeout(remaining):
@@ -113,7 +104,7 @@ async def run_command(
     except OCPPError as exc:
         # Raised by validating our own request: nothing was sent.
         return reply(
-            Outcome.REJECTED, error_description=f"{exc.code}: {exc.description}", sent=False
+            Outcome.REJECTED, error_description=f"{error_code(exc)}: {exc.description}", sent=False
         )
     except (ConnectionError, ConnectionClosed) as exc:
         return reply(
@@ -121,8 +112,7 @@ async def run_command(
             error_description=str(exc) or "connection lost",
             sent=progress.sent,
         )
-    if response.message_type_id == MessageType.CallError:
-        assert isinstance(response, CallError)
+    if isinstance(response, CallError):
         return reply(
             Outcome.CALL_ERROR,
             error_code=response.error_code,
@@ -135,7 +125,12 @@ async def run_command(
         return reply(
             Outcome.BAD_RESPONSE,
             payload=response.payload,
-            error_code=exc.code,
+            error_code=error_code(exc),
             error_description=str(exc.description),
         )
     return reply(Outcome.RESULT, payload=camel_to_snake_case(response.payload))
+
+
+def error_code(error: OCPPError) -> str:
+    """The OCPP error code of one of the library's errors (each subclass names its own)."""
+    return str(getattr(error, "code", "GenericError"))

@@ -1,8 +1,11 @@
 """Messages that cross Redis between the Django side and the gateways.
 
 Plain Python on purpose: the gateway process and Django both import this module, and the
-gateway must not import Django. Payloads are OCPP payloads in snake_case (as the ``ocpp``
-dataclasses name their fields); the gateway converts to camelCase on the wire.
+gateway must not import Django. Both sides speak OCPP as the ``ocpp`` library's dataclasses
+(a request of ``ocpp.v16.call`` in a Command, a result of ``ocpp.v16.call_result`` out of a
+Reply); on Redis they travel as the action's name and a snake_case payload (the dataclass's
+fields), so that gateways and workers of different versions understand each other during an
+upgrade. The gateway converts to camelCase on the wire.
 """
 
 from __future__ import annotations
@@ -13,9 +16,17 @@ import json
 import secrets
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from enum import Enum, StrEnum
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ocpp.v16 import call
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# An ocpp.v16.call_result dataclass (what Reply.result builds).
+ResultT = TypeVar("ResultT", bound="DataclassInstance")
 
 # Redis names. One place, so both sides always agree.
 COMMAND_CHANNEL_PREFIX = "ocpp:cmd:"
@@ -27,13 +38,16 @@ EVENT_CONSUMER_GROUP = "inventory"
 INGEST_EVENTS_TASK = "fleet.ingest_events"
 # The actions the product sends to stations; a gateway relays only these (plus what its
 # operator adds with --allow-action / OCPP_GATEWAY_ALLOWED_ACTIONS).
-RELAYED_ACTIONS = (
-    "GetConfiguration",
-    "ChangeConfiguration",
-    "Reset",
-    "GetInstalledCertificateIds",
-    # Pre-flight installs the target's root CA through the source when a batch allows it.
-    "InstallCertificate",
+RELAYED_ACTIONS = tuple(
+    request.__name__
+    for request in (
+        call.GetConfiguration,
+        call.ChangeConfiguration,
+        call.Reset,
+        call.GetInstalledCertificateIds,
+        # Pre-flight installs the target's root CA through the source when a batch allows it.
+        call.InstallCertificate,
+    )
 )
 # The longest a gateway waits for one Redis call: a Redis that stopped answering (not
 # refusing) must not hold the gateway's loops for long.
@@ -97,6 +111,50 @@ class EnvelopeError(ValueError):
     """A message on Redis that is not a well-formed envelope."""
 
 
+def payload_of(message: DataclassInstance) -> dict[str, Any]:
+    """An OCPP dataclass as its snake_case payload: plain JSON values, unset fields left out
+    (as the ``ocpp`` library sends it, before the camelCase of the wire)."""
+    return {
+        item.name: _plain(value)
+        for item in fields(message)
+        if (value := getattr(message, item.name)) is not None
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if is_dataclass(value) and not isinstance(value, type):
+        return payload_of(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value if item is not None]
+    return value
+
+
+def result_of(kind: type[ResultT], payload: dict[str, Any]) -> ResultT | None:
+    """A CALLRESULT payload as ``kind`` (an ocpp.v16.call_result dataclass), its enum fields
+    as enums; None when the payload does not fit ``kind``. Nested objects stay dicts, as the
+    ``ocpp`` library's own ChargePoint.call() leaves them."""
+    types = {item.name: item.type for item in fields(kind)}
+    values = {}
+    for key, value in payload.items():
+        if key not in types:
+            return None
+        field_type = types[key]
+        if isinstance(field_type, type) and issubclass(field_type, Enum) and value is not None:
+            try:
+                value = field_type(value)
+            except ValueError:
+                return None
+        values[key] = value
+    try:
+        return kind(**values)
+    except TypeError:  # a required field missing
+        return None
+
+
 def _load_object(raw: str | bytes, what: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
@@ -127,6 +185,30 @@ class Command:
     # Only a gateway of this CSMS may send it ("" = whichever holds the station): a rollback
     # meant for the source must not reach the station on the target, and the other way.
     csms: str = ""
+
+    @classmethod
+    def calling(
+        cls, station: str, request: DataclassInstance, *, deadline: float, csms: str = ""
+    ) -> Command:
+        """The command that sends ``request`` (an ocpp.v16.call dataclass) to the station."""
+        return cls(
+            station=station,
+            action=type(request).__name__,
+            payload=payload_of(request),
+            deadline=deadline,
+            csms=csms,
+        )
+
+    def request(self) -> DataclassInstance:
+        """The ocpp.v16.call dataclass this command carries; EnvelopeError when none fits."""
+        request_type = getattr(call, self.action, None)
+        if not (isinstance(request_type, type) and is_dataclass(request_type)):
+            raise EnvelopeError(f"unknown action {self.action!r}")
+        try:
+            request: DataclassInstance = request_type(**self.payload)
+        except TypeError as exc:
+            raise EnvelopeError(f"bad payload: {exc}") from exc
+        return request
 
     def remaining(self, now: float | None = None) -> float:
         return self.deadline - (time.time() if now is None else now)
@@ -180,6 +262,13 @@ class Reply:
     # without one (a reconnect). Lets the Django side check who answered.
     boot: dict[str, Any] | None = None
 
+    def result(self, kind: type[ResultT]) -> ResultT | None:
+        """The station's CALLRESULT as ``kind``, e.g. ``reply.result(call_result.Reset)``;
+        None when the outcome is not a result (or its payload does not fit ``kind``)."""
+        if self.outcome is not Outcome.RESULT or not isinstance(self.payload, dict):
+            return None
+        return result_of(kind, self.payload)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
@@ -187,7 +276,7 @@ class Reply:
     def from_json(cls, raw: str | bytes) -> Reply:
         data = _load_object(raw, "reply")
         try:
-            outcome = Outcome(data.get("outcome"))
+            outcome = Outcome(str(data.get("outcome")))
         except ValueError as exc:
             raise EnvelopeError(f"reply has an unknown outcome {data.get('outcome')!r}") from exc
         return cls(
@@ -239,7 +328,7 @@ class Event:
     def from_json(cls, raw: str | bytes) -> Event:
         data = _load_object(raw, "event")
         try:
-            kind = EventKind(data.get("kind"))
+            kind = EventKind(str(data.get("kind")))
         except ValueError as exc:
             raise EnvelopeError(f"event has an unknown kind {data.get('kind')!r}") from exc
         return cls(

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ocpp.charge_point import camel_to_snake_case
-from ocpp.exceptions import OCPPError
+from ocpp.exceptions import FormationViolationError, GenericError, OCPPError
 from ocpp.messages import Call, CallError, CallResult, MessageType, unpack
+from ocpp.v16.enums import Action, ChargePointErrorCode, ChargePointStatus
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -196,21 +197,23 @@ class ProxySession:
         """Watch a station CALL; False when the gateway answered it itself."""
         unique_id, action = frame[1], frame[2] if len(frame) > 2 else None
         payload = frame[3] if len(frame) > 3 and isinstance(frame[3], dict) else {}
-        if action == "BootNotification":
+        if action == Action.boot_notification:
             return await self._station_boot(unique_id, payload)
-        if action == "StatusNotification":
+        if action == Action.status_notification:
             self._report_status(
                 payload.get("connectorId"), payload.get("status"), payload.get("errorCode")
             )
-        elif action == "StartTransaction":
+        elif action == Action.start_transaction:
             self._watch(unique_id, _Watched(action, payload))
-        elif action == "StopTransaction":
+        elif action == Action.stop_transaction:
             transaction = payload.get("transactionId")
             connector = (
                 self._transactions.pop(transaction, None) if isinstance(transaction, int) else None
             )
             if connector is not None:
-                self._report_status(connector, "Finishing", "NoError")
+                self._report_status(
+                    connector, ChargePointStatus.finishing, ChargePointErrorCode.no_error
+                )
             else:
                 logger.info("%s: stop of transaction %r not seen starting", self.id, transaction)
         return True
@@ -231,7 +234,7 @@ class ProxySession:
             # reaching an accepted station (commands wait for that answer: run_command).
             self.boot_status = BootStatus.PENDING
             self._boot_answered.clear()
-            self._watch(unique_id, _Watched("BootNotification", request))
+            self._watch(unique_id, _Watched(Action.boot_notification, request))
             return True
         # The gateway's own admission says no: the upstream never sees this boot.
         self.boot_status = verdict.status
@@ -249,7 +252,7 @@ class ProxySession:
             self._reject(verdict.reason)
         return False
 
-    async def _station_answer(self, unique_id: str, raw: str) -> None:
+    async def _station_answer(self, unique_id: str, raw: str | bytes) -> None:
         outstanding = self._outstanding
         if outstanding is None or outstanding.unique_id != unique_id or outstanding.answer.done():
             logger.warning(
@@ -315,19 +318,19 @@ class ProxySession:
             except ConnectionClosed:
                 return
             finally:
-                if watched is not None and watched.action == "BootNotification":
+                if watched is not None and watched.action == Action.boot_notification:
                     # Only once the answer is on its way: a command that waited for it
                     # must not reach the station before its BootNotification.conf.
                     self._boot_answered.set()
             if rejected:
                 self._reject(rejected)
 
-    async def _upstream_call(self, unique_id: str, raw: str) -> None:
+    async def _upstream_call(self, unique_id: str, raw: str | bytes) -> None:
         if len(self._upstream_calls) >= MAX_UPSTREAM_CALLS:
             await self._to_upstream(
                 CallError(
                     unique_id,
-                    "GenericError",
+                    GenericError.code,
                     f"not delivered: {len(self._upstream_calls)} CALLs of yours are already "
                     "under way to this station (OCPP-J allows one outstanding)",
                     {},
@@ -338,7 +341,7 @@ class ProxySession:
         self._upstream_calls.add(task)
         task.add_done_callback(self._upstream_calls.discard)
 
-    async def _relay_upstream_call(self, unique_id: str, raw: str) -> None:
+    async def _relay_upstream_call(self, unique_id: str, raw: str | bytes) -> None:
         outstanding: _Outstanding | None = None
         try:
             async with asyncio.timeout(self._call_timeout):
@@ -365,26 +368,28 @@ class ProxySession:
             else:
                 why = f"the station did not answer within {self._call_timeout:g}s"
             logger.warning("%s: upstream CALL %s: %s", self.id, unique_id, why)
-            await self._to_upstream(CallError(unique_id, "GenericError", why, {}).to_json())
+            await self._to_upstream(CallError(unique_id, GenericError.code, why, {}).to_json())
         except ConnectionClosed:
             return  # the station is gone; start() closes the upstream link
 
     def _upstream_answer(self, frame: list[Any], watched: _Watched) -> str:
         """Read the upstream's answer to a watched station CALL; the rejection, if any."""
         result = frame[2] if frame[0] == MessageType.CallResult and len(frame) > 2 else None
-        if watched.action == "StartTransaction":
+        if watched.action == Action.start_transaction:
             transaction = result.get("transactionId") if isinstance(result, dict) else None
             connector = watched.payload.get("connectorId")
             if isinstance(transaction, int) and isinstance(connector, int):
                 self._transactions[transaction] = connector
                 while len(self._transactions) > MAX_TRANSACTIONS:
                     self._transactions.popitem(last=False)
-                self._report_status(connector, "Charging", "NoError")
+                self._report_status(
+                    connector, ChargePointStatus.charging, ChargePointErrorCode.no_error
+                )
             return ""
         # BootNotification: the upstream's status is what the station gets and the event says.
         status_text = result.get("status") if isinstance(result, dict) else None
         try:
-            status = BootStatus(status_text)
+            status = BootStatus(str(status_text))
             reason = "" if status is BootStatus.ACCEPTED else f"upstream CSMS answered {status}"
         except ValueError:
             status = BootStatus.PENDING
@@ -399,7 +404,7 @@ class ProxySession:
         )
         return reason if status is BootStatus.REJECTED else ""
 
-    async def _refuse_misidentified(self, frame: list[Any], raw: str, sender: Any) -> None:
+    async def _refuse_misidentified(self, frame: list[Any], raw: str | bytes, sender: Any) -> None:
         """A frame whose message id is not a string (OCPP-J: a string of up to 36
         characters): a CALL is answered with a CALLERROR, anything else is dropped; logged
         as endpoint mode logs a malformed frame."""
@@ -409,7 +414,9 @@ class ProxySession:
         )
         if frame[0] != MessageType.Call:
             return
-        error = CallError(frame[1], "FormationViolation", "the message id must be a string", {})
+        error = CallError(
+            frame[1], FormationViolationError.code, "the message id must be a string", {}
+        )
         with contextlib.suppress(ConnectionClosed):  # the relay notices a closed side
             await sender.send(error.to_json())
 

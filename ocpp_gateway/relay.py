@@ -56,7 +56,7 @@ class CommandRelay:
         self._execute = execute
         self._allowed = allowed_actions
         self._pubsub = redis.pubsub()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         # A channel of our own keeps the pubsub connection open while no station is held.
         self._own_channel = f"ocpp:gateway:{csms}:{uuid.uuid4()}"
         self._wanted: set[str] = {self._own_channel}
@@ -68,7 +68,7 @@ class CommandRelay:
         self.connected: bool | None = None
         self.ready = asyncio.Event()  # set once the pubsub connection is up
 
-    def attach(self, station: str) -> asyncio.Future | None:
+    def attach(self, station: str) -> asyncio.Future[None] | None:
         """Subscribe the station's channel; the SUBSCRIBE under way, if Redis is up."""
         channel = command_channel(station)
         self._wanted.add(channel)
@@ -176,7 +176,7 @@ class CommandRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._pubsub.aclose()
 
-    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Future:
+    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

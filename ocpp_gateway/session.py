@@ -11,18 +11,19 @@ from collections.abc import Callable
 from typing import Any
 
 from ocpp.exceptions import OCPPError
-from ocpp.messages import Call, CallError, unpack
+from ocpp.messages import Call, CallError, CallResult, unpack
 from ocpp.routing import after, on
-from ocpp.v16 import ChargePoint, call_result
+from ocpp.v16 import ChargePoint, call_result, datatypes
 from ocpp.v16.enums import (
     Action,
     AuthorizationStatus,
     DataTransferStatus,
     RegistrationStatus,
 )
+from websockets.asyncio.server import ServerConnection
 
 from ocpp_gateway.boot import admit_boot, answer_boot, boot_hardware, close_rejected, now_iso
-from ocpp_gateway.commands import Progress, run_command
+from ocpp_gateway.commands import Progress, error_code, run_command
 from ocpp_gateway.connections import answers_ping
 from ocpp_gateway.envelopes import Command, EventKind, Reply
 from ocpp_gateway.events import EventReporter
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 # Transaction ids must be unique per central system; seeding from the clock keeps them
 # unique across gateway restarts without shared state.
 _transaction_ids = itertools.count(int(time.time()) % 1_000_000_000)
+# Authorisation stays with the operator's CSMS; the gateway must not stop charging.
+_ACCEPTED = datatypes.IdTagInfo(status=AuthorizationStatus.accepted)
 
 
 class StationSession(ChargePoint):
@@ -41,7 +44,7 @@ class StationSession(ChargePoint):
     def __init__(
         self,
         identity: str,
-        connection: Any,
+        connection: ServerConnection,
         *,
         csms: str,
         reporter: EventReporter,
@@ -52,6 +55,8 @@ class StationSession(ChargePoint):
         authenticated: bool = False,
     ) -> None:
         super().__init__(identity, connection)
+        # Our own reference: the library keeps its one private (ChargePoint._connection).
+        self._websocket = connection
         self.csms = csms
         self._reporter = reporter
         self._heartbeat_interval = heartbeat_interval
@@ -66,14 +71,14 @@ class StationSession(ChargePoint):
         self.boot_status: BootStatus | None = None
         self.boot_hardware: dict[str, str] | None = None
         self._rejection = ""
-        self._closing: asyncio.Task | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     async def close(self, reason: str) -> None:
-        await self._connection.close(1000, reason)
+        await self._websocket.close(1000, reason)
 
     async def answers_ping(self, within: float) -> bool:
         """Whether the station's connection is alive: it answers a websocket ping in time."""
-        return await answers_ping(self._connection, within)
+        return await answers_ping(self._websocket, within)
 
     # --- inbound: what the station sends -------------------------------------------------
 
@@ -86,8 +91,8 @@ class StationSession(ChargePoint):
             logger.warning("%s sent a malformed frame (%s): %.200s", self.id, error, raw_msg)
             unique_id = _unique_id_of(raw_msg)
             if unique_id is not None:
-                reply = CallError(unique_id, error.code, error.description, {})
-                await self._send(reply.to_json())
+                reply = CallError(unique_id, error_code(error), error.description, {})
+                await self._to_station(reply.to_json())
             return
         await super().route_message(raw_msg)
 
@@ -123,7 +128,7 @@ class StationSession(ChargePoint):
         # After the answer went out: the station learns it was Rejected, then is closed.
         if self._rejection and self._closing is None:
             self._closing = close_rejected(
-                self._connection, self.id, self._rejection, self._on_rejected
+                self._websocket, self.id, self._rejection, self._on_rejected
             )
 
     @on(Action.heartbeat)
@@ -143,22 +148,26 @@ class StationSession(ChargePoint):
 
     @on(Action.authorize)
     def on_authorize(self, id_tag: str) -> call_result.Authorize:
-        # Authorisation stays with the operator's CSMS; the gateway must not stop charging.
-        return call_result.Authorize(id_tag_info={"status": AuthorizationStatus.accepted})
+        return call_result.Authorize(id_tag_info=_ACCEPTED)
 
     @on(Action.start_transaction)
-    def on_start_transaction(self, connector_id: int, id_tag: str, **kwargs: Any):
+    def on_start_transaction(
+        self, connector_id: int, id_tag: str, **kwargs: Any
+    ) -> call_result.StartTransaction:
         return call_result.StartTransaction(
-            transaction_id=next(_transaction_ids),
-            id_tag_info={"status": AuthorizationStatus.accepted},
+            transaction_id=next(_transaction_ids), id_tag_info=_ACCEPTED
         )
 
     @on(Action.stop_transaction)
-    def on_stop_transaction(self, transaction_id: int, **kwargs: Any):
-        return call_result.StopTransaction(id_tag_info={"status": AuthorizationStatus.accepted})
+    def on_stop_transaction(
+        self, transaction_id: int, **kwargs: Any
+    ) -> call_result.StopTransaction:
+        return call_result.StopTransaction(id_tag_info=_ACCEPTED)
 
     @on(Action.meter_values)
-    def on_meter_values(self, connector_id: int, meter_value: list, **kwargs: Any):
+    def on_meter_values(
+        self, connector_id: int, meter_value: list[dict[str, Any]], **kwargs: Any
+    ) -> call_result.MeterValues:
         return call_result.MeterValues()
 
     @on(Action.data_transfer)
@@ -167,11 +176,11 @@ class StationSession(ChargePoint):
         return call_result.DataTransfer(status=DataTransferStatus.unknown_vendor_id)
 
     @on(Action.diagnostics_status_notification)
-    def on_diagnostics_status(self, status: str):
+    def on_diagnostics_status(self, status: str) -> call_result.DiagnosticsStatusNotification:
         return call_result.DiagnosticsStatusNotification()
 
     @on(Action.firmware_status_notification)
-    def on_firmware_status(self, status: str):
+    def on_firmware_status(self, status: str) -> call_result.FirmwareStatusNotification:
         return call_result.FirmwareStatusNotification()
 
     # --- outbound: commands relayed from the Django side ---------------------------------
@@ -180,16 +189,25 @@ class StationSession(ChargePoint):
         """Send one OCPP call and describe what came back; never raises."""
         return await run_command(command, self, self._exchange)
 
-    async def _exchange(self, command: Command, message: Call, progress: Progress) -> Any:
-        # ChargePoint.call() turns an unknown CALLERROR code into a different exception and
-        # hides CALLERRORs behind None by default; this keeps the station's exact answer.
-        # It uses the library's call lock, so calls to one station still go one at a time.
+    async def _exchange(
+        self, command: Command, message: Call, progress: Progress
+    ) -> CallResult | CallError:
+        # ChargePoint's private call lock and response wait, as call() uses them: call()
+        # cannot tell whether the frame left (a Reset not sent may be sent again), loses a
+        # non-OCPP CALLERROR code and an invalid result's payload, and has one timeout per
+        # session instead of the command's deadline.
         async with self._call_lock:
             progress.sent = True  # from here on the frame may have reached the station
-            await self._send(message.to_json())
-            return await self._get_specific_response(
+            await self._to_station(message.to_json())
+            response: CallResult | CallError = await self._get_specific_response(
                 message.unique_id, max(command.remaining(), 0.001)
             )
+            return response
+
+    async def _to_station(self, frame: str) -> None:
+        # Logged as the library logs the frames it sends itself (its _send is private).
+        self.logger.info("%s: send %s", self.id, frame)
+        await self._websocket.send(frame)
 
 
 def _unique_id_of(raw_msg: str) -> str | None:

@@ -1,10 +1,16 @@
-"""Send a migration's OCPP commands through the bridge and record every exchange."""
+"""Send a migration's OCPP commands through the station link and record every exchange.
+
+The link is the network edge: in production the Redis command bridge to the gateways
+(``RedisBridge``); a test puts a scripted station in its place with ``station_link``.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from django.conf import settings
 from redis import RedisError
@@ -12,7 +18,47 @@ from redis import RedisError
 from fleet.redis import get_redis
 from migrations_app.models import OcppExchange, StationMigration
 from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
-from ocpp_gateway.envelopes import Outcome, Reply
+from ocpp_gateway.envelopes import Outcome, Reply, payload_of
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+
+class StationLink(Protocol):
+    """How one OCPP call reaches a station and its outcome comes back.
+
+    ``request`` is an ocpp.v16.call dataclass; ``csms`` names the only CSMS whose gateway
+    may send it ("" = whichever holds the station). Raises StationOffline when no gateway
+    holds the station, CommandNotSent when nothing was published, and other RedisErrors
+    when Redis failed after the publish (the station may have received it).
+    """
+
+    def call(
+        self, identity: str, request: DataclassInstance, *, timeout: float, csms: str
+    ) -> Reply: ...
+
+
+class RedisBridge:
+    """The production link: publish to the gateways, wait for their reply (send_command)."""
+
+    def call(
+        self, identity: str, request: DataclassInstance, *, timeout: float, csms: str
+    ) -> Reply:
+        return send_command(get_redis(), identity, request, timeout=timeout, csms=csms)
+
+
+_link: StationLink = RedisBridge()
+
+
+@contextmanager
+def station_link(link: StationLink) -> Iterator[StationLink]:
+    """Send every station_call through ``link`` inside the block (tests: a scripted station)."""
+    global _link
+    previous, _link = _link, link
+    try:
+        yield link
+    finally:
+        _link = previous
 
 
 def _timestamp(epoch: float | None) -> datetime | None:
@@ -23,24 +69,23 @@ def station_call(
     migration: StationMigration,
     *,
     step: str,
-    action: str,
-    payload: dict[str, Any],
+    request: DataclassInstance,
     via: str = "",
 ) -> Reply:
-    """One OCPP call for this migration, recorded whatever happens.
+    """One OCPP call (an ocpp.v16.call dataclass) for this migration, recorded whatever
+    happens; its result is ``reply.result(call_result.<the same action>)``.
 
     ``via`` names the only CSMS whose gateway may send it. Raises StationOffline when no
     gateway holds the station, CommandNotSent when the command could not be published
     (nothing reached the station), and other RedisErrors when Redis failed after the
     publish (the station may have received it); each is recorded first.
     """
+    action, payload = type(request).__name__, payload_of(request)
     started = time.time()
     try:
-        reply = send_command(
-            get_redis(),
+        reply = _link.call(
             migration.station.identity,
-            action,
-            payload,
+            request,
             timeout=settings.OCPP_COMMAND_TIMEOUT,
             csms=via,
         )
@@ -95,9 +140,3 @@ def describe(reply: Reply) -> str:
     if reply.outcome is Outcome.TIMEOUT:
         return f"no answer ({reply.error_description})"
     return f"{reply.outcome.value}: {reply.error_description}"
-
-
-def status_of(reply: Reply) -> str | None:
-    if reply.outcome is Outcome.RESULT:
-        return (reply.payload or {}).get("status")
-    return None

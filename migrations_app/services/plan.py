@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from ocpp.v16 import call_result
 
 PROFILE_1 = "NetworkConnectionProfile1"
 PROFILE_2 = "NetworkConnectionProfile2"
@@ -46,10 +47,10 @@ class NetworkPlan:
         return self.values.get(self.active_slot) == url
 
 
-def configuration_values(payload: dict[str, Any]) -> dict[str, str]:
-    """{key: value} from a GetConfiguration result payload (snake_case, as the bridge gives)."""
+def configuration_values(result: call_result.GetConfiguration) -> dict[str, str]:
+    """{key: value} from a GetConfiguration result (its entries are dicts, snake_case)."""
     values = {}
-    for entry in payload.get("configuration_key") or []:
+    for entry in result.configuration_key or []:
         if isinstance(entry, dict) and isinstance(entry.get("key"), str):
             values[entry["key"]] = entry.get("value") or ""
     return values

@@ -22,6 +22,18 @@ from cryptography import x509
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from ocpp import exceptions as ocpp_errors
+from ocpp.v16 import call, call_result
+from ocpp.v16.enums import (
+    CertificateStatus,
+    CertificateUse,
+    ChargePointStatus,
+    ConfigurationStatus,
+    GetInstalledCertificateStatus,
+    RegistrationStatus,
+    ResetStatus,
+    ResetType,
+)
 from redis import RedisError
 
 from fleet.models import ChargingStation, StationEvent
@@ -30,7 +42,7 @@ from fleet.selectors import station_registered_on
 from fleet.services.inventory import station_move_to_csms
 from fleet.validators import csms_url_problems
 from migrations_app.models import StationMigration
-from migrations_app.services.exchanges import describe, station_call, status_of
+from migrations_app.services.exchanges import describe, station_call
 from migrations_app.services.firmware import firmware_gate
 from migrations_app.services.liveness import gateway_up
 from migrations_app.services.plan import (
@@ -57,7 +69,14 @@ from ocpp_gateway.envelopes import EventKind, Outcome, Reply, last_boot_key
 State = StationMigration.State
 
 # A connector in one of these has a car plugged in and (about to be) charging.
-BUSY_STATUSES = frozenset({"Charging", "SuspendedEV", "SuspendedEVSE", "Preparing"})
+BUSY_STATUSES = frozenset(
+    {
+        ChargePointStatus.charging,
+        ChargePointStatus.suspended_ev,
+        ChargePointStatus.suspended_evse,
+        ChargePointStatus.preparing,
+    }
+)
 OFFLINE_RETRY_SECONDS = 2.0
 IDLE_POLL_SECONDS = 5.0
 BOOT_POLL_MAX_SECONDS = 5.0
@@ -68,6 +87,10 @@ DEFAULT_PROFILE_TIMEOUT = 30.0
 MAX_PROFILE_TIMEOUT = 3600.0
 # Answers other than a result that still prove the station is on the gateway that sent them.
 _ANSWERED = (Outcome.CALL_ERROR, Outcome.BAD_RESPONSE)
+# A ChangeConfiguration the station took. RebootRequired: the value is stored and takes
+# effect at the next boot, which the Reset provides (a firmware may answer it for any
+# network profile key).
+_TAKEN = frozenset({ConfigurationStatus.accepted, ConfigurationStatus.reboot_required})
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,12 @@ def _answer(reply: Reply) -> Reply:
     if reply.outcome in (Outcome.TIMEOUT, Outcome.DISCONNECTED):
         raise Unreachable(describe(reply))
     return reply
+
+
+def _taken(reply: Reply) -> bool:
+    """Whether the station took the ChangeConfiguration (stored it, now or at the reboot)."""
+    result = reply.result(call_result.ChangeConfiguration)
+    return result is not None and result.status in _TAKEN
 
 
 # --- the steps ---------------------------------------------------------------------------
@@ -149,12 +178,11 @@ def preflight(m: StationMigration) -> Next:
 
 def read_config(m: StationMigration) -> Next:
     step = State.READING_CONFIG
-    reply = _answer(
-        station_call(m, step=step, action="GetConfiguration", payload={"key": CONFIG_KEYS})
-    )
-    if reply.outcome is not Outcome.RESULT:
+    reply = _answer(station_call(m, step=step, request=call.GetConfiguration(key=CONFIG_KEYS)))
+    result = reply.result(call_result.GetConfiguration)
+    if result is None:
         return fail(step, "could not read the network configuration: " + describe(reply))
-    values = configuration_values(reply.payload or {})
+    values = configuration_values(result)
     try:
         plan = plan_switch(values)
     except MissingKeys as exc:
@@ -219,9 +247,11 @@ def _armable(m: StationMigration, plan: NetworkPlan, *, reason: str = "", **next
 # ask the station what it has installed (OCPP 1.6 security extension), through the source,
 # before anything is written.
 
-ROOT_CERTIFICATE = "CentralSystemRootCertificate"
+ROOT_CERTIFICATE = CertificateUse.central_system_root_certificate
 # CALLERRORs of a firmware that lacks the security extension's messages.
-NO_EXTENSION_ERRORS = frozenset({"NotImplemented", "NotSupported"})
+NO_EXTENSION_ERRORS = frozenset(
+    {ocpp_errors.NotImplementedError.code, ocpp_errors.NotSupportedError.code}
+)
 
 
 def root_ca_check_needed(m: StationMigration) -> bool:
@@ -252,7 +282,10 @@ def check_root_ca(m: StationMigration) -> Next:
     additional_check = m.config_snapshot.get(ADDITIONAL_ROOT_CHECK, "").strip().lower() == "true"
     if any(identifies(data, root) for data in installed):
         # Installed by an earlier run of this step whose answer was lost: the same warning.
-        ours = additional_check and m.exchanges.filter(action="InstallCertificate").exists()
+        ours = (
+            additional_check
+            and m.exchanges.filter(action=call.InstallCertificate.__name__).exists()
+        )
         fields = {"warnings": _root_replaced_warnings(m, named)} if ours else {}
         return _armable(m, plan, reason=f"{named} is installed", fields=fields)
     if additional_check and not issued_by_one_of(root, installed):
@@ -293,8 +326,7 @@ def _installed_roots(m: StationMigration) -> Reply:
         station_call(
             m,
             step=State.CHECKING_ROOT_CA,
-            action="GetInstalledCertificateIds",
-            payload={"certificate_type": ROOT_CERTIFICATE},
+            request=call.GetInstalledCertificateIds(certificate_type=ROOT_CERTIFICATE),
             via=_source_name(m),
         )
     )
@@ -315,12 +347,14 @@ def _install_root(
         station_call(
             m,
             step=State.CHECKING_ROOT_CA,
-            action="InstallCertificate",
-            payload={"certificate_type": ROOT_CERTIFICATE, "certificate": root_pem.strip()},
+            request=call.InstallCertificate(
+                certificate_type=ROOT_CERTIFICATE, certificate=root_pem.strip()
+            ),
             via=_source_name(m),
         )
     )
-    if status_of(reply) != "Accepted":
+    answer = reply.result(call_result.InstallCertificate)
+    if answer is None or answer.status is not CertificateStatus.accepted:
         return Next(
             State.SKIPPED,
             f"{named} is not installed, and installing it failed "
@@ -355,13 +389,13 @@ def _without_extension(m: StationMigration, plan: NetworkPlan, reply: Reply) -> 
 
 def _hash_data(reply: Reply) -> list[CertificateHashData] | None:
     """The root certificates a GetInstalledCertificateIds answer lists; None: no answer."""
-    if reply.outcome is not Outcome.RESULT:
+    result = reply.result(call_result.GetInstalledCertificateIds)
+    if result is None:
         return None
-    payload = reply.payload or {}
-    if payload.get("status") == "NotFound":
+    if result.status is GetInstalledCertificateStatus.not_found:
         return []
     found = []
-    for entry in payload.get("certificate_hash_data") or []:
+    for entry in result.certificate_hash_data or []:
         try:
             found.append(CertificateHashData.from_payload(entry))
         except (CertificateError, AttributeError):
@@ -380,15 +414,10 @@ def set_url(m: StationMigration) -> Next:
         return Next(State.SETTING_PRIORITY, f"{m.free_slot} already holds the target URL")
     reply = _answer(
         station_call(
-            m,
-            step=step,
-            action="ChangeConfiguration",
-            payload={"key": m.free_slot, "value": m.target_url},
+            m, step=step, request=call.ChangeConfiguration(key=m.free_slot, value=m.target_url)
         )
     )
-    # RebootRequired: the value is stored and takes effect at the next boot, which the
-    # Reset provides (a firmware may answer it for any network profile key).
-    if status_of(reply) not in ("Accepted", "RebootRequired"):
+    if not _taken(reply):
         return fail(step, f"the station did not accept the new URL ({describe(reply)})")
     return Next(State.SETTING_PRIORITY)
 
@@ -398,13 +427,10 @@ def set_priority(m: StationMigration) -> Next:
     new_priority = f"{m.free_slot},{m.active_slot}"
     reply = _answer(
         station_call(
-            m,
-            step=step,
-            action="ChangeConfiguration",
-            payload={"key": PRIORITY, "value": new_priority},
+            m, step=step, request=call.ChangeConfiguration(key=PRIORITY, value=new_priority)
         )
     )
-    if status_of(reply) not in ("RebootRequired", "Accepted"):
+    if not _taken(reply):
         # A lost or odd answer may still mean the station took the value: put both back.
         restored = restore(m, step, priority=True)
         return fail(
@@ -464,7 +490,7 @@ def reset(m: StationMigration) -> Next:
         )
 
     try:
-        reply = station_call(m, step=step, action="Reset", payload={"type": "Hard"})
+        reply = station_call(m, step=step, request=call.Reset(type=ResetType.hard))
     except (StationOffline, CommandNotSent):
         give_back_claim()  # nothing reached the station
         raise
@@ -474,8 +500,8 @@ def reset(m: StationMigration) -> Next:
     if not reply.sent:
         give_back_claim()
         raise Unreachable(f"Reset not sent ({describe(reply)})")
-    status = status_of(reply)
-    if status == "Accepted":
+    result = reply.result(call_result.Reset)
+    if result is not None and result.status is ResetStatus.accepted:
         # No station reboots in under a second: the first look would only find nothing.
         return Next(State.AWAITING_BOOT, countdown=1.0, fields={"reset_accepted": True})
     if reply.outcome in (Outcome.TIMEOUT, Outcome.DISCONNECTED):
@@ -513,7 +539,7 @@ def verify_boot(m: StationMigration) -> Next:
     if failure:
         return _await_on_source(m, boots, failure)
     if boots.target:
-        if (boots.target.get("status") or "Accepted") == "Pending":
+        if boots.target.get("status") == RegistrationStatus.pending:
             return _pending(m, boots.target)
         return _settle(m, record_lost=False)
     if m.settle_until:
@@ -543,14 +569,15 @@ def verify_boot(m: StationMigration) -> Next:
 
 def _refusal(m: StationMigration, boot: dict[str, Any]) -> str:
     """Why the target's boot cannot verify the migration, or "" (it may: accepted, pending)."""
-    status = boot.get("status") or "Accepted"  # records from before the status was kept
-    if status == "Pending":
+    # Records from before the status was kept were all Accepted.
+    status = boot.get("status") or RegistrationStatus.accepted
+    if status == RegistrationStatus.pending:
         return ""
     mismatch = hardware_mismatch(m.expected_hardware, boot)
-    if status == "Accepted":
+    if status == RegistrationStatus.accepted:
         failure = f"other hardware booted on {m.batch.target.name} as {m.station.identity}"
     else:
-        verdict = "rejected" if status == "Rejected" else f"answered {status} to"
+        verdict = "rejected" if status == RegistrationStatus.rejected else f"answered {status} to"
         failure = (
             f"the target {verdict} the BootNotification ({boot.get('reason') or 'no reason given'})"
         )
@@ -604,7 +631,7 @@ def _confirm(m: StationMigration, *, record_lost: bool) -> Next:
     target, source = m.batch.target.name, m.source.name if m.source else ""
     try:
         reply = station_call(
-            m, step=step, action="GetConfiguration", payload={"key": [PRIORITY]}, via=target
+            m, step=step, request=call.GetConfiguration(key=[PRIORITY]), via=target
         )
     except StationOffline:
         reply = None
@@ -625,8 +652,9 @@ def _confirm(m: StationMigration, *, record_lost: bool) -> Next:
             "recorded as a security event",
         )
         return Next(None, countdown=OFFLINE_RETRY_SECONDS, fields={"verify_failure": failure})
-    if reply is not None and on_target and reply.outcome is Outcome.RESULT:
-        priority = configuration_values(reply.payload or {}).get(PRIORITY, "")
+    config = reply.result(call_result.GetConfiguration) if reply is not None else None
+    if config is not None and on_target:
+        priority = configuration_values(config).get(PRIORITY, "")
         if priority.split(",")[0].strip() == m.free_slot:
             seen = (
                 f"boot record lost; confirmed through the target: found on {target}"
@@ -670,8 +698,7 @@ def _locate(m: StationMigration) -> str:
         reply = station_call(
             m,
             step=f"{State.AWAITING_BOOT}:locate",
-            action="GetConfiguration",
-            payload={"key": [PRIORITY]},
+            request=call.GetConfiguration(key=[PRIORITY]),
         )
     except StationOffline:
         return ""
@@ -789,12 +816,11 @@ def cleanup(m: StationMigration) -> Next:
         station_call(
             m,
             step=step,
-            action="ChangeConfiguration",
-            payload={"key": m.active_slot, "value": ""},
+            request=call.ChangeConfiguration(key=m.active_slot, value=""),
             via=m.batch.target.name,
         )
     )
-    if status_of(reply) in ("Accepted", "RebootRequired"):
+    if _taken(reply):
         return Next(State.DONE, f"old profile {m.active_slot} blanked")
     return Next(State.DONE, f"migrated, but blanking {m.active_slot} failed ({describe(reply)})")
 
@@ -918,14 +944,13 @@ def restore(m: StationMigration, step: str, *, priority: bool) -> str:
             reply = station_call(
                 m,
                 step=f"{step}:rollback",
-                action="ChangeConfiguration",
-                payload={"key": key, "value": value},
+                request=call.ChangeConfiguration(key=key, value=value),
                 via=m.source.name,
             )
         except (StationOffline, RedisError) as exc:
             problems.append(f"{key} not restored: {exc}")
             break
-        if status_of(reply) not in ("Accepted", "RebootRequired"):
+        if not _taken(reply):
             problems.append(f"{key} not restored: {describe(reply)}")
             break
     if problems:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+from ocpp.v16 import call
 
 from devstack.processes import free_port, port_open, redis_server, wait_until
 from ocpp_gateway.client import send_command
@@ -29,7 +30,7 @@ STATIONS = [f"CP-{i:02}" for i in range(20)]
 
 def _ask_all(client: redis.Redis, identities: list[str]) -> dict[str, Outcome]:
     def ask(identity: str) -> Outcome:
-        return send_command(client, identity, "GetConfiguration", timeout=5).outcome
+        return send_command(client, identity, call.GetConfiguration(), timeout=5).outcome
 
     with ThreadPoolExecutor(max_workers=len(identities)) as pool:
         return dict(zip(identities, pool.map(ask, identities), strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from ocpp.v16 import call_result
 
 from migrations_app.services.firmware import firmware_gate, version_parts
 from migrations_app.services.plan import MissingKeys, PlanError, configuration_values, plan_switch
@@ -29,18 +30,18 @@ def test_current_firmware_and_other_lines_go_on(version):
     assert firmware_gate(version, MINIMUMS) is None
 
 
-def _payload(**values: str) -> dict:
-    return {
-        "configuration_key": [
+def _result(**values: str) -> call_result.GetConfiguration:
+    return call_result.GetConfiguration(
+        configuration_key=[
             {"key": key, "readonly": False, "value": value} for key, value in values.items()
         ],
-        "unknown_key": [],
-    }
+        unknown_key=[],
+    )
 
 
 def test_the_active_profile_is_the_first_of_the_priority_and_the_free_slot_the_other():
     values = configuration_values(
-        _payload(
+        _result(
             NetworkConnectionProfile1="wss://old/ocpp",
             NetworkConnectionProfile2="",
             NetworkConfigurationPriority="NetworkConnectionProfile1,NetworkConnectionProfile2",

@@ -8,11 +8,11 @@ import pytest
 from django.contrib.auth.models import User
 from django.db import connection, connections, transaction
 
+from devstack.processes import wait_until
 from fleet.models import ChargingStation, CsmsBackend
 from migrations_app.models import BatchAction, MigrationBatch, StateChange, StationMigration
 from migrations_app.services.controls import batch_cancel, batch_retry_failed
 from migrations_app.services.transitions import transition, transition_many
-from tests.processes import wait_for
 
 State = StationMigration.State
 
@@ -152,7 +152,7 @@ def test_cancel_while_a_station_moves_records_exactly_what_it_cancelled():
     canceller.start()
     if connection.vendor == "postgresql":
         # The cancel has read the station as offline and waits on its row lock.
-        wait_for(lambda: _lock_waits() >= 1, 30, "the cancel to wait on the moving station")
+        wait_until(lambda: _lock_waits() >= 1, 30, "the cancel to wait on the moving station")
     release.set()
     mover.join(30)
     canceller.join(30)

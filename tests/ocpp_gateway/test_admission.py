@@ -220,7 +220,7 @@ def test_an_impostor_without_credentials_cannot_evict_the_station(start_gateway,
             except InvalidStatus as exc:
                 refused = exc.response
             reply = await asyncio.to_thread(
-                send_command, redis_client, "CP1", "GetConfiguration", {"key": ["x"]}, timeout=5
+                send_command, redis_client, "CP1", call.GetConfiguration(key=["x"]), timeout=5
             )
             return refused, reply
 
@@ -245,7 +245,7 @@ def test_a_station_with_credentials_replaces_its_live_connection(start_gateway, 
         ):
             await asyncio.wait_for(first._connection.wait_closed(), 5)
             return await asyncio.to_thread(
-                send_command, redis_client, "CP1", "GetConfiguration", timeout=5
+                send_command, redis_client, "CP1", call.GetConfiguration(), timeout=5
             )
 
     assert asyncio.run(scenario()).outcome is Outcome.RESULT
@@ -258,13 +258,13 @@ def test_the_allow_list_is_extendable(start_gateway, redis_client, monkeypatch):
     async def scenario():
         async with station_on(base, "CP1"):
             replies = {}
-            for action, payload in [
-                ("ClearCache", {}),
-                ("UnlockConnector", {"connector_id": 1}),
-                ("RemoteStartTransaction", {"id_tag": "x"}),
+            for request in [
+                call.ClearCache(),
+                call.UnlockConnector(connector_id=1),
+                call.RemoteStartTransaction(id_tag="x"),
             ]:
-                replies[action] = await asyncio.to_thread(
-                    send_command, redis_client, "CP1", action, payload, timeout=5
+                replies[type(request).__name__] = await asyncio.to_thread(
+                    send_command, redis_client, "CP1", request, timeout=5
                 )
             return replies
 
@@ -287,7 +287,7 @@ def test_a_station_reconnecting_without_a_boot_is_served(start_gateway, redis_cl
             # The subscription follows the handshake (never awaited on the station's path).
             await asyncio.to_thread(wait_until, lambda: _subscribed(redis_client, "CP1"), 5, "sub")
             return await asyncio.to_thread(
-                send_command, redis_client, "CP1", "GetConfiguration", timeout=5
+                send_command, redis_client, "CP1", call.GetConfiguration(), timeout=5
             )
 
     assert asyncio.run(scenario()).outcome is Outcome.RESULT
@@ -309,7 +309,7 @@ def test_redis_with_a_password(start_gateway, redis_client, tmp_path):
         async def scenario():
             async with station_on(base, "CP1"):
                 return await asyncio.to_thread(
-                    send_command, client, "CP1", "GetConfiguration", timeout=5
+                    send_command, client, "CP1", call.GetConfiguration(), timeout=5
                 )
 
         assert asyncio.run(scenario()).outcome is Outcome.RESULT

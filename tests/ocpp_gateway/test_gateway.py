@@ -8,9 +8,12 @@ import json
 import signal
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import pytest
 from ocpp.exceptions import GenericError
+from ocpp.v16 import call
+from ocpp.v16.enums import ResetType
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
@@ -107,6 +110,11 @@ def test_a_boot_is_reported_durably_and_kept_as_the_last_boot(start_gateway, red
     assert last_boot["at"] == events[1].at
 
 
+@dataclass
+class NoSuchAction:
+    """A request of an action OCPP does not have (its class name is the action)."""
+
+
 def test_commands_reach_the_station_and_errors_come_back_with_their_code(
     start_gateway, redis_client
 ):
@@ -115,7 +123,7 @@ def test_commands_reach_the_station_and_errors_come_back_with_their_code(
     async def scenario():
         async with station_on(base, "CP1") as station:
             reply = await asyncio.to_thread(
-                send_command, redis_client, "CP1", "GetConfiguration", {"key": ["x"]}, timeout=5
+                send_command, redis_client, "CP1", call.GetConfiguration(key=["x"]), timeout=5
             )
             assert reply.outcome is Outcome.RESULT
             assert reply.payload["configuration_key"][0]["value"] == "CP1"
@@ -127,19 +135,20 @@ def test_commands_reach_the_station_and_errors_come_back_with_their_code(
                 send_command,
                 redis_client,
                 "CP1",
-                "ChangeConfiguration",
-                {"key": "A", "value": "b"},
+                call.ChangeConfiguration(key="A", value="b"),
                 timeout=5,
             )
             assert reply.outcome is Outcome.CALL_ERROR
             assert reply.error_code == "GenericError"
             assert reply.error_description == "firmware says no"
 
-            for action in ["NoSuchAction", "ClearCache"]:  # ClearCache: OCPP, not allowed
+            # ClearCache: OCPP, not allowed.
+            for request in [NoSuchAction(), call.ClearCache()]:
                 reply = await asyncio.to_thread(
-                    send_command, redis_client, "CP1", action, {}, timeout=5
+                    send_command, redis_client, "CP1", request, timeout=5
                 )
                 assert reply.outcome is Outcome.REJECTED and reply.sent is False
+                action = type(request).__name__
                 assert reply.error_description == (
                     f"action {action} is not allowed by this gateway (add it with --allow-action)"
                 )
@@ -151,7 +160,7 @@ def test_a_command_to_a_station_no_gateway_holds_fails_at_once(start_gateway, re
     start_gateway("csms-1", "--open")
     started = time.monotonic()
     with pytest.raises(StationOffline):
-        send_command(redis_client, "NOBODY", "GetConfiguration", timeout=30)
+        send_command(redis_client, "NOBODY", call.GetConfiguration(), timeout=30)
     assert time.monotonic() - started < 1.0
 
 
@@ -162,7 +171,7 @@ def test_a_command_redis_refuses_is_known_not_sent():
 
     unreachable = redis.Redis(port=free_port(), socket_connect_timeout=1)
     with pytest.raises(CommandNotSent, match="command not published"):
-        send_command(unreachable, "CP-1", "Reset", {"type": "Hard"}, timeout=5)
+        send_command(unreachable, "CP-1", call.Reset(type=ResetType.hard), timeout=5)
 
 
 def test_a_station_that_never_answers_yields_a_timeout_within_the_deadline(
@@ -175,7 +184,7 @@ def test_a_station_that_never_answers_yields_a_timeout_within_the_deadline(
             station.silent = True
             started = time.monotonic()
             reply = await asyncio.to_thread(
-                send_command, redis_client, "CP1", "GetConfiguration", timeout=1.5
+                send_command, redis_client, "CP1", call.GetConfiguration(), timeout=1.5
             )
             return reply, time.monotonic() - started
 
@@ -194,7 +203,7 @@ def test_a_reconnecting_station_replaces_its_dead_connection(start_gateway, redi
             first._connection.transport.pause_reading()
             async with station_on(base, "CP1", boot=False):
                 reply = await asyncio.to_thread(
-                    send_command, redis_client, "CP1", "GetConfiguration", timeout=5
+                    send_command, redis_client, "CP1", call.GetConfiguration(), timeout=5
                 )
                 assert reply.outcome is Outcome.RESULT
             first._connection.transport.abort()  # what is left of the dead one
@@ -278,7 +287,7 @@ def test_it_serves_wss_with_a_certificate(start_gateway, tmp_path, redis_client)
     async def scenario():
         async with station_on(secure, "CP1", ssl=context) as station:
             reply = await asyncio.to_thread(
-                send_command, redis_client, "CP1", "GetConfiguration", {"key": ["x"]}, timeout=5
+                send_command, redis_client, "CP1", call.GetConfiguration(key=["x"]), timeout=5
             )
             return station.id, reply
 
@@ -302,7 +311,7 @@ def test_a_station_that_reconnects_at_once_gets_commands_at_once(start_gateway, 
                 pass
             async with station_on(base, "CP1"):
                 reply = await asyncio.to_thread(
-                    send_command, redis_client, "CP1", "GetConfiguration", timeout=5
+                    send_command, redis_client, "CP1", call.GetConfiguration(), timeout=5
                 )
                 assert reply.outcome is Outcome.RESULT
 

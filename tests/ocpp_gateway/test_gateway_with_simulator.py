@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+from ocpp.v16 import call
+from ocpp.v16.enums import ResetType
+
 from devstack.processes import free_port, wait_until
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from ocpp_gateway.client import send_command
@@ -48,7 +51,7 @@ def test_the_bridge_reads_the_network_keys_and_a_whitespace_value_is_rejected(
     with Fleet([StationSpec("CP-1", url=url)], timing=FAST) as fleet:
         wait_until(lambda: fleet["CP-1"].online, 10, "the station online")
         reply = send_command(
-            redis_client, "CP-1", "GetConfiguration", {"key": NETWORK_KEYS}, timeout=5
+            redis_client, "CP-1", call.GetConfiguration(key=NETWORK_KEYS), timeout=5
         )
         assert reply.outcome is Outcome.RESULT
         values = {e["key"]: e["value"] for e in reply.payload["configuration_key"]}
@@ -58,8 +61,9 @@ def test_the_bridge_reads_the_network_keys_and_a_whitespace_value_is_rejected(
         reply = send_command(
             redis_client,
             "CP-1",
-            "ChangeConfiguration",
-            {"key": "NetworkConnectionProfile2", "value": "ws://csms-2.example.com/ ocpp"},
+            call.ChangeConfiguration(
+                key="NetworkConnectionProfile2", value="ws://csms-2.example.com/ ocpp"
+            ),
             timeout=5,
         )
         assert reply.outcome is Outcome.RESULT
@@ -82,8 +86,7 @@ def test_a_hundred_stations_answer_in_parallel_each_with_its_own_answer(
             return send_command(
                 redis_client,
                 identity,
-                "GetConfiguration",
-                {"key": ["NetworkConnectionProfile2"]},
+                call.GetConfiguration(key=["NetworkConnectionProfile2"]),
                 timeout=15,
             )
 
@@ -140,8 +143,8 @@ def _point_at(redis_client, identity: str, url: str) -> None:
         ),
     ]:
         reply = send_command(
-            redis_client, identity, "ChangeConfiguration", {"key": key, "value": value}, timeout=5
+            redis_client, identity, call.ChangeConfiguration(key=key, value=value), timeout=5
         )
         assert reply.payload == {"status": expected}
-    reply = send_command(redis_client, identity, "Reset", {"type": "Hard"}, timeout=5)
+    reply = send_command(redis_client, identity, call.Reset(type=ResetType.hard), timeout=5)
     assert reply.payload == {"status": "Accepted"}

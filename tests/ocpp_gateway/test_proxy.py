@@ -147,7 +147,7 @@ def test_a_station_boots_through_the_proxy_and_the_upstreams_answer_is_recorded(
         assert (event["status"], event["reason"], event["serial"]) == ("Accepted", "", "SN-1")
         # What the station sent reached the upstream unchanged, and the other way round.
         assert upstream.received_frames("CP-1")[0][2] == "BootNotification"
-        reply = send_command(redis_client, "CP-1", "GetConfiguration", {"key": ["X"]}, timeout=5)
+        reply = send_command(redis_client, "CP-1", call.GetConfiguration(key=["X"]), timeout=5)
         assert reply.outcome is Outcome.RESULT and reply.boot["serial"] == "SN-1"
         last_link = health(base)["upstream_last_link"]
         assert (last_link["ok"], last_link["error"]) == (True, "")
@@ -163,7 +163,7 @@ def test_a_pending_upstream_answer_is_what_the_station_gets_and_commands_wait(
         async with station_on(base, "CP-P") as station:
             assert station.boot_result.status == "Pending"
             reply = await asyncio.to_thread(
-                send_command, redis_client, "CP-P", "GetConfiguration", {}, timeout=5
+                send_command, redis_client, "CP-P", call.GetConfiguration(), timeout=5
             )
             assert reply.outcome is Outcome.REJECTED and not reply.sent
 
@@ -186,7 +186,7 @@ def test_a_command_during_a_re_boot_waits_for_the_upstreams_answer_and_goes(
             await asyncio.to_thread(upstream.wait_boots, "CP-RB", 2, 5)  # forwarded, unanswered
             ours = asyncio.create_task(
                 asyncio.to_thread(
-                    send_command, redis_client, "CP-RB", "GetConfiguration", {}, timeout=10
+                    send_command, redis_client, "CP-RB", call.GetConfiguration(), timeout=10
                 )
             )
             answer = await station.next(10)
@@ -211,7 +211,7 @@ def test_a_boot_the_upstream_answers_with_a_callerror_leaves_the_station_not_acc
             answer = await station.call("b1", "BootNotification", BOOT)
             assert answer[:3] == [4, "b1", "InternalError"]  # passed on unchanged
             return await asyncio.to_thread(
-                send_command, redis_client, "CP-E", "GetConfiguration", {}, timeout=5
+                send_command, redis_client, "CP-E", call.GetConfiguration(), timeout=5
             )
 
     reply = asyncio.run(scenario())
@@ -257,7 +257,7 @@ def test_upstream_calls_and_injected_commands_run_together_each_getting_its_own_
         def ours(n: int):
             key = "NetworkConnectionProfile2" if n % 2 else "HeartbeatInterval"
             return key, send_command(
-                redis_client, "CP-1", "GetConfiguration", {"key": [key]}, timeout=10
+                redis_client, "CP-1", call.GetConfiguration(key=[key]), timeout=10
             )
 
         def theirs(n: int):
@@ -324,8 +324,7 @@ def test_injected_wire_ids_fit_ocpp_j_and_their_answers_stay_with_the_bridge(
                         send_command,
                         redis_client,
                         "CP-W",
-                        "GetConfiguration",
-                        {"key": ["K"]},
+                        call.GetConfiguration(key=["K"]),
                         timeout=5,
                     )
                     for _ in range(3)
@@ -367,7 +366,7 @@ def test_frames_whose_message_id_is_not_a_string_are_never_relayed(proxy, upstre
             # The slot stayed free: a command goes through at once.
             ours = asyncio.create_task(
                 asyncio.to_thread(
-                    send_command, redis_client, "CP-N", "GetConfiguration", {}, timeout=5
+                    send_command, redis_client, "CP-N", call.GetConfiguration(), timeout=5
                 )
             )
             command = await station.next()
@@ -392,7 +391,7 @@ def test_an_upstream_call_behind_a_slow_command_is_errored_and_never_delivered(
             await station.call("b1", "BootNotification", BOOT)
             ours = asyncio.create_task(
                 asyncio.to_thread(
-                    send_command, redis_client, "CP-S", "GetConfiguration", {}, timeout=10
+                    send_command, redis_client, "CP-S", call.GetConfiguration(), timeout=10
                 )
             )
             slow = await station.next()
@@ -406,7 +405,7 @@ def test_an_upstream_call_behind_a_slow_command_is_errored_and_never_delivered(
             # A second command after it: the errored CALL would have come before it.
             follow = asyncio.create_task(
                 asyncio.to_thread(
-                    send_command, redis_client, "CP-S", "GetConfiguration", {}, timeout=5
+                    send_command, redis_client, "CP-S", call.GetConfiguration(), timeout=5
                 )
             )
             frame = await station.next()
@@ -775,9 +774,7 @@ def test_the_allow_list_applies_to_injected_commands(proxy, upstream, redis_clie
     base = proxy("--open")
     with Fleet([StationSpec("CP-A", url=base)], timing=FAST) as fleet:
         wait_until(lambda: fleet["CP-A"].online, 10, "the station online")
-        reply = send_command(
-            redis_client, "CP-A", "UnlockConnector", {"connector_id": 1}, timeout=5
-        )
+        reply = send_command(redis_client, "CP-A", call.UnlockConnector(connector_id=1), timeout=5)
         assert reply.outcome is Outcome.REJECTED and not reply.sent
         assert "not allowed" in reply.error_description
         # The upstream is not bound by it: its own UnlockConnector goes through.
@@ -795,7 +792,7 @@ def test_a_command_outstanding_when_the_station_leaves_is_disconnected_not_timed
             await station.call("b1", "BootNotification", BOOT)
             ours = asyncio.create_task(
                 asyncio.to_thread(
-                    send_command, redis_client, "CP-D", "GetConfiguration", {}, timeout=20
+                    send_command, redis_client, "CP-D", call.GetConfiguration(), timeout=20
                 )
             )
             assert (await station.next())[1].startswith("csmsm-")
