@@ -92,7 +92,7 @@ async def migrate_station(
         result = await target.stations[identity].call(
             call.GetConfiguration(key=[PRIORITY]), suppress=False
         )
-        confirmed = configuration_values({"configuration_key": result.configuration_key})
+        confirmed = configuration_values(result)
         if confirmed.get(PRIORITY, "").split(",")[0].strip() != plan.free_slot:
             return "failed: not confirmed", time.monotonic() - started
         return "done", time.monotonic() - started
