@@ -7,6 +7,10 @@ import contextlib
 from typing import Any, Generic, TypeVar
 
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+# What the gateway, its upstream links and the simulated stations speak.
+SUBPROTOCOL = Subprotocol("ocpp1.6")
 
 Session = TypeVar("Session")
 
