@@ -24,6 +24,7 @@ from ocpp_gateway.upstream import url_without_credentials
 
 # OCPP 1.6 BootNotification.chargePointSerialNumber is a CiString25.
 SERIAL_NUMBER_MAX_LENGTH = 25
+IDENTITY_MAX_LENGTH = 255
 
 
 class CsmsBackend(models.Model):
@@ -96,7 +97,9 @@ class CsmsBackend(models.Model):
 
 class ChargingStation(models.Model):
     identity = models.CharField(
-        max_length=255, unique=True, help_text="Charge point identity (the last URL segment)."
+        max_length=IDENTITY_MAX_LENGTH,
+        unique=True,
+        help_text="Charge point identity (the last URL segment).",
     )
     vendor = models.CharField(max_length=50, blank=True)
     model = models.CharField(max_length=50, blank=True)
@@ -189,8 +192,6 @@ class Registration(models.Model):
 class StationEvent(models.Model):
     """One event a gateway reported, stored once (``event_id`` is the envelope's id)."""
 
-    Kind = models.TextChoices("Kind", [(kind.value, kind.value) for kind in EventKind])
-
     event_id = models.CharField(max_length=64, unique=True, editable=False)
     # The (station, at) and (csms, at) indexes below serve the foreign keys too: a busy
     # table pays for every index on each insert.
@@ -206,7 +207,9 @@ class StationEvent(models.Model):
         verbose_name="CSMS",
         db_index=False,
     )
-    kind = models.CharField(max_length=16, choices=Kind.choices)
+    kind = models.CharField(
+        max_length=16, choices=[(each.value, each.value.title()) for each in EventKind]
+    )
     at = models.DateTimeField(help_text="When the gateway saw it.")
     data = models.JSONField(default=dict, blank=True)
     received_at = models.DateTimeField(default=timezone.now, editable=False)

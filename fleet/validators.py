@@ -10,7 +10,7 @@ migration pre-flight.
 from __future__ import annotations
 
 import unicodedata
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -105,7 +105,7 @@ def same_csms_url(one: str, other: str) -> bool:
         return one == other
     defaults = {"ws": 80, "wss": 443}
 
-    def key(parts, port):  # type: ignore[no-untyped-def]
+    def key(parts: SplitResult, port: int | None) -> tuple[str, str, int | None, str]:
         scheme = parts.scheme.lower()
         return (
             scheme,

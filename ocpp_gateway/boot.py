@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from websockets.asyncio.connection import Connection
+
 from ocpp_gateway.connections import close_quietly
 from ocpp_gateway.envelopes import EventKind
 from ocpp_gateway.events import EventReporter
@@ -138,7 +140,7 @@ def answer_boot(
 
 
 def close_rejected(
-    connection: Any, identity: str, reason: str, on_rejected: Callable[[str], None]
+    connection: Connection, identity: str, reason: str, on_rejected: Callable[[str], None]
 ) -> asyncio.Task[None]:
     """Close a station whose boot was Rejected, and have its identity held off.
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
+from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+# What the gateway, its upstream links and the simulated stations speak.
+SUBPROTOCOL = Subprotocol("ocpp1.6")
 
 Session = TypeVar("Session")
 
@@ -38,7 +43,7 @@ class ConnectionRegistry(Generic[Session]):
         return identity in self._sessions
 
 
-async def answers_ping(connection: Any, within: float) -> bool:
+async def answers_ping(connection: Connection, within: float) -> bool:
     """Whether a websocket connection is alive: it answers a ping in time."""
     try:
         pong = await connection.ping()
@@ -49,7 +54,7 @@ async def answers_ping(connection: Any, within: float) -> bool:
     return True
 
 
-async def close_quietly(connection: Any, code: int, reason: str) -> None:
+async def close_quietly(connection: Connection, code: int, reason: str) -> None:
     """Close a websocket; one already closed (or closing) is fine."""
     with contextlib.suppress(ConnectionClosed, ConnectionError):
         await connection.close(code, reason)

@@ -162,7 +162,12 @@ class Registry:
         if not meta:
             self._ask_for_republish()
 
-    def _load(self, version: str | None, meta: dict[bytes, bytes], raw: dict) -> None:
+    def _load(
+        self,
+        version: str | None,
+        meta: dict[bytes | str, bytes | str],
+        raw: dict[bytes | str, bytes | str],
+    ) -> None:
         entries: dict[str, Entry] = {}
         for key, value in raw.items():
             identity = _text(key)
@@ -201,7 +206,7 @@ class Registry:
         task.add_done_callback(_log_failure)
 
 
-def _log_failure(future: asyncio.Future) -> None:
+def _log_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and future.exception() is not None:
         logger.warning("could not ask for a registry republish: %s", future.exception())
 

@@ -13,6 +13,7 @@ import logging
 import ssl
 import time
 import weakref
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -26,7 +27,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ocpp_gateway.connections import ConnectionRegistry, close_quietly
+from ocpp_gateway.connections import SUBPROTOCOL, ConnectionRegistry, close_quietly
 from ocpp_gateway.envelopes import (
     PUBLISH_REGISTRY_TASK,
     RELAYED_ACTIONS,
@@ -44,7 +45,6 @@ from ocpp_gateway.upstream import Upstream, UpstreamConfig, UpstreamUnavailable
 
 logger = logging.getLogger(__name__)
 
-SUBPROTOCOL = "ocpp1.6"
 HEALTH_PATH = "/health"
 MAX_IDENTITY_LENGTH = 64
 # How long the station holding an identity has to answer a ping before a newcomer without
@@ -172,7 +172,7 @@ class Gateway:
             else None,
         )
         self.relay = CommandRelay(redis, config.csms, self._execute, config.allowed_actions)
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[None]] = set()
         # Identity -> monotonic time until which its handshakes are refused (boot Rejected).
         self._held: dict[str, float] = {}
         # Handshake -> whether it passed a password check (None: none was required).
@@ -274,7 +274,7 @@ class Gateway:
             logger.info("closing an upstream link whose station's handshake did not finish")
             await close_quietly(entry[0], 1001, "station handshake failed")
 
-    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -357,6 +357,7 @@ class Gateway:
     # --- one connection: no Redis round trip on this path ------------------------------------
 
     async def handle(self, connection: ServerConnection) -> None:
+        assert connection.request is not None  # handle() runs after the handshake
         identity = station_identity(connection.request.path)
         assert identity is not None  # process_request refused anything else
         address = _address(connection)

@@ -14,9 +14,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
+from ocpp_gateway.connections import SUBPROTOCOL
+
 logger = logging.getLogger(__name__)
 
-SUBPROTOCOL = "ocpp1.6"
 # Refusals of the upstream that say something about the station itself (its credentials,
 # its registration): the station gets the same status, as if it had connected directly.
 # Anything else (the upstream down, broken, slow) is the gateway's failure to reach it: 502.

@@ -17,13 +17,18 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
-from fleet.models import SERIAL_NUMBER_MAX_LENGTH, ChargingStation, CsmsBackend, Registration
+from fleet.models import (
+    IDENTITY_MAX_LENGTH,
+    SERIAL_NUMBER_MAX_LENGTH,
+    ChargingStation,
+    CsmsBackend,
+    Registration,
+)
 from fleet.services.registry import registry_publish_on_commit
 from ocpp_gateway.envelopes import password_digest, password_matches
 
 IDENTITY, SERIAL_NUMBER, PASSWORD = "identity", "serial_number", "password"
 COLUMNS = (IDENTITY, SERIAL_NUMBER, PASSWORD)
-IDENTITY_MAX_LENGTH = ChargingStation._meta.get_field("identity").max_length
 # Rows per query: SQLite caps the parameters of one statement.
 _CHUNK = 500
 

@@ -10,11 +10,9 @@ from urllib.parse import quote, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
-from websockets.typing import Subprotocol
 
+from ocpp_gateway.connections import SUBPROTOCOL
 from ocpp_gateway.simulator.config import DEFAULT_PRIORITY, PRIORITY, PROFILE_KEYS, StationConfig
-
-SUBPROTOCOL = Subprotocol("ocpp1.6")
 
 # What a failed attempt can raise: refused/unreachable (OSError), open_timeout (TimeoutError),
 # a refused handshake such as 401/404 (WebSocketException), or our own ConnectError.
@@ -82,8 +80,8 @@ async def open_connection(
 ) -> ClientConnection:
     """One attempt to open the OCPP websocket; raises one of CONNECT_ERRORS on failure."""
     headers = {"Authorization": basic_auth(identity, password)} if password else None
-    # websockets refuses an ssl argument for a ws:// URL.
-    tls = {"ssl": tls_context(trusted_roots)} if urlsplit(url).scheme == "wss" else {}
+    # websockets refuses an ssl context for a ws:// URL (None is no TLS).
+    tls = tls_context(trusted_roots) if urlsplit(url).scheme == "wss" else None
     ws = await connect(
         station_uri(url, identity),
         subprotocols=[SUBPROTOCOL],
@@ -99,7 +97,7 @@ async def open_connection(
         # saves a ping timer per station.
         ping_interval=None,
         max_queue=8,
-        **tls,
+        ssl=tls,
     )
     if ws.subprotocol != SUBPROTOCOL:
         await ws.close()

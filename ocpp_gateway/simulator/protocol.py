@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from types import MethodType
 from typing import TYPE_CHECKING, Any
 
+from ocpp.messages import Call
 from ocpp.routing import after, create_route_map, on
 from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.datatypes import KeyValue
@@ -91,7 +92,7 @@ class StationLink(ChargePoint):
         # The message id of a CALL whose answer is to be lost (a behaviour), if any.
         self._lose_answer_to: str | None = None
 
-    async def _handle_call(self, msg: Any) -> None:
+    async def _handle_call(self, msg: Call) -> None:
         if msg.action == Action.install_certificate and self.station.lose_install_answer():
             self._lose_answer_to = msg.unique_id
         try:
