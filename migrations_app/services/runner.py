@@ -9,7 +9,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services import batches
+from migrations_app.services import batches, wakes
 from migrations_app.services.controls import STOPPABLE_STATES
 from migrations_app.services.steps import (
     HANDLERS,
@@ -59,6 +59,8 @@ def run_step(migration_id: int, expected_state: str) -> Followup | None:
         outcome = _held_by_batch(migration, state) or _run_handler(migration, state)
         if outcome.state is None:
             touch(migration.id, state, **outcome.fields)
+            if not wakes.timer_needed(migration.id, state, outcome.countdown):
+                return None  # a timer due no later is on its way (a woken run stays)
             return Followup(migration.id, migration.station.identity, state, outcome.countdown)
         if not _move(migration, state, outcome):
             return None
