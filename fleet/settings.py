@@ -168,6 +168,10 @@ MIGRATION_STEP_HARD_TIME_LIMIT = MIGRATION_STEP_SOFT_TIME_LIMIT + 2 * (OCPP_COMM
 MIGRATION_MIN_FIRMWARE = {"4.2": "4.2.85", "3.5": "3.5.54"}
 # A station whose step has not moved for this long has its step sent again (lost task).
 MIGRATION_STEP_LEASE_SECONDS = env_float("MIGRATION_STEP_LEASE_SECONDS", 90.0)
+# The longest a waiting step (boot, settle, idle) goes without looking on its own: the
+# events it waits for wake it at once (migrations_app.services.wakes), so this only bounds
+# how late a lost wake is made up for. Kept to half the lease or less (steps.wait_timer).
+MIGRATION_WAIT_TIMER_SECONDS = env_float("MIGRATION_WAIT_TIMER_SECONDS", 30.0)
 # A step that raises an unexpected error is tried this many times, then the station fails
 # with the error as its reason (not re-driven forever).
 MIGRATION_STEP_MAX_ATTEMPTS = int(env_float("MIGRATION_STEP_MAX_ATTEMPTS", 5))

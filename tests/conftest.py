@@ -27,9 +27,11 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         url = f"redis://127.0.0.1:{port}/0"
         # Tasks this process sends (services enqueue on commit) must reach the test's
         # workers: point the project's Celery app at this server before its first use.
+        # By its CELERY_ name: the app reads Django's settings under that namespace, and a
+        # plain broker_url would be ignored (tasks would go to the machine's own Redis).
         from fleet.celery import app
 
-        app.conf.broker_url = url
+        app.conf.CELERY_BROKER_URL = url
         yield url
 
 

@@ -24,6 +24,7 @@ from django.db import DataError, IntegrityError, connection, transaction
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from fleet.redis import get_redis
 from fleet.services.registry import registry_publish_on_commit, registry_republish_missing
+from fleet.signals import station_events_applied
 from ocpp_gateway.envelopes import (
     EVENT_CONSUMER_GROUP,
     EVENT_STREAM,
@@ -277,15 +278,23 @@ def _events_apply(items: list[_Incoming]) -> int:
         stations = _stations_lock({item.event.station for item in fresh})
         changed: dict[int, ChargingStation] = {}
         boots: dict[tuple[int, int], datetime] = {}
+        booted: set[int] = set()
+        status_changed: dict[int, ChargingStation] = {}
         for item in fresh:
             station = stations[item.event.station]
             backend = backends[item.event.csms]
+            if item.event.kind is EventKind.BOOT:
+                # Any answer: a migration waits for a rejected or pending boot on its target
+                # as much as for an accepted one.
+                booted.add(station.pk)
             if not _inventory_may_change(item.event):
                 if _rejection_merge(station, item, backend):
                     changed[station.pk] = station
                 continue
             if _station_merge(station, item, backend):
                 changed[station.pk] = station
+                if item.event.kind is EventKind.STATUS:
+                    status_changed[station.pk] = station
             if item.event.kind is EventKind.BOOT:
                 key = (station.pk, backend.pk)
                 boots[key] = max(boots.get(key, item.at), item.at)
@@ -312,7 +321,29 @@ def _events_apply(items: list[_Incoming]) -> int:
             # Two consumers may apply one re-delivered entry at once; both merges agree.
             ignore_conflicts=True,
         )
+        _announce_on_commit(
+            booted, {pk: station.connector_status for pk, station in status_changed.items()}
+        )
     return len(fresh)
+
+
+def _announce_on_commit(booted: set[int], connectors: dict[int, dict[str, Any]]) -> None:
+    """Tell the other apps what the batch changed once it is committed (fleet.signals)."""
+    if not booted and not connectors:
+        return
+
+    def send() -> None:
+        results = station_events_applied.send_robust(
+            sender=ChargingStation, booted=frozenset(booted), connectors=connectors
+        )
+        for receiver, result in results:
+            if isinstance(result, Exception):
+                # The events are in the inventory; whoever waited on them looks again later.
+                logger.warning(
+                    "receiver %r of station_events_applied raised", receiver, exc_info=result
+                )
+
+    transaction.on_commit(send)
 
 
 def _stations_lock(identities: set[str]) -> dict[str, ChargingStation]:

@@ -16,7 +16,7 @@ from django.utils import timezone
 from fleet.models import ChargingStation, CsmsBackend
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
-from migrations_app.services import liveness, progress, workflow
+from migrations_app.services import liveness, progress, wakes, workflow
 from migrations_app.services.dispatch import (
     drive_ran,
     enqueue_drive,
@@ -35,9 +35,11 @@ DRIVE_SAFETY_SECONDS = 15.0
 OFFLINE_POLL_SECONDS = 5.0
 
 
-# On a recovery, a station untouched this long (and not running on a live worker) has lost
-# its step task: longer than a waiting step's longest poll countdown (5 s) and a busy
-# queue's delay.
+# On a recovery, a station untouched this long (and not running on a live worker) may have
+# lost its step task with the dead worker. A waiting step's timer may be longer (up to
+# MIGRATION_WAIT_TIMER_SECONDS): such a station is re-driven too, which is harmless (its
+# run stays, and its timers are one again at the next due time), and the second pass of a
+# recovery, this long after the first, finds every station whose timer died.
 RECOVER_GRACE_SECONDS = 10.0
 
 
@@ -382,6 +384,9 @@ def redrive_stale(migrations, stale_seconds: float | None = None) -> int:
                 id=migration_id, state=state, updated_at__lt=stale_before
             ).update(updated_at=timezone.now())
             if claimed:
+                # Its wait's timer, if any, is taken for lost: the re-driven step sets a new
+                # one when it stays (forgotten first: the step runs once this commits).
+                wakes.timers_forget([(migration_id, state)])
                 enqueue_step(migration_id, identity, state)
                 sent += 1
     return sent

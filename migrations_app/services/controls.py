@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from fleet.models import CsmsBackend
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
-from migrations_app.services import workflow
+from migrations_app.services import wakes, workflow
 from migrations_app.services.batches import BatchOptions, batch_create
 from migrations_app.services.dispatch import enqueue_drive
 from migrations_app.services.transitions import transition_many
@@ -57,6 +57,7 @@ def batch_resume(*, batch_id: int, user: Any) -> MigrationBatch:
             batch=batch, user=user, kind=BatchAction.Kind.RESUME, detail=f"was: {detail}"
         )
         enqueue_drive(batch.id)
+        wakes.wake_held(batch.id)  # the stations the pause held go on now
     return batch
 
 
@@ -64,6 +65,10 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
     """Stations not started are cancelled; started ones stop at their next safe point."""
     with transaction.atomic():
         batch = _locked(batch_id, {BatchState.RUNNING, BatchState.PAUSED}, "cancel")
+        if batch.state == BatchState.PAUSED:
+            # The stations the pause holds stop now (a running batch's stations are
+            # mid-step: they stop at their next one, without a second run of this one).
+            wakes.wake_held(batch.id)
         # Later states first: a station that moves on meanwhile (back online: pending) is
         # met again by the next pass instead of left behind.
         queued = [state for state in workflow.STATE_ORDER if state in workflow.QUEUED]

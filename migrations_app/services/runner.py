@@ -10,7 +10,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services import workflow
+from migrations_app.services import wakes, workflow
 from migrations_app.services.dispatch import drive_soon
 from migrations_app.services.steps import (
     OFFLINE_RETRY_SECONDS,
@@ -18,13 +18,13 @@ from migrations_app.services.steps import (
     Unreachable,
     fail,
     restore,
+    wait_timer,
 )
 from migrations_app.services.transitions import count_attempt, touch, transition
 from ocpp_gateway.client import StationOffline
 
 State = StationMigration.State
 BatchState = MigrationBatch.State
-PAUSED_POLL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ def run_step(
         outcome = _held_by_batch(migration, state) or _run_handler(migration, state)
         if outcome.state is None:
             touch(migration.id, state, **outcome.fields)
+            if not wakes.timer_needed(migration.id, state, outcome.countdown):
+                return None  # a timer due no later is on its way (a woken run stays)
             return Followup(migration.id, migration.station.identity, state, outcome.countdown)
         if not _move(migration, state, outcome):
             return None
@@ -136,7 +138,8 @@ def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
     ):
         return None
     if batch_state == BatchState.PAUSED:
-        return Next(None, countdown=PAUSED_POLL_SECONDS)
+        # A resume or a cancel wakes it (wakes.wake_held): its timer is only the safety net.
+        return Next(None, countdown=wait_timer(float("inf")))
     # In setting_priority the free slot already holds the new URL: put back what was there.
     restored = restore(migration, state, priority=False) if state == State.SETTING_PRIORITY else ""
     return Next(State.CANCELLED, f"batch cancelled{restored}")

@@ -78,8 +78,11 @@ BUSY_STATUSES = frozenset(
     }
 )
 OFFLINE_RETRY_SECONDS = 2.0
-IDLE_POLL_SECONDS = 5.0
-BOOT_POLL_MAX_SECONDS = 5.0
+# With the boot records lost (Redis came back empty) no event says where the station went:
+# it is asked, at most this often.
+LOST_RECORDS_POLL_SECONDS = 5.0
+# A timer set for a deadline runs a little after it, not a hair before.
+DEADLINE_MARGIN_SECONDS = 0.1
 # Settle time beyond the station's NetworkProfileConnectionTimeoutSec, and that timeout
 # when the station did not report it (a usual firmware default).
 SETTLE_MARGIN_SECONDS = 5.0
@@ -452,8 +455,24 @@ def wait_idle(m: StationMigration) -> Next:
             f"busy: a charging session was still in progress after "
             f"{m.batch.idle_wait_seconds}s (connectors {', '.join(busy)}){restored}",
         )
+    # The StatusNotification that leaves no connector busy wakes it (wakes.py); the timer
+    # is for the idle limit.
     left = (wait_until - timezone.now()).total_seconds()
-    return Next(None, countdown=min(IDLE_POLL_SECONDS, left), fields={"wait_until": wait_until})
+    return Next(None, countdown=wait_timer(left), fields={"wait_until": wait_until})
+
+
+def wait_timer(seconds: float) -> float:
+    """When a waiting step looks again on its own: at its deadline, ``seconds`` away.
+
+    The events it waits for wake it (migrations_app.services.wakes); its own timer is for
+    the deadline, and makes up for a wake that was lost (a worker killed between ingesting
+    and waking). Capped at MIGRATION_WAIT_TIMER_SECONDS and at half the step lease: every
+    look touches the migration, so a waiting station never looks stale to redrive_stale,
+    and a countdown stays far below the broker's visibility timeout (1 h), past which a
+    held task is delivered again.
+    """
+    cap = min(settings.MIGRATION_WAIT_TIMER_SECONDS, settings.MIGRATION_STEP_LEASE_SECONDS / 2)
+    return max(0.0, min(seconds + DEADLINE_MARGIN_SECONDS, cap))
 
 
 def reset(m: StationMigration) -> Next:
@@ -564,7 +583,7 @@ def verify_boot(m: StationMigration) -> Next:
             f"no BootNotification on {target} within {m.batch.boot_timeout_seconds}s of the "
             f"Reset{_restore_via_source(m)}",
         )
-    return Next(None, countdown=_poll_countdown(m))
+    return Next(None, countdown=_boot_timer(m, records_lost=boots.records_lost))
 
 
 def _refusal(m: StationMigration, boot: dict[str, Any]) -> str:
@@ -592,7 +611,8 @@ def _refusal(m: StationMigration, boot: dict[str, Any]) -> str:
 def _pending(m: StationMigration, boot: dict[str, Any]) -> Next:
     """The target answered Pending (it does not know the station yet): wait for its verdict."""
     if not _boot_timed_out(m):
-        return Next(None, countdown=_poll_countdown(m))
+        # Its next boot (the target's verdict) wakes it.
+        return Next(None, countdown=_boot_timer(m, records_lost=False))
     reason = boot.get("reason") or "no reason given"
     return fail(
         State.AWAITING_BOOT,
@@ -611,18 +631,25 @@ def _await_on_source(m: StationMigration, boots: Boots, failure: str) -> Next:
     found_on_source = boots.records_lost and source and _locate(m) == source
     if found_on_source or _boot_timed_out(m):
         return fail(State.AWAITING_BOOT, failure + _restore_via_source(m))
-    return Next(None, countdown=_poll_countdown(m), fields={"verify_failure": failure})
+    # Its boot on the source wakes it.
+    return Next(
+        None,
+        countdown=_boot_timer(m, records_lost=boots.records_lost),
+        fields={"verify_failure": failure},
+    )
 
 
 def _settle(m: StationMigration, *, record_lost: bool) -> Next:
-    """Accepted on the target by the same hardware: confirm it stayed after the settle time."""
+    """Accepted on the target by the same hardware: confirm it stayed after the settle time.
+
+    The settle is a timer: staying is what it checks. A fall back meanwhile is a boot on
+    the source, which wakes the step and fails it at once (verify_boot).
+    """
     now = timezone.now()
     settle_until = m.settle_until or now + timedelta(seconds=settle_seconds(m))
     if now < settle_until:
         left = (settle_until - now).total_seconds()
-        return Next(
-            None, countdown=min(left, BOOT_POLL_MAX_SECONDS), fields={"settle_until": settle_until}
-        )
+        return Next(None, countdown=wait_timer(left), fields={"settle_until": settle_until})
     return _confirm(m, record_lost=record_lost)
 
 
@@ -715,11 +742,15 @@ def _boot_timed_out(m: StationMigration) -> bool:
     return time.time() - m.reset_sent_at > m.batch.boot_timeout_seconds
 
 
-def _poll_countdown(m: StationMigration) -> float:
-    # Poll often at first (a simulated reboot takes a second), then back off: a real
-    # station takes a minute or two and a thousand of them should not flood the queue.
+def _boot_timer(m: StationMigration, *, records_lost: bool) -> float:
+    """Until the boot timeout: a boot on the target or the source wakes the step sooner.
+
+    Without boot records (lost with Redis's data) no boot will come for a station that
+    already booted: it is asked where it is (``_locate``) every few seconds instead.
+    """
     assert m.reset_sent_at is not None
-    return min(max((time.time() - m.reset_sent_at) / 4, 0.5), BOOT_POLL_MAX_SECONDS)
+    left = m.reset_sent_at + m.batch.boot_timeout_seconds - time.time()
+    return min(wait_timer(left), LOST_RECORDS_POLL_SECONDS) if records_lost else wait_timer(left)
 
 
 def settle_seconds(m: StationMigration) -> float:
@@ -830,9 +861,14 @@ def cleanup(m: StationMigration) -> Next:
 
 def busy_connectors(m: StationMigration) -> list[str]:
     m.station.refresh_from_db(fields=["connector_status"])
+    return connectors_busy(m.station.connector_status or {})
+
+
+def connectors_busy(connector_status: dict[str, Any]) -> list[str]:
+    """The connectors (not 0, the station itself) with a car plugged in, from the inventory."""
     return sorted(
         connector
-        for connector, info in (m.station.connector_status or {}).items()
+        for connector, info in connector_status.items()
         if connector != "0" and (info or {}).get("status") in BUSY_STATUSES
     )
 
