@@ -103,6 +103,7 @@ def _move(migration: StationMigration, state: str, outcome: Next) -> bool:
         outcome.state,
         reason=outcome.reason,
         apply=outcome.apply,
+        instance=migration,
         **outcome.fields,
     )
     if moved and outcome.state not in workflow.ACTIVE:
@@ -169,19 +170,11 @@ def load_group(migration_ids: list[int]) -> dict[int, StationMigration]:
     return _loading().in_bulk(migration_ids)
 
 
-# The migration's own columns: refreshing a foreign key would drop the station, batch and
-# CSMS already loaded (Django clears a refreshed relation's cache), and each would then be
-# read again by the next handler.
-_OWN_FIELDS = [
-    field.attname for field in StationMigration._meta.concrete_fields if not field.is_relation
-]
-
-
 def _refresh(migration: StationMigration, next_state: str) -> None:
-    """Read again what the last step wrote, before the next step runs in the same task."""
-    migration.refresh_from_db(fields=_OWN_FIELDS)
+    """Before the next step runs in the same task: the transition has set what it wrote on
+    the migration (transitions.transition's instance), so only the batch may have changed
+    under it, and only a stoppable step reads that (an operator's pause or cancel)."""
     if next_state in workflow.STOPPABLE:
-        # An operator may have paused or cancelled the batch meanwhile (_held_by_batch).
         migration.batch.refresh_from_db(fields=["state"])
 
 

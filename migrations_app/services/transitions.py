@@ -30,13 +30,15 @@ def transition(
     *,
     reason: str = "",
     apply: Callable[[], None] | None = None,
+    instance: StationMigration | None = None,
     **fields: Any,
 ) -> bool:
     """Move the migration from from_state to to_state; False if it was no longer there.
 
     A conditional update instead of read-then-write: when two workers run the same step (a
     redelivered task), exactly one of them moves the station on. ``apply`` runs in the same
-    transaction, only for the one that moved it.
+    transaction, only for the one that moved it. ``instance``, the migration as the caller
+    holds it, gets what was written, so a step run straight on need not read it again.
     """
     now = timezone.now()
     changes = _changes(from_state, to_state, reason, now, fields)
@@ -53,6 +55,9 @@ def transition(
             if apply is not None:
                 apply()
             progress.count_move(migration_id, from_state, to_state)
+    if moved and instance is not None:
+        for name, value in changes.items():
+            setattr(instance, name, value)
     return bool(moved)
 
 
