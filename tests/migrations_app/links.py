@@ -124,9 +124,9 @@ def rejecting(key: str, *, unless: str | None = None, answer: Any = REJECTED) ->
 class Firmware:
     """A station's configuration keys as a Script.
 
-    GetConfiguration reads them; ChangeConfiguration writes them and answers Accepted,
-    unless ``refuse`` answers it first (then nothing is written). Any other request gets
-    ``answers[type(request)]``, or fails the test.
+    ``answers[type(request)]`` answers that type of request; otherwise GetConfiguration
+    reads the keys and ChangeConfiguration writes one and answers Accepted, unless
+    ``refuse`` answers it first (then nothing is written). Any other request fails the test.
     """
 
     def __init__(
@@ -141,6 +141,8 @@ class Firmware:
         self.answers = dict(answers or {})
 
     def __call__(self, request: Any) -> Any:
+        if type(request) in self.answers:
+            return self.answers[type(request)]
         if isinstance(request, call.GetConfiguration):
             keys = request.key if request.key is not None else list(self.config)
             unknown = [key for key in keys if key not in self.config]
@@ -158,5 +160,4 @@ class Firmware:
                 return refusal
             self.config[request.key] = request.value
             return call_result.ChangeConfiguration(status=ConfigurationStatus.accepted)
-        assert type(request) in self.answers, f"the station was not expected to get {request}"
-        return self.answers[type(request)]
+        raise AssertionError(f"the station was not expected to get {request}")

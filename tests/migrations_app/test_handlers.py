@@ -34,7 +34,7 @@ from migrations_app.services.batches import BatchOptions, batch_create
 from migrations_app.services.exchanges import station_link
 from migrations_app.services.liveness import gateway_channels
 from migrations_app.services.plan import PRIORITY, PROFILE_1, PROFILE_2
-from migrations_app.services.runner import run_step
+from migrations_app.services.runner import run_step, step_raised
 from migrations_app.services.steps import (
     cleanup,
     reset,
@@ -580,21 +580,37 @@ def test_an_accepted_boot_from_the_same_hardware_settles_then_is_confirmed_throu
 
 
 @pytest.mark.django_db
-def test_the_old_priority_through_the_target_fails_and_nothing_is_sent_through_it(
-    awaiting_boot, redis_client
+@pytest.mark.parametrize(
+    "config, answers, told",
+    [
+        (
+            {**ARMED, PRIORITY: ORIGINAL[PRIORITY]},
+            {},
+            f"the station answers through {TARGET} with {PRIORITY}={ORIGINAL[PRIORITY]!r}, "
+            f"not {PROFILE_2} first",
+        ),
+        (
+            ARMED,
+            {call.GetConfiguration: call_error("NotSupported")},
+            f"the station is on {TARGET} but did not tell its priority "
+            "(station answered CALLERROR NotSupported)",
+        ),
+    ],
+    ids=["old priority", "no priority"],
+)
+def test_a_station_on_the_target_not_running_its_new_profile_fails_and_gets_nothing_through_it(
+    awaiting_boot, redis_client, config, answers, told
 ):
+    # A rollback through the target would cut off a station that is working there.
     migration = _settled(awaiting_boot())
     _booted(redis_client, TARGET)
-    station = ScriptedStation(Firmware({**ARMED, PRIORITY: ORIGINAL[PRIORITY]}), csms=TARGET)
+    station = ScriptedStation(Firmware(config, answers=answers), csms=TARGET)
 
     with station_link(station):
         next_ = verify_boot(migration)
 
     assert next_.state == State.FAILED
-    assert next_.reason == (
-        f"the station answers through {TARGET} with {PRIORITY}={ORIGINAL[PRIORITY]!r}, not "
-        f"{PROFILE_2} first; ROLLBACK INCOMPLETE: never sent through the target"
-    )
+    assert next_.reason == f"{told}; ROLLBACK INCOMPLETE: never sent through the target"
     assert _sent(station) == [(call.GetConfiguration(key=[PRIORITY]), TARGET)]
 
 
@@ -849,3 +865,48 @@ def test_cleanup_blanks_the_old_slot_through_the_target_only():
     assert next_.state == State.DONE
     assert firmware.config[PROFILE_1] == ""
     assert _sent(station) == [(call.ChangeConfiguration(key=PROFILE_1, value=""), TARGET)]
+
+
+# --- the runner's failure paths ----------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_station_offline_at_its_reset_gives_the_claim_back_and_fails_when_the_wait_ends(
+    target_gateway_up,
+):
+    migration = _migration(State.RESETTING, wait_until=timezone.now() - timedelta(seconds=1))
+    station = ScriptedStation(Firmware(ARMED), csms="")
+
+    with station_link(station):
+        run_step(migration.id, State.RESETTING)
+
+    failed = _reload(migration)
+    assert failed.state == State.FAILED
+    assert failed.failed_step == State.RESETTING
+    assert failed.reason.startswith("offline: no gateway holds the station")
+    assert f"ROLLBACK INCOMPLETE: {PRIORITY} not restored" in failed.reason
+    assert failed.reset_sent_at is None  # nothing reached the station: no Reset is pending
+    assert _sent(station) == [RESET, ROLLBACK[0]]
+    assert _recorded(migration) == [
+        (State.RESETTING, "Reset", "", "offline"),
+        (f"{State.RESETTING}:rollback", "ChangeConfiguration", "", "offline"),
+    ]
+
+
+@pytest.mark.django_db
+def test_a_step_that_keeps_raising_after_the_reset_fails_with_the_rollback_through_the_source(
+    redis_client, settings
+):
+    settings.MIGRATION_STEP_MAX_ATTEMPTS = 1
+    migration = _migration(State.AWAITING_BOOT, reset_sent_at=time.time() - 5)
+    firmware = Firmware(ARMED)
+    station = ScriptedStation(firmware, csms=SOURCE)
+
+    with station_link(station):
+        step_raised(migration.id, State.AWAITING_BOOT, KeyError("event_id"))
+
+    failed = _reload(migration)
+    assert failed.state == State.FAILED
+    assert failed.reason == "the step raised KeyError: 'event_id' (1 attempts)" + RESTORED
+    assert _sent(station) == ROLLBACK
+    assert firmware.config == ORIGINAL
