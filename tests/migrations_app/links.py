@@ -5,17 +5,22 @@ call a handler makes to it instead of through Redis and the gateways: no process
 sockets, and every exchange is still recorded as in production. It answers as the command
 bridge would: the station's result through the gateway of the CSMS it is on, and a
 gateway's "not here" when a call is addressed to another CSMS (a rollback never reaches a
-station on the target, and the other way round).
+station on the target, and the other way round), and StationOffline when it is on none.
+``Firmware`` is a script that keeps the station's configuration keys.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ocpp.v16 import call, call_result
+from ocpp.v16.enums import ConfigurationStatus
+
+from ocpp_gateway.client import StationOffline
 from ocpp_gateway.envelopes import Outcome, Reply, payload_of
 
 # What a script answers to one request: a call_result dataclass (the station's CALLRESULT)
@@ -31,7 +36,10 @@ class Sent:
 
 @dataclass
 class ScriptedStation:
-    """A station on ``csms`` that answers each request with ``script(request)``."""
+    """A station on ``csms`` that answers each request with ``script(request)``.
+
+    ``csms`` "": no gateway holds it (offline). A test moves the station by setting it.
+    """
 
     script: Script
     csms: str = "csms-1"
@@ -41,6 +49,8 @@ class ScriptedStation:
 
     def call(self, identity: str, request: Any, *, timeout: float, csms: str) -> Reply:
         self.sent.append(Sent(request, csms))
+        if not self.csms:
+            raise StationOffline(identity)
         now = time.time()
         reply = Reply(
             command_id=str(uuid.uuid4()),
@@ -81,3 +91,73 @@ def call_error(code: str, description: str = "") -> Reply:
         error_code=code,
         error_description=description,
     )
+
+
+def no_answer(description: str = "the station did not answer") -> Reply:
+    """A script's answer: the call went out and no answer came (it may have been obeyed)."""
+    return Reply(
+        command_id="",
+        station="",
+        csms="",
+        outcome=Outcome.TIMEOUT,
+        error_description=description,
+    )
+
+
+# A ChangeConfiguration refusal: what Firmware answers a write it does not take.
+REJECTED = call_result.ChangeConfiguration(status=ConfigurationStatus.rejected)
+# What Firmware answers a ChangeConfiguration instead of taking it; None: it takes it.
+Refusal = Callable[[call.ChangeConfiguration], Any | None]
+
+
+def rejecting(key: str, *, unless: str | None = None, answer: Any = REJECTED) -> Refusal:
+    """A Firmware refusal: writes of ``key`` get ``answer`` (except of the value ``unless``)."""
+
+    def refuse(request: call.ChangeConfiguration) -> Any | None:
+        if request.key == key and request.value != unless:
+            return answer
+        return None
+
+    return refuse
+
+
+class Firmware:
+    """A station's configuration keys as a Script.
+
+    ``answers[type(request)]`` answers that type of request; otherwise GetConfiguration
+    reads the keys and ChangeConfiguration writes one and answers Accepted, unless
+    ``refuse`` answers it first (then nothing is written). Any other request fails the test.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, str],
+        *,
+        refuse: Refusal | None = None,
+        answers: Mapping[type, Any] | None = None,
+    ) -> None:
+        self.config = dict(config)
+        self.refuse = refuse
+        self.answers = dict(answers or {})
+
+    def __call__(self, request: Any) -> Any:
+        if type(request) in self.answers:
+            return self.answers[type(request)]
+        if isinstance(request, call.GetConfiguration):
+            keys = request.key if request.key is not None else list(self.config)
+            unknown = [key for key in keys if key not in self.config]
+            return call_result.GetConfiguration(
+                configuration_key=[
+                    {"key": key, "readonly": False, "value": self.config[key]}
+                    for key in keys
+                    if key in self.config
+                ],
+                unknown_key=unknown or None,
+            )
+        if isinstance(request, call.ChangeConfiguration):
+            refusal = self.refuse(request) if self.refuse else None
+            if refusal is not None:
+                return refusal
+            self.config[request.key] = request.value
+            return call_result.ChangeConfiguration(status=ConfigurationStatus.accepted)
+        raise AssertionError(f"the station was not expected to get {request}")
