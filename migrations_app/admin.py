@@ -224,8 +224,8 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def sources(self, batch: MigrationBatch) -> str:
         if batch.source is not None:
             return batch.source.name
-        # Annotated by batch_list (get_queryset); the model does not declare them.
-        first, last = batch.first_source, batch.last_source  # type: ignore[attr-defined]
+        first = batch.first_source  # type: ignore[attr-defined]  # annotated by batch_list
+        last = batch.last_source  # type: ignore[attr-defined]  # annotated by batch_list
         if first is None:
             return "-"
         return first if first == last else "several"

@@ -29,7 +29,7 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         # workers: point the project's Celery app at this server before its first use.
         from fleet.celery import app
 
-        app.conf.broker_url = url
+        app.conf["broker_url"] = url
         yield url
 
 
