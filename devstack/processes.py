@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -43,9 +43,14 @@ logger = logging.getLogger(__name__)
 
 
 def wait_until(
-    condition: Callable[[], T], timeout: float, what: str, *, interval: float = 0.05
+    condition: Callable[[], T | Literal[False] | None],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.05,
 ) -> T:
-    """Poll ``condition()`` until it is truthy and return its value.
+    """Poll ``condition()`` until it is truthy and return its value (so neither None nor
+    False: a condition may be ``ready and value`` or ``value if ready else None``).
 
     Raises TimeoutError naming ``what`` (e.g. "gateway csms-1 to listen") after ``timeout``
     seconds; the condition is tried once more at the deadline.
@@ -61,7 +66,7 @@ def wait_until(
 
 
 async def wait_until_async(
-    condition: Callable[[], T],
+    condition: Callable[[], T | Literal[False] | None],
     timeout: float,  # noqa: ASYNC109 - the same deadline argument as wait_until's
     what: str,
     *,
@@ -115,8 +120,8 @@ def start(
     Stop it with ``stop``.
     """
     environment = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
-    try:
+    # Closed here once started: the child has its own copy.
+    with open(log, "ab") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:
         return subprocess.Popen(
             args,
             cwd=ROOT,
@@ -125,9 +130,6 @@ def start(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    finally:
-        if log:
-            out.close()
 
 
 def group_members(pgid: int) -> list[int]:
@@ -156,10 +158,12 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
+    # start() passes a list; Popen's args may also be one string or path.
+    command = proc.args[:3] if isinstance(proc.args, list) else [proc.args]
     try:
-        wait_until(gone, timeout, f"process group {proc.pid} ({proc.args[:3]}) to exit")
+        wait_until(gone, timeout, f"process group {proc.pid} ({command}) to exit")
     except TimeoutError:
-        logger.warning("%s did not stop within %ss of SIGTERM; killing it", proc.args[:3], timeout)
+        logger.warning("%s did not stop within %ss of SIGTERM; killing it", command, timeout)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout)

@@ -117,11 +117,11 @@ class CsmsBackendAdmin(admin.ModelAdmin):
 
     @admin.display(description="stations", ordering="station_count")
     def station_count(self, backend: CsmsBackend) -> int:
-        return backend.station_count  # type: ignore[attr-defined]
+        return backend.station_count  # type: ignore[attr-defined]  # annotated by csms_backend_list
 
     @admin.display(description="connected", ordering="connected_count")
     def connected_count(self, backend: CsmsBackend) -> int:
-        return backend.connected_count  # type: ignore[attr-defined]
+        return backend.connected_count  # type: ignore[attr-defined]  # annotated by csms_backend_list
 
 
 class RegistrationInline(admin.TabularInline):
@@ -240,11 +240,11 @@ class RegistrationAdmin(admin.ModelAdmin):
             return ()
         return ("station", "csms", "state", "state_changed_at", "has_password")
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         fields = ["station", "csms", "state", "serial_number", "password", "clear_password"]
         if obj is not None:
             fields[3:3] = ["state_changed_at", "has_password"]
-        return fields
+        return tuple(fields)
 
     @admin.display(description="password", boolean=True)
     def has_password(self, registration: Registration) -> bool:

@@ -94,7 +94,8 @@ class CsmsBackendForm(forms.ModelForm):
             raise forms.ValidationError(str(exc)) from exc
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         if cleaned.get("clear_root_ca") and cleaned.get("root_ca_file"):
             raise forms.ValidationError(
                 "Either upload a root CA certificate or remove it, not both."

@@ -35,3 +35,9 @@ def get_redis() -> redis.Redis:
                 )
                 _clients[url] = client
     return client
+
+
+def as_text(value: bytes | str) -> str:
+    """A reply item as text: this client returns bytes (no decode_responses), which
+    redis-py's types cannot tell from str."""
+    return value.decode() if isinstance(value, bytes) else value

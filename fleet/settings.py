@@ -7,6 +7,7 @@ DEBUG         default off
 ALLOWED_HOSTS default: localhost,127.0.0.1 (comma separated)
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -157,11 +158,14 @@ MIGRATION_STEP_GROUP_BUDGET_SECONDS = OCPP_COMMAND_TIMEOUT
 # A step sends at most four commands that may each wait their deadline plus the reply grace
 # (verification: the confirmation, a look for the station, a two-write rollback), and may
 # start just before its group's budget ends: past that it is interrupted, and the hard limit
-# leaves its failure path time for a rollback.
-MIGRATION_STEP_SOFT_TIME_LIMIT = (
+# leaves its failure path time for a rollback. Whole seconds, rounded up (Celery's limits
+# are typed int).
+MIGRATION_STEP_SOFT_TIME_LIMIT = math.ceil(
     MIGRATION_STEP_GROUP_BUDGET_SECONDS + 4 * (OCPP_COMMAND_TIMEOUT + 1) + 10
 )
-MIGRATION_STEP_HARD_TIME_LIMIT = MIGRATION_STEP_SOFT_TIME_LIMIT + 2 * (OCPP_COMMAND_TIMEOUT + 1) + 5
+MIGRATION_STEP_HARD_TIME_LIMIT = math.ceil(
+    MIGRATION_STEP_SOFT_TIME_LIMIT + 2 * (OCPP_COMMAND_TIMEOUT + 1) + 5
+)
 
 # --- Migrations -------------------------------------------------------------------------
 # First firmware of each version line that has the network profile keys (vendor document).

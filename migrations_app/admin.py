@@ -25,6 +25,7 @@ from django.http import (
     Http404,
     HttpRequest,
     HttpResponse,
+    HttpResponseBase,
     HttpResponseNotAllowed,
     HttpResponseRedirect,
     StreamingHttpResponse,
@@ -223,7 +224,8 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def sources(self, batch: MigrationBatch) -> str:
         if batch.source is not None:
             return batch.source.name
-        first, last = batch.first_source, batch.last_source  # type: ignore[attr-defined]
+        first = batch.first_source  # type: ignore[attr-defined]  # annotated by batch_list
+        last = batch.last_source  # type: ignore[attr-defined]  # annotated by batch_list
         if first is None:
             return "-"
         return first if first == last else "several"
@@ -234,7 +236,7 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="progress")
     def progress(self, batch: MigrationBatch) -> str:
-        total = batch.total  # type: ignore[attr-defined]
+        total = batch.total  # type: ignore[attr-defined]  # annotated by batch_list
         return _bar(progress_from_segments(total, _list_segment_counts(batch)), small=True)
 
     @admin.display(description="stations")
@@ -251,7 +253,7 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         )
 
     def get_urls(self) -> list[Any]:
-        def view(func: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        def view(func: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
             return self.admin_site.admin_view(func)
 
         name = "migrations_app_migrationbatch"
@@ -405,7 +407,7 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 def _list_segment_counts(batch: Any) -> dict[str, int]:
     """Stations per bar segment from batch_list's annotations (all but the in-flight one,
     which is the rest of the total)."""
-    counts = {
+    counts: dict[str, int] = {
         segment: getattr(batch, segment)
         for segment in workflow.Segment
         if segment != workflow.Segment.IN_FLIGHT

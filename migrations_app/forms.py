@@ -178,7 +178,9 @@ class BatchStationFilterForm(forms.Form):
     def __init__(self, *args: Any, failed_steps: list[tuple[str, int]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         labels = dict(StationMigration.State.choices)
-        self.fields["failed_step"].choices = [  # type: ignore[attr-defined]
+        failed_step = self.fields["failed_step"]
+        assert isinstance(failed_step, forms.ChoiceField)
+        failed_step.choices = [
             ("", "any step"),
             *((step, f"{labels.get(step, step)} ({n})") for step, n in failed_steps),
         ]

@@ -28,7 +28,7 @@ from migrations_app.services.liveness import stack_health
 
 def state_counts(migrations: QuerySet[StationMigration]) -> dict[str, int]:
     """How many of these station migrations are in each state (one aggregate query)."""
-    return dict(migrations.values_list("state").annotate(n=Count("id")).order_by())  # type: ignore[arg-type]
+    return dict(migrations.values_list("state").annotate(n=Count("id")).order_by())
 
 
 def batch_counts(batch: MigrationBatch) -> dict[str, int]:
@@ -103,8 +103,8 @@ def station_migration_preview(
             gate[firmware] = firmware_gate(firmware, minimums)
         if csms_id is None:
             no_csms.add(identity)
-        elif gate[firmware]:
-            skips.setdefault(gate[firmware], Bucket(gate[firmware])).add(identity)  # type: ignore[arg-type]
+        elif skip_label := gate[firmware]:
+            skips.setdefault(skip_label, Bucket(skip_label)).add(identity)
         elif not connected:
             offline.add(identity)
         elif target is not None and csms_id == target.id:
@@ -217,7 +217,7 @@ def batch_failed_steps(batch: MigrationBatch) -> list[tuple[str, int]]:
         .annotate(n=Count("id"))
         .order_by("-n", "failed_step")
     )
-    return list(rows)  # type: ignore[arg-type]
+    return list(rows)
 
 
 def batch_actions(batch: MigrationBatch) -> list[BatchAction]:
@@ -251,21 +251,23 @@ class TimelineEntry:
 
 def station_migration_timeline(migration: StationMigration) -> list[TimelineEntry]:
     """Every state change and OCPP exchange of one station migration, in time order."""
-    changes = [(change.at, 0, change.id, change) for change in migration.state_changes.all()]
-    exchanges = [
+    rows: list[tuple[datetime, int, int, StateChange | OcppExchange]] = [
+        (change.at, 0, change.id, change) for change in migration.state_changes.all()
+    ]
+    rows += [
         (exchange.sent_at or exchange.recorded_at, 1, exchange.id, exchange)
         for exchange in migration.exchanges.all()
     ]
-    merged = sorted(changes + exchanges, key=lambda row: row[:3])
+    merged = sorted(rows, key=lambda row: row[:3])
     start = merged[0][0] if merged else None
     return [
         TimelineEntry(
             at=at,
             offset_seconds=(at - start).total_seconds() if start else None,
-            state_change=item if kind == 0 else None,
-            exchange=item if kind == 1 else None,
+            state_change=item if isinstance(item, StateChange) else None,
+            exchange=item if isinstance(item, OcppExchange) else None,
         )
-        for at, kind, _, item in merged
+        for at, _, _, item in merged
     ]
 
 
@@ -360,9 +362,9 @@ def batch_audit_trail(batch: MigrationBatch) -> Iterator[dict[str, Any]]:
     )
     exchanges = (
         {
-            "at": exchange.at,  # type: ignore[attr-defined]
+            "at": exchange.at,
             "record": "ocpp_exchange",
-            "station": exchange.identity,  # type: ignore[attr-defined]
+            "station": exchange.identity,
             "step": exchange.step,
             "action": exchange.action,
             "outcome": exchange.outcome,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, TypedDict
 
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
@@ -116,9 +116,22 @@ def _step_task(name: str):
 # One task per step of the procedure (migrations.read_config, migrations.set_url, ...).
 step_tasks = {name: _step_task(name) for name in TASK_NAMES}
 
+
+class _TaskOptions(TypedDict):
+    """The shared_task options passed as a dict, typed so that each is checked."""
+
+    ignore_result: bool
+    soft_time_limit: int
+    time_limit: int
+    autoretry_for: tuple[type[BaseException], ...]
+    retry_backoff: bool
+    retry_backoff_max: int
+    max_retries: int
+
+
 # Drives, ticks and recoveries read and write a few rows: a minute is plenty. A drive lost
 # to an outage would end the batch's own schedule: retried like a step.
-_HOUSEKEEPING = {
+_HOUSEKEEPING: _TaskOptions = {
     "ignore_result": True,
     "soft_time_limit": 60,
     "time_limit": 90,

@@ -31,7 +31,7 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         # plain broker_url would be ignored (tasks would go to the machine's own Redis).
         from fleet.celery import app
 
-        app.conf.CELERY_BROKER_URL = url
+        app.conf["CELERY_BROKER_URL"] = url
         yield url
 
 

@@ -37,16 +37,18 @@ from urllib.parse import unquote
 from ocpp.exceptions import InternalError
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call_result
+from ocpp.v16.datatypes import IdTagInfo
 from ocpp.v16.enums import Action, AuthorizationStatus, DataTransferStatus, RegistrationStatus
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from devstack.processes import wait_until
 
 logger = logging.getLogger(__name__)
 
-SUBPROTOCOL = "ocpp1.6"
+SUBPROTOCOL = Subprotocol("ocpp1.6")
 _transaction_ids = itertools.count(1000)
 
 
@@ -109,18 +111,20 @@ class _CentralSystem(ChargePoint):
 
     @on(Action.authorize)
     def on_authorize(self, id_tag: str) -> call_result.Authorize:
-        return call_result.Authorize(id_tag_info={"status": AuthorizationStatus.accepted})
+        return call_result.Authorize(id_tag_info=IdTagInfo(status=AuthorizationStatus.accepted))
 
     @on(Action.start_transaction)
     def on_start_transaction(self, **_: Any) -> call_result.StartTransaction:
         return call_result.StartTransaction(
             transaction_id=next(_transaction_ids),
-            id_tag_info={"status": AuthorizationStatus.accepted},
+            id_tag_info=IdTagInfo(status=AuthorizationStatus.accepted),
         )
 
     @on(Action.stop_transaction)
     def on_stop_transaction(self, **_: Any) -> call_result.StopTransaction:
-        return call_result.StopTransaction(id_tag_info={"status": AuthorizationStatus.accepted})
+        return call_result.StopTransaction(
+            id_tag_info=IdTagInfo(status=AuthorizationStatus.accepted)
+        )
 
     @on(Action.meter_values)
     def on_meter_values(self, **_: Any) -> call_result.MeterValues:
@@ -409,14 +413,16 @@ class UpstreamCsms:
         return None
 
     async def _handle(self, connection: ServerConnection) -> None:
-        identity = _identity(connection.request.path)
+        request = connection.request
+        assert request is not None  # the handler runs after the handshake
+        identity = _identity(request.path)
         link = Link(
             identity=identity,
-            path=connection.request.path,
-            headers=dict(connection.request.headers.raw_items()),
+            path=request.path,
+            headers=dict(request.headers.raw_items()),
             subprotocol=connection.subprotocol,
             connection=connection,
-            authorizations=connection.request.headers.get_all("Authorization"),
+            authorizations=request.headers.get_all("Authorization"),
         )
         link.side = _CentralSystem(identity, connection, self)
         self._record(self._links, identity, link)

@@ -20,9 +20,10 @@ from typing import Any
 
 import redis
 from django.db import DataError, IntegrityError, connection, transaction
+from django.db.models import Field, Model
 
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
-from fleet.redis import get_redis
+from fleet.redis import as_text, get_redis
 from fleet.services.registry import registry_publish_on_commit, registry_republish_missing
 from fleet.signals import station_events_applied
 from ocpp_gateway.envelopes import (
@@ -121,6 +122,8 @@ def _read(client: redis.Redis, consumer: str, start: str, count: int) -> list[St
             raise
         _group_ensure(client)
         return []
+    # RESP2, the client's protocol: [[stream, entries]], or None when nothing is new.
+    assert reply is None or isinstance(reply, list)
     return [entry for _stream, entries in reply or [] for entry in entries]
 
 
@@ -188,7 +191,7 @@ def _consumers_forget_dead(client: redis.Redis) -> None:
     except redis.ResponseError:
         return
     for info in consumers:
-        name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+        name = as_text(info["name"])
         pid = name.removeprefix(prefix)
         if info["pending"] or not name.startswith(prefix) or not pid.isdigit():
             continue
@@ -208,9 +211,9 @@ def _process_alive(pid: int) -> bool:
 
 def _incoming_parse(raw: bytes | str) -> _Incoming:
     event = Event.from_json(raw)
-    if not event.id or len(event.id) > StationEvent._meta.get_field("event_id").max_length:
+    if not event.id or len(event.id) > _max_length(StationEvent, "event_id"):
         raise EnvelopeError(f"event id {event.id!r} is empty or too long")
-    identity_max = ChargingStation._meta.get_field("identity").max_length
+    identity_max = _max_length(ChargingStation, "identity")
     if not event.station or len(event.station) > identity_max or not event.station.isprintable():
         raise EnvelopeError(f"station identity {event.station!r} is empty, too long or unprintable")
     if not event.csms:
@@ -376,10 +379,10 @@ def _stations_save(stations: list[ChargingStation]) -> None:
     stations that took most of a second, against milliseconds for executemany.
     """
     meta = ChargingStation._meta
-    fields = [meta.get_field(name) for name in _STATION_FIELDS]
+    fields = [_column_field(ChargingStation, name) for name in _STATION_FIELDS]
     quote = connection.ops.quote_name
-    assignments = ", ".join(f"{quote(field.column)} = %s" for field in fields)
-    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
+    assignments = ", ".join(f"{quote(_column(field))} = %s" for field in fields)
+    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(_column(meta.pk))} = %s"
     rows = [
         [field.get_db_prep_save(getattr(station, field.attname), connection) for field in fields]
         + [station.pk]
@@ -471,7 +474,7 @@ def _boot_merge(
     station.last_boot_at = at
     station.csms = backend
     for key, attr in _BOOT_FIELDS.items():
-        value = _text(data.get(key), ChargingStation._meta.get_field(attr).max_length)
+        value = _text(data.get(key), _column_field(ChargingStation, attr).max_length)
         # An optional field left out of one boot does not erase what an earlier one said.
         if value:
             setattr(station, attr, value)
@@ -497,8 +500,8 @@ def _rejection_merge(station: ChargingStation, item: _Incoming, backend: CsmsBac
 
 def _status_merge(station: ChargingStation, data: dict[str, Any], at: datetime) -> bool:
     try:
-        connector = int(data.get("connector_id"))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        connector = int(data["connector_id"])
+    except (KeyError, TypeError, ValueError):
         return False
     if connector < 0:
         return False
@@ -579,6 +582,24 @@ def _parse_time(value: object) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         return None
+
+
+def _column_field(model: type[Model], name: str) -> Field[Any, Any]:
+    """A field of `model` stored in a column (get_field also finds reverse relations)."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field), f"{model.__name__}.{name} has no column"
+    return field
+
+
+def _column(field: Field[Any, Any]) -> str:
+    assert field.column is not None, f"{field} has no column"
+    return field.column
+
+
+def _max_length(model: type[Model], name: str) -> int:
+    limit = _column_field(model, name).max_length
+    assert limit is not None, f"{model.__name__}.{name} has no max_length"
+    return limit
 
 
 def _text(value: object, limit: int | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend
@@ -234,7 +235,7 @@ def _count_up_to(batch: MigrationBatch, state: str, limit: int) -> int:
     return batch.stations.filter(state=state).order_by()[:limit].count()
 
 
-def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now) -> int:
+def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now: datetime) -> int:
     room = min(pending, batch.max_in_flight - in_flight)
     if batch.rate_per_minute:
         room = min(room, _rate_room(batch, now))
@@ -306,7 +307,7 @@ def _auto_pause(batch: MigrationBatch, reason: str) -> None:
     BatchAction.objects.create(batch=batch, kind=BatchAction.Kind.AUTO_PAUSE, detail=reason)
 
 
-def _requeue_reconnected(batch: MigrationBatch, now) -> None:
+def _requeue_reconnected(batch: MigrationBatch, now: datetime) -> None:
     """Offline stations queued for their reconnection: back in line, or failed when late."""
     waiting = batch.stations.filter(state=State.WAITING_ONLINE).values_list("id", flat=True)
     transition_many(
@@ -326,7 +327,7 @@ def _requeue_reconnected(batch: MigrationBatch, now) -> None:
     )
 
 
-def _rate_room(batch: MigrationBatch, now) -> int:
+def _rate_room(batch: MigrationBatch, now: datetime) -> int:
     """Starts allowed now: R per sliding minute, spread so a minute does not start at once."""
     last_minute = _started_since(batch, now - timedelta(seconds=60)).count()
     last_tenth = _started_since(batch, now - timedelta(seconds=10)).count()
@@ -334,10 +335,10 @@ def _rate_room(batch: MigrationBatch, now) -> int:
     return min(batch.rate_per_minute - last_minute, per_tenth - last_tenth)
 
 
-def _rate_wait(batch: MigrationBatch, now) -> float | None:
+def _rate_wait(batch: MigrationBatch, now: datetime) -> float | None:
     """Seconds until the rate limit lets one more station start; None if it does now."""
     per_tenth = math.ceil(batch.rate_per_minute / 6)
-    frees = []
+    frees: list[float] = []
     for span, limit in ((60, batch.rate_per_minute), (10, per_tenth)):
         recent = list(
             _started_since(batch, now - timedelta(seconds=span))
@@ -346,23 +347,28 @@ def _rate_wait(batch: MigrationBatch, now) -> float | None:
         )
         if len(recent) >= limit:
             # The start that leaves the window first frees a slot.
-            frees.append((recent[len(recent) - limit] - now).total_seconds() + span)
+            first_out = recent[len(recent) - limit]
+            assert first_out is not None  # _started_since filters on started_at
+            frees.append((first_out - now).total_seconds() + span)
     return max(frees) + 0.05 if frees else None
 
 
-def _started_since(batch: MigrationBatch, since: datetime):
+def _started_since(batch: MigrationBatch, since: datetime) -> QuerySet[StationMigration]:
     """The batch's starts after `since` (the rate keeps them to about one minute's)."""
     return batch.stations.filter(started_at__gt=since)
 
 
-def _until_window_opens(batch: MigrationBatch, now) -> float:
+def _until_window_opens(batch: MigrationBatch, now: datetime) -> float:
+    assert batch.window_start is not None  # only asked when in_window found it closed
     start = dt_combine(now, batch.window_start)
     if start <= now:
         start += timedelta(days=1)
     return (start - now).total_seconds()
 
 
-def redrive_stale(migrations, stale_seconds: float | None = None) -> int:
+def redrive_stale(
+    migrations: QuerySet[StationMigration], stale_seconds: float | None = None
+) -> int:
     """Re-send the step of stations whose state has not moved for longer than the lease.
 
     A step task can vanish with a worker killed outright; the database is the source of

@@ -142,7 +142,7 @@ def batch_migrate_back(*, batch_id: int, user: Any) -> MigrationBatch:
             raise ControlError("its stations came from several CSMS: migrate them back by hand")
         source_id = sources.pop()
     else:
-        source_id = batch.source_id
+        source_id = batch.source.id
     verified = batch.stations.filter(
         state=State.DONE, state_changes__to_state=State.VERIFIED
     ).select_related("station")

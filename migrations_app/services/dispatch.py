@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 
 from django.db import transaction
 from redis import RedisError
@@ -48,7 +49,8 @@ def enqueue_steps(state: str, stations: Sequence[tuple[int, str]], countdown: fl
         (first_id, first_station), *rest = stations[start : start + STEP_GROUP_SIZE]
         kwargs = {"more": [[migration_id, identity] for migration_id, identity in rest]}
         transaction.on_commit(
-            lambda first_id=first_id, first_station=first_station, kwargs=kwargs: app.send_task(
+            partial(
+                app.send_task,
                 name,
                 args=[first_id, first_station, state],
                 kwargs=kwargs if kwargs["more"] else {},

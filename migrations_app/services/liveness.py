@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from redis import RedisError
 
-from fleet.redis import get_redis
+from fleet.redis import as_text, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class StackHealth:
 def stack_health() -> StackHealth:
     client = get_redis()
     try:
-        hosts = sorted(h.decode() for h in client.smembers(WORKERS_KEY))
+        hosts = sorted(as_text(h) for h in client.smembers(WORKERS_KEY))
         pipe = client.pipeline(transaction=False)
         for host in hosts:
             pipe.exists(alive_key(host))
@@ -94,7 +94,7 @@ def stack_health() -> StackHealth:
 def held_by_live_workers() -> set[int]:
     """The migrations whose step a live worker is running: not to be re-driven."""
     client = get_redis()
-    hosts = [h.decode() for h in client.smembers(WORKERS_KEY)]
+    hosts = [as_text(h) for h in client.smembers(WORKERS_KEY)]
     pipe = client.pipeline(transaction=False)
     # No step runs past its hard time limit: an older entry (its removal lost to a Redis
     # error) must not shield a station from the lease for ever.
@@ -176,7 +176,7 @@ def reap_dead_workers() -> list[str]:
     gets it (and asks for a recovery).
     """
     client = get_redis()
-    hosts = [h.decode() for h in client.smembers(WORKERS_KEY)]
+    hosts = [as_text(h) for h in client.smembers(WORKERS_KEY)]
     if not hosts:
         return []
     pipe = client.pipeline(transaction=False)

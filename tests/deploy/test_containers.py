@@ -195,7 +195,9 @@ def interpolate(text: str, env: dict[str, str] | None = None) -> str:
             if text[end] == "}" and depth == 0:
                 break
         body = text[i + 2 : end]
-        name, operator, operand = re.match(r"([A-Za-z_][A-Za-z0-9_]*)(:[-+?])?(.*)$", body).groups()
+        match = re.match(r"([A-Za-z_][A-Za-z0-9_]*)(:[-+?])?(.*)$", body)
+        assert match is not None, f"not a variable: ${{{body}}}"
+        name, operator, operand = match.groups()
         value = env.get(name, "")
         if operator == ":-":
             out.append(value or interpolate(operand, env))
@@ -227,6 +229,7 @@ def depends_on(service_lines: list[str]) -> dict[str, str]:
             name = line.strip().rstrip(":")
             conditions[name] = ""
         elif under and depth == 8 and line.strip().startswith("condition:"):
+            assert name is not None, "a condition before its service"
             conditions[name] = line.split(":", 1)[1].strip()
     return conditions
 

@@ -84,7 +84,7 @@ def private_redis(tmp_path) -> Iterator[Server]:
     args = redis_server_args(port, tmp_path)
     client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
     server = Server(args, tmp_path / "redis.log", lambda: redis_pings(client), "redis-server")
-    server.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
+    server.url = f"redis://127.0.0.1:{port}/0"
     server.start()
     yield server
     server.close()
@@ -96,9 +96,9 @@ def redis_url(private_redis) -> Iterator[str]:
     from fleet.celery import app
 
     session_url = app.conf.broker_url
-    app.conf.broker_url = private_redis.url
+    app.conf["broker_url"] = private_redis.url
     yield private_redis.url
-    app.conf.broker_url = session_url
+    app.conf["broker_url"] = session_url
 
 
 def restartable_gateway(csms: str, redis_url: str, tmp_path: Path, *extra: str) -> Server:
@@ -411,7 +411,7 @@ def test_postgresql_restarted_mid_batch(private_postgres, start_gateway, redis_u
     manage(python("manage.py", "add_csms", "csms-1", source_url, "--open"))
     manage(python("manage.py", "add_csms", "csms-2", target_url))
     log = tmp_path / "worker-pg.log"
-    stack = Stack(source_url, target_url, None, None, None, None)  # type: ignore[arg-type]
+    stack = Stack(source_url, target_url, None, None, None, None)
     specs = [stack.station(f"CP-PG{i:02}") for i in range(10)]
     registrations = tmp_path / "registrations.csv"
     registrations.write_text(

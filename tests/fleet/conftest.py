@@ -42,10 +42,10 @@ def make_event() -> EventFactory:
 
 
 @pytest.fixture
-def publish(redis_client: redis.Redis) -> Callable[..., list[bytes]]:
+def publish(redis_client: redis.Redis) -> Callable[..., list[bytes | str]]:
     """XADD envelopes the way the gateway does; returns the entry ids."""
 
-    def publish(*events: Event) -> list[bytes]:
+    def publish(*events: Event) -> list[bytes | str]:
         return [redis_client.xadd(EVENT_STREAM, {"e": event.to_json()}) for event in events]
 
     return publish

@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from devstack.processes import wait_until
 from ocpp_gateway.envelopes import (
@@ -29,7 +30,7 @@ def publish_registry(
 ) -> None:
     """Register identity -> serial ("" = any) on csms, with optional passwords."""
     passwords = passwords or {}
-    entries = {
+    entries: dict[FieldT, EncodableT] = {
         identity: registry_entry(
             serial, password_digest(passwords[identity]) if identity in passwords else ""
         )
@@ -39,7 +40,7 @@ def publish_registry(
     pipe.delete(registry_key(csms))
     if entries:
         pipe.hset(registry_key(csms), mapping=entries)
-    meta = {
+    meta: dict[FieldT, EncodableT] = {
         "version": str(time.time_ns()),
         "open": "1" if open_admission else "0",
         "published_at": str(time.time()),
@@ -49,7 +50,11 @@ def publish_registry(
 
 
 def stream_events(client: redis.Redis) -> list[Event]:
-    return [Event.from_json(fields[b"e"]) for _, fields in client.xrange(EVENT_STREAM)]
+    events = []
+    for _, fields in client.xrange(EVENT_STREAM) or []:
+        assert fields is not None  # only a deleted entry has none, and XRANGE skips those
+        events.append(Event.from_json(fields[b"e"]))
+    return events
 
 
 def events_of(client: redis.Redis, kind: EventKind, count: int, timeout: float = 5) -> list[Event]:

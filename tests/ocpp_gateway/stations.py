@@ -9,6 +9,7 @@ from typing import Any
 
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
+from ocpp.v16.enums import ConfigurationStatus
 from websockets.asyncio.client import connect
 
 
@@ -32,7 +33,7 @@ class ScriptedStation(ChargePoint):
     def on_change_configuration(self, key: str, value: str):
         if self.change_configuration_error is not None:
             raise self.change_configuration_error
-        return call_result.ChangeConfiguration(status="Accepted")
+        return call_result.ChangeConfiguration(status=ConfigurationStatus.accepted)
 
 
 @contextlib.asynccontextmanager

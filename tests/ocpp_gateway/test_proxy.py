@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from ocpp.exceptions import GenericError
 from ocpp.v16 import call
+from ocpp.v16.enums import MessageTrigger
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -264,7 +265,7 @@ def test_upstream_calls_and_injected_commands_run_together_each_getting_its_own_
             if n == 0:
                 return "remote", upstream.call("CP-1", call.RemoteStartTransaction(id_tag="T1"))
             if n == 1:
-                trigger = call.TriggerMessage(requested_message="StatusNotification")
+                trigger = call.TriggerMessage(requested_message=MessageTrigger.status_notification)
                 return "trigger", upstream.call("CP-1", trigger)
             return "config", upstream.call("CP-1", call.GetConfiguration(key=["ConnectorType"]))
 
@@ -534,7 +535,7 @@ def test_an_unreachable_upstream_refuses_the_station_with_502(start_gateway):
             "csms-2", "--open", "--upstream", mute, "--upstream-connect-timeout", "0.5"
         )
 
-        async def attempt(url: str) -> tuple[int, bytes]:
+        async def attempt(url: str) -> tuple[int, bytes | bytearray]:
             with pytest.raises(InvalidStatus) as refused:
                 async with raw_station(url, "CP-1"):
                     pass

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call_result
+from ocpp.v16.datatypes import IdTagInfo
 from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -67,7 +68,7 @@ class _Station(ChargePoint):
         self._note("StartTransaction", payload)
         return call_result.StartTransaction(
             transaction_id=next(self.csms.transaction_ids),
-            id_tag_info={"status": AuthorizationStatus.accepted},
+            id_tag_info=IdTagInfo(status=AuthorizationStatus.accepted),
         )
 
     @on(Action.stop_transaction)
