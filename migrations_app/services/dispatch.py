@@ -65,7 +65,7 @@ def enqueue_drive(batch_id: int) -> None:
 
 # Stations that end together free their in-flight slots together: one drive refills them
 # all (and starts them in one task), instead of one drive per station that scans the batch.
-DRIVE_COALESCE_SECONDS = 0.1
+DRIVE_COALESCE_SECONDS = 0.25
 
 
 def drive_soon(batch_id: int) -> None:
