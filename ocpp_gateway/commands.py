@@ -145,8 +145,8 @@ _validated_requests: OrderedDict[tuple[str, str], None] = OrderedDict()
 
 async def validate_request(message: Call) -> None:
     """Validate our own CALL against its schema, as the library does (OCPPError when it
-    does not fit), once per distinct action and payload: the schema check is a quarter of
-    the gateway's CPU per command, and the same request goes to every station.
+    does not fit), once per distinct action and payload: jsonschema is the gateway's
+    largest CPU cost per command, and the same request goes to every station.
 
     Only requests that passed are remembered: one that fails is checked (and refused)
     each time. The station's answers are validated every time (run_command).

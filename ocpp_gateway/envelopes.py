@@ -290,7 +290,7 @@ class Reply:
                 "command_id": self.command_id,
                 "station": self.station,
                 "csms": self.csms,
-                "outcome": self.outcome.value,
+                "outcome": self.outcome,
                 "payload": self.payload,
                 "error_code": self.error_code,
                 "error_description": self.error_description,
