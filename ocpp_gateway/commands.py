@@ -9,8 +9,11 @@ answer into a Reply are the same, and live here once.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from functools import lru_cache
 from typing import Any, Protocol
 
 # The library's own camelCase <-> snake_case conversion (public functions of its
@@ -24,6 +27,12 @@ from ocpp_gateway.envelopes import Command, EnvelopeError, Outcome, Reply, paylo
 from ocpp_gateway.registry import BootStatus
 
 OCPP_VERSION = "1.6"
+# How many distinct requests (action and payload) are remembered as valid, and how many
+# distinct payload keys keep their converted spelling: the product sends the same few
+# requests (GetConfiguration of the same keys, one URL per CSMS, Reset Hard) to every
+# station, whose answers use the few dozen key names of the specification.
+VALIDATED_REQUESTS = 256
+CONVERTED_KEYS = 1024
 
 
 class Progress:
@@ -89,9 +98,9 @@ async def run_command(
         message = Call(
             unique_id=unique_id or command.id,
             action=command.action,
-            payload=snake_to_camel_case(payload_of(request)),
+            payload=camel_case_keys(payload_of(request)),
         )
-        await validate_payload(message, OCPP_VERSION)
+        await validate_request(message)
         async with asyncio.timeout(remaining):
             response = await exchange(command, message, progress)
     except TimeoutError:
@@ -128,7 +137,60 @@ async def run_command(
             error_code=error_code(exc),
             error_description=str(exc.description),
         )
-    return reply(Outcome.RESULT, payload=camel_to_snake_case(response.payload))
+    return reply(Outcome.RESULT, payload=snake_case_keys(response.payload))
+
+
+_validated_requests: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+
+async def validate_request(message: Call) -> None:
+    """Validate our own CALL against its schema, as the library does (OCPPError when it
+    does not fit), once per distinct action and payload: jsonschema is the gateway's
+    largest CPU cost per command, and the same request goes to every station.
+
+    Only requests that passed are remembered: one that fails is checked (and refused)
+    each time. The station's answers are validated every time (run_command).
+    """
+    key = (message.action, json.dumps(message.payload, separators=(",", ":")))
+    if key in _validated_requests:
+        _validated_requests.move_to_end(key)
+        return
+    await validate_payload(message, OCPP_VERSION)
+    _validated_requests[key] = None
+    if len(_validated_requests) > VALIDATED_REQUESTS:
+        _validated_requests.popitem(last=False)
+
+
+def snake_case_keys(data: Any) -> Any:
+    """``camel_to_snake_case`` of the library (what ChargePoint.call() applies to a result),
+    with each key's spelling worked out once (its regular expressions are per key)."""
+    if isinstance(data, dict):
+        return {_snake_key(key): snake_case_keys(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [snake_case_keys(value) for value in data]
+    return data
+
+
+def camel_case_keys(data: Any) -> Any:
+    """``snake_to_camel_case`` of the library (what ChargePoint.call() applies to a
+    request), with each key's spelling worked out once."""
+    if isinstance(data, dict):
+        return {_camel_key(key): camel_case_keys(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [camel_case_keys(value) for value in data]
+    return data
+
+
+@lru_cache(maxsize=CONVERTED_KEYS)
+def _snake_key(key: str) -> str:
+    (converted,) = camel_to_snake_case({key: None})
+    return str(converted)
+
+
+@lru_cache(maxsize=CONVERTED_KEYS)
+def _camel_key(key: str) -> str:
+    (converted,) = snake_to_camel_case({key: None})
+    return str(converted)
 
 
 def error_code(error: OCPPError) -> str:

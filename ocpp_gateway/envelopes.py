@@ -155,6 +155,9 @@ def result_of(kind: type[ResultT], payload: dict[str, Any]) -> ResultT | None:
         return None
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _load_object(raw: str | bytes, what: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
@@ -214,7 +217,18 @@ class Command:
         return self.deadline - (time.time() if now is None else now)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # By hand, not dataclasses.asdict (a deep copy of the payload): one per command, on
+        # the sender's and the gateway's hot path. The keys are the fields, in their order.
+        return _compact_json(
+            {
+                "station": self.station,
+                "action": self.action,
+                "payload": self.payload,
+                "deadline": self.deadline,
+                "id": self.id,
+                "csms": self.csms,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Command:
@@ -270,7 +284,22 @@ class Reply:
         return result_of(kind, self.payload)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # By hand, as Command.to_json: one per command on the gateway's hot path.
+        return _compact_json(
+            {
+                "command_id": self.command_id,
+                "station": self.station,
+                "csms": self.csms,
+                "outcome": self.outcome,
+                "payload": self.payload,
+                "error_code": self.error_code,
+                "error_description": self.error_description,
+                "sent_at": self.sent_at,
+                "finished_at": self.finished_at,
+                "sent": self.sent,
+                "boot": self.boot,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Reply:

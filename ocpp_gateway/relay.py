@@ -31,6 +31,8 @@ from ocpp_gateway.envelopes import (
 
 logger = logging.getLogger(__name__)
 
+# At most this many replies in one pipeline (two commands each).
+PUSH_BATCH = 500
 # Runs a command on the station's session, or returns None when this gateway lost it.
 Executor = Callable[[Command], Awaitable[Reply | None]]
 
@@ -57,6 +59,9 @@ class CommandRelay:
         self._allowed = allowed_actions
         self._pubsub = redis.pubsub()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Replies waiting for the pusher task (None when none runs): see _push_outbox.
+        self._outbox: list[Reply] = []
+        self._pusher: asyncio.Future[None] | None = None
         # A channel of our own keeps the pubsub connection open while no station is held.
         self._own_channel = f"ocpp:gateway:{csms}:{uuid.uuid4()}"
         self._wanted: set[str] = {self._own_channel}
@@ -237,19 +242,39 @@ class CommandRelay:
             await self._push(reply)
 
     async def _push(self, reply: Reply) -> None:
-        key = reply_key(reply.command_id)
+        """Queue the reply for the pusher, which sends all replies ready in one pipeline."""
+        self._outbox.append(reply)
+        if self._pusher is None:
+            self._pusher = self._spawn(self._push_outbox())
+
+    async def _push_outbox(self) -> None:
+        # One pipeline (a write and a read) for all replies that finished in the same turn
+        # of the event loop or while the previous pipeline was under way, instead of one
+        # each: the pipeline's round trip was a fifth of the gateway's CPU per command.
+        try:
+            while self._outbox:
+                batch = self._outbox[:PUSH_BATCH]
+                del self._outbox[:PUSH_BATCH]
+                await self._push_batch(batch)
+        finally:
+            self._pusher = None
+
+    async def _push_batch(self, replies: list[Reply]) -> None:
         for attempt in range(5):
             try:
                 pipe = self._redis.pipeline(transaction=False)
-                pipe.rpush(key, reply.to_json())
-                pipe.expire(key, REPLY_TTL_SECONDS)
+                for reply in replies:
+                    key = reply_key(reply.command_id)
+                    pipe.rpush(key, reply.to_json())
+                    pipe.expire(key, REPLY_TTL_SECONDS)
                 async with asyncio.timeout(REDIS_CALL_TIMEOUT):
                     await pipe.execute()
                 return
             except (RedisError, OSError, TimeoutError) as exc:
-                logger.warning("could not push reply %s (%s)", reply.command_id, exc)
+                logger.warning("could not push %d replies (%s)", len(replies), exc)
                 await asyncio.sleep(0.2 * (attempt + 1))
-        logger.error("gave up pushing reply %s; the caller will time out", reply.command_id)
+        for reply in replies:
+            logger.error("gave up pushing reply %s; the caller will time out", reply.command_id)
 
 
 def _text(channel: bytes | str) -> str:
