@@ -73,30 +73,37 @@ def drive_soon(batch_id: int) -> None:
     schedule_drive(batch_id, DRIVE_COALESCE_SECONDS)
 
 
-def drive_key(batch_id: int) -> str:
-    return f"engine:drive:{batch_id}"
+def drive_key(batch_id: int, bound: str = "next") -> str:
+    """The due time of the batch's earliest ("next") or latest ("last") pending drive."""
+    return f"engine:drive:{batch_id}:{bound}"
 
 
 def schedule_drive(batch_id: int, countdown: float) -> bool:
     """Drive the batch again in `countdown` seconds, unless a drive is already due by then.
 
-    One scheduled drive per batch, whatever the number of stations and workers: the due
-    time is kept in Redis, and only an earlier due time sends another. Returns whether it
-    sent one.
+    Few scheduled drives per batch, whatever the number of stations and workers: the due
+    times of the earliest and the latest pending drive are kept in Redis, and a drive is
+    sent only when neither is due by then. Both bounds count: each drive asks for the
+    safety drive 15 s later at its end, and with the earliest alone every coalesced drive
+    (0.25 s) would leave one more safety drive behind. Returns whether it sent one.
     """
     countdown = max(0.0, min(countdown, MAX_DRIVE_COUNTDOWN))
-    due = time.time() + countdown
-    key = drive_key(batch_id)
+    now = time.time()
+    due = now + countdown
     client = get_redis()
     try:
-        # The key outlives its due time a little: a drive lost with its worker is
+        first, last = (float(v) if v else None for v in client.mget(_bounds(batch_id)))
+        if any(bound is not None and now - 1 <= bound <= due + 0.5 for bound in (first, last)):
+            return False
+        # The keys outlive their due time a little: a drive lost with its worker is
         # forgotten soon and the next caller schedules a new one.
         ttl = int(countdown) + 10
-        if not client.set(key, due, nx=True, ex=ttl):
-            current = float(client.get(key) or 0)
-            if current <= due + 0.5:
-                return False
-            client.set(key, due, ex=ttl)
+        pipe = client.pipeline(transaction=False)
+        if first is None or due < first or first < now - 1:
+            pipe.set(drive_key(batch_id, "next"), due, ex=ttl)
+        if last is None or due > last:
+            pipe.set(drive_key(batch_id, "last"), due, ex=ttl)
+        pipe.execute()
     except RedisError as exc:
         # Without the de-duplication a drive may run twice (harmless); without the drive a
         # batch with no beat would never move again. A broker that is down makes send_task
@@ -109,8 +116,15 @@ def schedule_drive(batch_id: int, countdown: float) -> bool:
 
 
 def drive_ran(batch_id: int) -> None:
-    """A scheduled drive is running: the next one may be scheduled."""
+    """A scheduled drive is running: the bounds it was are no longer pending."""
+    client = get_redis()
     try:
-        get_redis().delete(drive_key(batch_id))
+        for key, value in zip(_bounds(batch_id), client.mget(_bounds(batch_id)), strict=True):
+            if value is not None and float(value) <= time.time() + 0.5:
+                client.delete(key)
     except RedisError:
         logger.warning("could not clear batch %s's drive schedule", batch_id, exc_info=True)
+
+
+def _bounds(batch_id: int) -> list[str]:
+    return [drive_key(batch_id, "next"), drive_key(batch_id, "last")]

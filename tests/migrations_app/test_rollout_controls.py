@@ -4,6 +4,7 @@ migrate back, the offline queue, and limits across two worker processes."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import Counter
 
 from django.utils import timezone
@@ -288,6 +289,19 @@ def test_a_batch_keeps_one_scheduled_drive_whatever_asks_for_it(redis_client):
     assert schedule_drive(4242, 20)
     assert not schedule_drive(4242, 25)  # one is already due before then
     assert schedule_drive(4242, 5)  # an earlier slot: sent
-    assert 0 < redis_client.ttl(drive_key(4242)) <= 15
-    drive_ran(4242)
-    assert schedule_drive(4242, 25)
+    assert 0 < redis_client.ttl(drive_key(4242, "next")) <= 15
+    drive_ran(4242)  # not the one due: the schedule stands
+    assert not schedule_drive(4242, 6)
+
+
+def test_the_safety_drive_a_drive_asks_for_is_not_sent_again_and_again(redis_client):
+    """Each drive asks for a safety drive 15 s on, stations that end ask for one at once:
+    the safety drive already on its way covers the next drive's request."""
+    from migrations_app.services.dispatch import drive_ran, schedule_drive
+
+    assert schedule_drive(4343, 15)  # a drive's own safety net
+    assert schedule_drive(4343, 0.2)  # a station ended: drive soon
+    time.sleep(0.3)
+    drive_ran(4343)  # the soon one runs...
+    assert not schedule_drive(4343, 15)  # ...and its safety net is the one pending
+    assert schedule_drive(4343, 0.2)  # the next station's end is sent again
