@@ -145,8 +145,10 @@ def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
     if batch_state == BatchState.PAUSED:
         # A resume or a cancel wakes it (wakes.wake_held): its timer is only the safety net.
         return Next(None, countdown=wait_timer(float("inf")))
-    # In setting_priority the free slot already holds the new URL: put back what was there.
-    restored = restore(migration, state, priority=False) if state == State.SETTING_PRIORITY else ""
+    # In setting_priority the free slot already holds the new URL, and another run of this
+    # step (a wake, a redelivery) may have written the priority: put both back (the priority
+    # first: a priority naming a blanked slot would leave the station no working profile).
+    restored = restore(migration, state, priority=True) if state == State.SETTING_PRIORITY else ""
     return Next(State.CANCELLED, f"batch cancelled{restored}")
 
 

@@ -117,15 +117,17 @@ def test_a_cancel_while_the_priority_write_is_on_its_way_leaves_a_working_first_
     batch = _batch(["CP-1"], State.SETTING_PRIORITY)
     migration = batch.stations.get()
     firmware = Firmware(URL_SET)
-    woken: list[Any] = []
+    writes: list[str] = []
 
     def station(request: Any) -> Any:
         answer = firmware(request)  # the station takes the write; its answer is on its way
-        if isinstance(request, call.ChangeConfiguration) and request.key == PRIORITY and not woken:
-            batch_pause(batch_id=batch.id, user=None)
-            batch_cancel(batch_id=batch.id, user=None)
-            # What wake_held sent on the cancel's commit: the station's step, run now.
-            woken.append(run_step(migration.id, State.SETTING_PRIORITY))
+        if isinstance(request, call.ChangeConfiguration) and request.key == PRIORITY:
+            writes.append(request.value)
+            if len(writes) == 1:
+                batch_pause(batch_id=batch.id, user=None)
+                batch_cancel(batch_id=batch.id, user=None)
+                # What wake_held sent on the cancel's commit: the station's step, run now.
+                run_step(migration.id, State.SETTING_PRIORITY)
         return answer
 
     with station_link(ScriptedStation(station, csms=SOURCE)):
