@@ -47,6 +47,10 @@ def run_step(
     migration = loaded if loaded is not None else _load(migration_id)
     if migration is None or migration.state != expected_state:
         return None  # another run got there first, or it was cancelled
+    if loaded is not None:
+        # Read when the group's task began, maybe the budget's time ago: a pause or cancel
+        # since then must hold or stop this station before it is armed.
+        _refresh(migration, expected_state)
     state = expected_state
     while True:
         outcome = _held_by_batch(migration, state) or _run_handler(migration, state)
@@ -141,8 +145,10 @@ def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
     if batch_state == BatchState.PAUSED:
         # A resume or a cancel wakes it (wakes.wake_held): its timer is only the safety net.
         return Next(None, countdown=wait_timer(float("inf")))
-    # In setting_priority the free slot already holds the new URL: put back what was there.
-    restored = restore(migration, state, priority=False) if state == State.SETTING_PRIORITY else ""
+    # In setting_priority the free slot already holds the new URL, and another run of this
+    # step (a wake, a redelivery) may have written the priority: put both back (the priority
+    # first: a priority naming a blanked slot would leave the station no working profile).
+    restored = restore(migration, state, priority=True) if state == State.SETTING_PRIORITY else ""
     return Next(State.CANCELLED, f"batch cancelled{restored}")
 
 
@@ -171,9 +177,10 @@ def load_group(migration_ids: list[int]) -> dict[int, StationMigration]:
 
 
 def _refresh(migration: StationMigration, next_state: str) -> None:
-    """Before the next step runs in the same task: the transition has set what it wrote on
-    the migration (transitions.transition's instance), so only the batch may have changed
-    under it, and only a stoppable step reads that (an operator's pause or cancel)."""
+    """Before a step runs on a migration read earlier in the same task: the transition has
+    set what it wrote on the migration (transitions.transition's instance), so only the
+    batch may have changed under it, and only a stoppable step reads that (an operator's
+    pause or cancel)."""
     if next_state in workflow.STOPPABLE:
         migration.batch.refresh_from_db(fields=["state"])
 
