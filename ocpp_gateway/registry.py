@@ -1,9 +1,11 @@
 """Which stations this gateway admits: the registry the Django side publishes in Redis.
 
-The handshake and the OCPP handlers read only the copy in memory; a background loop polls
-the small meta hash and reloads the registry when its version changes. Redis errors and a
-lost registry (Redis restarted empty) keep the last copy: a gateway never forgets its
-stations because Redis did.
+The handshake and the OCPP handlers read the copy in memory; a background loop polls the
+small meta hash and reloads the registry when its version changes. A handshake the copy
+would refuse looks at Redis first (admits_now): a station registered a moment ago, and reset
+at once by a migration, must not be turned away because the copy is one poll behind. Redis
+errors and a lost registry (Redis restarted empty) keep the last copy: a gateway never
+forgets its stations because Redis did.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Registry:
         self._open = False
         self._version: str | None = None
         self._last_request = -REPUBLISH_INTERVAL
+        self._refreshing: asyncio.Future[None] | None = None
         # None until the first poll: a Redis that is down at start is logged too.
         self.redis_ok: bool | None = None
         self.loaded = asyncio.Event()  # set after the first poll that reached Redis
@@ -100,6 +103,16 @@ class Registry:
         if admission is Admission.UNKNOWN:
             return None
         return identity in (self._entries or {})
+
+    async def admits_now(self, identity: str) -> bool | None:
+        """admits(), with a refusal checked against Redis first. Refusals while Redis is
+        down come from the copy at once: waiting for a Redis that does not answer would
+        only slow them."""
+        admits = self.admits(identity)
+        if admits is False and self.redis_ok:
+            await self._refresh_shared()
+            admits = self.admits(identity)
+        return admits
 
     def boot_verdict(
         self, identity: str, serials: tuple[str, ...], *, authenticated: bool
@@ -130,8 +143,19 @@ class Registry:
         if self._forced_open:
             logger.info("admission: open (lab)")
         while True:
-            await self.refresh()
+            await self._refresh_shared()
             await asyncio.sleep(self._refresh)
+
+    async def _refresh_shared(self) -> None:
+        """One refresh at a time: a burst of refused handshakes shares the one in flight."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self.refresh())
+            self._refreshing.add_done_callback(self._refreshed)
+        # Shielded: a handshake that gives up must not cancel the others' refresh.
+        await asyncio.shield(self._refreshing)
+
+    def _refreshed(self, _: asyncio.Future[None]) -> None:
+        self._refreshing = None
 
     async def refresh(self) -> None:
         try:

@@ -201,7 +201,7 @@ class Gateway:
                 HTTPStatus.BAD_REQUEST, f"The {SUBPROTOCOL} subprotocol is required.\n"
             )
         csms = self.config.csms
-        if self.registry.admits(identity) is False:
+        if await self.registry.admits_now(identity) is False:
             logger.warning("refused %s: not registered on CSMS %s", identity, csms)
             return connection.respond(
                 HTTPStatus.FORBIDDEN, f"Station {identity} is not registered on CSMS {csms}.\n"

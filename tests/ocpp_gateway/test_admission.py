@@ -98,18 +98,18 @@ def test_a_station_rejected_for_its_serial_falls_back_to_its_other_profile(
         assert station.events("fell_back")[-1]["to_url"] == source
 
 
-def test_a_registered_station_is_admitted_and_a_new_one_within_seconds(start_gateway, redis_client):
+def test_a_registered_station_is_admitted_and_a_new_one_at_once(start_gateway, redis_client):
+    """A migration resets a station moments after registering it: the gateway must not
+    refuse it on a copy one poll behind (here the poll is a minute away)."""
     publish_registry(redis_client, "csms-2", {"CP1": ""})
-    base = start_gateway("csms-2")
+    base = start_gateway("csms-2", "--registry-refresh", "60")
     assert _boot(base, "CP1") == ("Accepted", 300)
     assert health(base)["admission"] == "registered" and health(base)["registered"] == 1
     assert _refusal(base, "CP2").response.status_code == 403
 
     publish_registry(redis_client, "csms-2", {"CP1": "", "CP2": ""})
-    started = time.monotonic()
-    wait_until(lambda: health(base)["registered"] == 2, 5, "the new registry version loaded")
     assert _boot(base, "CP2") == ("Accepted", 300)
-    assert time.monotonic() - started < 5
+    assert health(base)["registered"] == 2
 
 
 def test_while_the_registry_is_unknown_boots_are_pending_then_accepted(start_gateway, redis_client):
