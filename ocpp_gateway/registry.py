@@ -185,6 +185,8 @@ class Registry:
         self.loaded.set()
         if not meta:
             self._ask_for_republish()
+        else:  # the next loss is asked about at once, however recent the last ask
+            self._last_request = -REPUBLISH_INTERVAL
 
     def _load(
         self,

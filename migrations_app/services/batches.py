@@ -15,6 +15,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend
+from fleet.services.registry import registry_republish_missing
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
 from migrations_app.services import liveness, progress, wakes, workflow
@@ -399,13 +400,16 @@ def redrive_stale(
 
 
 def batches_recover(*, running_on_dead_workers: list[int]) -> None:
-    """After Redis lost its data, or a worker died with the tasks it held: re-drive.
+    """After Redis lost its data, or a worker died with the tasks it held: republish the
+    registries Redis lost, and re-drive.
 
     The steps the dead worker was running are sent again at once; every other station that
     went quiet for longer than a waiting step's poll (its next poll died with the worker's
     prefetched tasks) too, without waiting for the lease; and every live batch is driven
     (which reschedules its own next drive). Steps running on live workers are left alone.
     """
+    # Before any step is re-sent: a Reset must find its target's registry in Redis.
+    registry_republish_missing(CsmsBackend.objects.values_list("name", flat=True))
     live = MigrationBatch.objects.exclude(state=MigrationBatch.State.FINISHED)
     stations = StationMigration.objects.filter(batch__in=live)
     redrive_stale(stations.filter(id__in=running_on_dead_workers), stale_seconds=0)

@@ -40,6 +40,7 @@ from fleet.models import ChargingStation, StationEvent
 from fleet.redis import get_redis
 from fleet.selectors import station_registered_on
 from fleet.services.inventory import station_move_to_csms
+from fleet.services.registry import registry_republish_missing
 from fleet.validators import csms_url_problems
 from migrations_app.models import StationMigration
 from migrations_app.services.exchanges import describe, station_call
@@ -490,6 +491,10 @@ def reset(m: StationMigration) -> Next:
     # timeout: hold it (the runner retries, bounded by the boot timeout, then restores).
     if not gateway_up(m.batch.target.name):
         raise Unreachable(f"no gateway of {m.batch.target.name} is up")
+    # After Redis lost its data the target's gateways keep a copy that may predate this
+    # station's registration, with nothing to reload: publish it before the Reset sends the
+    # station there (a gateway checks a refusal against Redis first).
+    registry_republish_missing([m.batch.target.name])
     claimed_at = time.time()
     claimed = StationMigration.objects.filter(
         id=m.id, state=State.RESETTING, reset_sent_at__isnull=True
