@@ -7,6 +7,7 @@ redelivered or re-driven task is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -20,7 +21,7 @@ from redis import RedisError
 
 from fleet.celery import app
 from migrations_app.models import StationMigration
-from migrations_app.services import batches, liveness
+from migrations_app.services import batches, liveness, wakes
 from migrations_app.services.dispatch import DRIVE_BATCH_TASK, enqueue_step, enqueue_steps
 from migrations_app.services.runner import Followup, load_group, run_step, step_raised
 from migrations_app.services.workflow import TASK_NAMES
@@ -75,10 +76,23 @@ def _run_group(hostname: str, expected_state: str, group: list[tuple[int, str]])
                 key = (followup.state, followup.countdown)
                 followups[key].append((followup.migration_id, followup.station))
     finally:
-        for (state, countdown), stations in followups.items():
-            enqueue_steps(state, stations, countdown)
-        liveness.steps_finished(hostname, ids)
+        try:
+            _send_followups(followups)
+        finally:
+            liveness.steps_finished(hostname, ids)
     return ran
+
+
+def _send_followups(followups: dict[tuple[str, float], list[tuple[int, str]]]) -> None:
+    for (state, countdown), stations in followups.items():
+        try:
+            enqueue_steps(state, stations, countdown)
+        except Exception:
+            # Their timers were noted as on their way: a wake must not skip these stations
+            # for a timer that was never sent (they would wait for the lease).
+            with contextlib.suppress(RedisError):
+                wakes.timers_forget((migration_id, state) for migration_id, _ in stations)
+            raise
 
 
 # Every step, drive and tick would otherwise write a result row: thousands per batch, and

@@ -195,6 +195,10 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
     if batch.state == MigrationBatch.State.FINISHED:
         return 0, None
     if batch.state != MigrationBatch.State.RUNNING:
+        if batch.state == MigrationBatch.State.CANCELLED:
+            # A step that read the batch just before its cancel can still queue a station
+            # (found offline: waiting_online): nothing else would ever move it.
+            cancel_queued(batch, reason="batch cancelled")
         # Paused or cancelled: armed stations still finish, and need their safety net.
         active = batch.stations.filter(state__in=ACTIVE_STATES).exists()
         return 0, DRIVE_SAFETY_SECONDS if active else None
@@ -229,6 +233,26 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
         if rate_wait is not None:
             waits.append(rate_wait)
     return started, min(waits)
+
+
+def cancel_queued(batch: MigrationBatch, *, reason: str) -> int:
+    """Cancel the batch's stations that hold no in-flight slot and have not ended; how many.
+
+    Later states first: a station that moves on meanwhile (back online: pending) is met
+    again by the next pass instead of left behind."""
+    queued = [state for state in workflow.STATE_ORDER if state in workflow.QUEUED]
+    return sum(
+        len(
+            transition_many(
+                batch.id,
+                batch.stations.filter(state=state).values_list("id", flat=True),
+                state,
+                State.CANCELLED,
+                reason=reason,
+            )
+        )
+        for state in reversed(queued)
+    )
 
 
 def _count_up_to(batch: MigrationBatch, state: str, limit: int) -> int:

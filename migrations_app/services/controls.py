@@ -14,7 +14,7 @@ from django.utils import timezone
 from fleet.models import CsmsBackend
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
 from migrations_app.services import wakes, workflow
-from migrations_app.services.batches import BatchOptions, batch_create
+from migrations_app.services.batches import BatchOptions, batch_create, cancel_queued
 from migrations_app.services.dispatch import enqueue_drive
 from migrations_app.services.transitions import transition_many
 
@@ -69,26 +69,14 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
             # The stations the pause holds stop now (a running batch's stations are
             # mid-step: they stop at their next one, without a second run of this one).
             wakes.wake_held(batch.id)
-        # Later states first: a station that moves on meanwhile (back online: pending) is
-        # met again by the next pass instead of left behind.
-        queued = [state for state in workflow.STATE_ORDER if state in workflow.QUEUED]
-        cancelled = [
-            transition_many(
-                batch.id,
-                batch.stations.filter(state=state).values_list("id", flat=True),
-                state,
-                State.CANCELLED,
-                reason=f"batch cancelled by {user}",
-            )
-            for state in reversed(queued)
-        ]
+        cancelled = cancel_queued(batch, reason=f"batch cancelled by {user}")
         batch.state = BatchState.CANCELLED
         batch.save(update_fields=["state"])
         BatchAction.objects.create(
             batch=batch,
             user=user,
             kind=BatchAction.Kind.CANCEL,
-            detail=f"{sum(map(len, cancelled))} stations cancelled before starting",
+            detail=f"{cancelled} stations cancelled before starting",
         )
     return batch
 

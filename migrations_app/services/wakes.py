@@ -26,7 +26,7 @@ from redis import RedisError
 
 from fleet.redis import get_redis
 from migrations_app.models import StationMigration
-from migrations_app.services import workflow
+from migrations_app.services import liveness, workflow
 from migrations_app.services.dispatch import enqueue_steps
 from migrations_app.services.steps import connectors_busy
 
@@ -68,7 +68,11 @@ def stations_woken(
 def wake_held(batch_id: int) -> int:
     """Run now the step of every station a paused batch holds (after a resume or a cancel,
     so they go on, or stop, without waiting for their next look); how many."""
-    held = StationMigration.objects.filter(batch_id=batch_id, state__in=workflow.STOPPABLE)
+    # Not a step running now: it was not held (its next step reads the batch again), and a
+    # second run beside it would send its command twice.
+    held = StationMigration.objects.filter(batch_id=batch_id, state__in=workflow.STOPPABLE).exclude(
+        id__in=liveness.held_by_live_workers()
+    )
     found = list(held.values_list("id", "station__identity", "state"))
     _enqueue_by_state(found)
     return len(found)

@@ -12,16 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from kombu.exceptions import OperationalError
 from ocpp.v16 import call
 
+from fleet.celery import app
 from fleet.models import ChargingStation, CsmsBackend
 from migrations_app.models import MigrationBatch, StateChange, StationMigration
-from migrations_app.services.batches import BatchOptions, batch_create
+from migrations_app.services import liveness, wakes
+from migrations_app.services.batches import BatchOptions, batch_create, batch_drive
 from migrations_app.services.controls import batch_cancel, batch_pause
 from migrations_app.services.exchanges import station_link
 from migrations_app.services.plan import PRIORITY, PROFILE_1, PROFILE_2
 from migrations_app.services.runner import load_group, run_step
-from migrations_app.tasks import _run_group
+from migrations_app.tasks import _run_group, _send_followups
 from ocpp_gateway.envelopes import Reply
 from tests.migrations_app.links import Firmware, ScriptedStation
 
@@ -158,8 +161,6 @@ def test_a_station_found_offline_by_a_run_that_read_the_batch_before_its_cancel_
     batch_cancel(batch_id=batch.id, user=None)
     run_step(migration.id, State.PREFLIGHT, loaded.get(migration.id))
     # Whatever drives the batch afterwards (the drive asked for by the move, the beat).
-    from migrations_app.services.batches import batch_drive
-
     batch_drive(batch_id=batch.id, scheduled=False)
 
     migration.refresh_from_db()
@@ -167,3 +168,57 @@ def test_a_station_found_offline_by_a_run_that_read_the_batch_before_its_cancel_
         f"left {migration.state} in a cancelled batch: "
         f"{list(StateChange.objects.filter(migration=migration).values_list('to_state', 'reason'))}"
     )
+
+
+@pytest.mark.django_db
+def test_a_cancelled_batch_s_drive_cancels_a_station_queued_after_the_cancel(redis_client):
+    """The narrower race behind the test above: the step re-read the batch (running), then
+    the cancel committed, then the step queued the offline station. The cancelled batch's
+    next drive (the one the move asked for) must cancel it, with its history."""
+    batch = _batch(["CP-1"], State.WAITING_ONLINE)
+    MigrationBatch.objects.filter(id=batch.id).update(state=MigrationBatch.State.CANCELLED)
+
+    batch_drive(batch_id=batch.id)
+
+    migration = batch.stations.get()
+    assert migration.state == State.CANCELLED
+    assert list(migration.state_changes.values_list("from_state", "to_state", "reason")) == [
+        (State.WAITING_ONLINE, State.CANCELLED, "batch cancelled")
+    ]
+
+
+@pytest.mark.django_db
+def test_a_resume_does_not_wake_a_step_a_live_worker_is_running(redis_client):
+    """wake_held sends the held stations' steps; one whose step runs on a live worker right
+    now is not held, and a second run beside it would send its command twice."""
+    batch = _batch(["CP-1", "CP-2"], State.SETTING_URL)
+    running, _ = batch.stations.order_by("station__identity")
+    liveness.heartbeat("review@host")
+    liveness.steps_started("review@host", [running.id])
+    try:
+        assert wakes.wake_held(batch.id) == 1
+    finally:
+        liveness.forget_worker("review@host")
+
+
+# Transactional: a task runs in autocommit, where the send happens inside enqueue_steps.
+@pytest.mark.django_db(transaction=True)
+def test_followups_that_could_not_be_sent_leave_no_timer_that_would_skip_a_wake(
+    redis_client, monkeypatch
+):
+    """A waiting step notes its timer's due time, then sends it with the group's other
+    followups. When the broker refuses the send, the note must go: a wake meanwhile would
+    otherwise skip the station for a timer that never comes (it would wait for the lease)."""
+    batch = _batch(["CP-1"], State.AWAITING_BOOT)
+    migration = batch.stations.get()
+    assert wakes.timer_needed(migration.id, State.AWAITING_BOOT, 30)
+
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("Error 111 connecting to the broker")
+
+    # The broker's refusal as kombu raises it; the test's broker itself must stay up.
+    monkeypatch.setattr(app, "send_task", broker_down)
+    with pytest.raises(OperationalError):
+        _send_followups({(State.AWAITING_BOOT, 30.0): [(migration.id, "CP-1")]})
+
+    assert wakes.timer_needed(migration.id, State.AWAITING_BOOT, 30), "the wake was skipped"
