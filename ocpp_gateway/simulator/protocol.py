@@ -7,6 +7,8 @@ handlers through station tasks: calling the CSMS from inside an `@on` handler wo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Iterator, Mapping
 from types import MethodType
@@ -91,6 +93,29 @@ class StationLink(ChargePoint):
         self.station = station
         # The message id of a CALL whose answer is to be lost (a behaviour), if any.
         self._lose_answer_to: str | None = None
+        self._own_calls = 0
+        self._no_own_calls = asyncio.Event()
+        self._no_own_calls.set()
+
+    async def call(self, *args: Any, **kwargs: Any) -> Any:
+        self._own_calls += 1
+        self._no_own_calls.clear()
+        try:
+            return await super().call(*args, **kwargs)
+        finally:
+            self._own_calls -= 1
+            if not self._own_calls:
+                self._no_own_calls.set()
+
+    async def own_calls_settled(self, within: float) -> None:
+        """Wait, at most `within` seconds, for the station's own CALLs to end.
+
+        An answer read just before the connection closed (a Rejected boot, say) is still the
+        station's to act on: the CALL waiting for it takes it a few loop turns later.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._no_own_calls.wait()
 
     async def _handle_call(self, msg: Call) -> None:
         if msg.action == Action.install_certificate and self.station.lose_install_answer():

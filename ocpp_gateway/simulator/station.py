@@ -73,6 +73,9 @@ from ocpp_gateway.simulator.spec import StationSpec, Timing
 log = logging.getLogger(__name__)
 
 _DEFAULT_TIMING = Timing()
+# How long a closed connection waits for the station's own CALL to take an answer that was
+# read before the close: a few loop turns, so this only bounds a CALL left unanswered.
+ANSWER_GRACE = 0.2
 # Errors a background follow-up (status, trigger, transaction message) may meet when the
 # connection goes away under it; the next boot resends what matters.
 _LINK_ERRORS = (ConnectionClosed, TimeoutError)
@@ -417,17 +420,20 @@ class SimulatedStation:
             log.exception("%s: connection failed", self.identity)
             await ws.close(CloseCode.INTERNAL_ERROR)
         finally:
-            # Bookkeeping before the await below: stop() may cancel this task right there.
-            self._ws = self._link = None
-            self.connected_url = self.connected_profile = None
-            self.record(
-                "disconnected",
-                url=profile.url,
-                code=ws.close_code,
-                reason=ws.close_reason or None,
-            )
-            driver.cancel()
-            await asyncio.gather(driver, return_exceptions=True)
+            try:
+                await link.own_calls_settled(ANSWER_GRACE)
+            finally:
+                # Bookkeeping before the await below: stop() may cancel this task right there.
+                self._ws = self._link = None
+                self.connected_url = self.connected_profile = None
+                self.record(
+                    "disconnected",
+                    url=profile.url,
+                    code=ws.close_code,
+                    reason=ws.close_reason or None,
+                )
+                driver.cancel()
+                await asyncio.gather(driver, return_exceptions=True)
 
     async def _drive(self, link: StationLink, ws: ClientConnection) -> None:
         """What the station sends on its own: boot, statuses, transaction, heartbeats."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call_result
 from ocpp.v16.datatypes import IdTagInfo
 from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus
@@ -53,6 +53,12 @@ class _Station(ChargePoint):
             status=self.csms.boot_status,
         )
 
+    @after(Action.boot_notification)
+    async def after_boot_notification(self, **_: Any) -> None:
+        if self.csms.close_after_rejecting and self.csms.boot_status is RegistrationStatus.rejected:
+            # As a proxy in front of a rejecting CSMS does: the close right behind the answer.
+            await self._connection.close(4003, "boot rejected")
+
     @on(Action.heartbeat)
     def on_heartbeat(self, **payload: Any) -> call_result.Heartbeat:
         self._note("Heartbeat", payload)
@@ -89,6 +95,7 @@ class CentralSystem:
         self.heartbeat_interval = heartbeat_interval
         self.tls = tls
         self.boot_status = RegistrationStatus.accepted
+        self.close_after_rejecting = False
         self.messages: list[Message] = []
         self.stations: dict[str, _Station] = {}
         self.transaction_ids = itertools.count(1000)

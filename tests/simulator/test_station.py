@@ -239,3 +239,22 @@ def test_it_retries_a_pending_boot_and_authenticates_with_basic_auth():
                 assert boot["charge_point_serial_number"] == f"SN-{ID}"
 
     run(scenario())
+
+
+def test_it_journals_a_rejected_boot_whose_connection_closes_right_after_the_answer():
+    async def scenario():
+        async with CentralSystem() as csms:
+            csms.boot_status = RegistrationStatus.rejected
+            csms.close_after_rejecting = True
+            async with Fleet([StationSpec(ID, url=csms.url)], timing=FAST) as fleet:
+                station = fleet[ID]
+                await wait_until_async(
+                    lambda: len(csms.seen(ID, "disconnect")) >= 3, 10, "three rejected boots"
+                )
+                rejected = [
+                    e for e in station.events("boot_not_accepted") if e["status"] == "Rejected"
+                ]
+                assert len(rejected) >= 2, station.events("boot_not_accepted")
+                assert rejected[0]["url"] == csms.url
+
+    run(scenario())
