@@ -34,6 +34,8 @@ from typing import Literal, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+# SIGKILL takes effect at once; this bounds the wait for the kernel to reap the group.
+KILLED_EXIT_SECONDS = 10.0
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -145,7 +147,8 @@ def group_members(pgid: int) -> list[int]:
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM the process's group; SIGKILL it if anything is left after ``timeout``.
+    """SIGTERM the process's group; SIGKILL it if anything is left after ``timeout``
+    (at once with ``timeout`` 0: for a process whose work no longer matters).
 
     The whole group, not just its leader: a shell that did not exec its command, or a
     worker's prefork children, may outlive the process that was started.
@@ -155,6 +158,11 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
         return proc.poll() is not None and not group_members(proc.pid)
 
     if gone():
+        return
+    if timeout <= 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        wait_until(gone, KILLED_EXIT_SECONDS, f"process group {proc.pid} to die")
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -262,13 +270,19 @@ def gateway(
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
     stop_timeout: float = 10,
+    wait: bool = True,
 ) -> Iterator[subprocess.Popen]:
-    """The gateway of ``csms`` (``gateway_args``), once it listens. Its Redis is the
-    environment's REDIS_URL."""
+    """The gateway of ``csms`` (``gateway_args``), once it listens (with wait=False at once:
+    ``gateway_listening`` waits for it later). Its Redis is the environment's REDIS_URL."""
     with running(gateway_args(csms, port, *extra), env=env, log=log,
                  stop_timeout=stop_timeout) as proc:  # fmt: skip
-        wait_serving(proc, lambda: port_open(port), 20, f"gateway {csms} to listen", log)
+        if wait:
+            gateway_listening(proc, csms, port, log)
         yield proc
+
+
+def gateway_listening(proc: subprocess.Popen, csms: str, port: int, log: Path | None) -> None:
+    wait_serving(proc, lambda: port_open(port), 20, f"gateway {csms} to listen", log)
 
 
 def worker_node(name: str) -> str:

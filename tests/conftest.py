@@ -5,14 +5,16 @@ Each server binds 127.0.0.1 on a free port and is stopped by the fixture that st
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from devstack.processes import free_port, gateway, redis_server, worker
+from devstack.processes import free_port, gateway, gateway_listening, redis_server, worker
 
 # The ocpp library logs every frame at INFO: a failing test's output would be all frames.
 logging.getLogger("ocpp").setLevel(logging.WARNING)
@@ -68,9 +70,7 @@ def start_worker(transactional_db, redis_client, redis_url, tmp_path):
     start_worker(name, beat=False, concurrency=2, **env) -> (Popen, log path). Every worker
     is stopped at the end of the test; a test may also kill one itself.
     """
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
 
         def start(name: str = "w1", *, beat: bool = False, concurrency: int = 2, **env: str):
             log = tmp_path / f"worker-{name}.log"
@@ -81,6 +81,9 @@ def start_worker(transactional_db, redis_client, redis_url, tmp_path):
                     log=log,
                     concurrency=concurrency,
                     beat_schedule=tmp_path / f"beat-{name}" if beat else None,
+                    # Killed when the test ends: what it was doing no longer matters, and a
+                    # warm shutdown would cost every test with a worker 1.5-2.5 s.
+                    stop_timeout=0,
                 )
             )
             return proc, log
@@ -95,24 +98,40 @@ def celery_worker(start_worker) -> Path:
     return log
 
 
-@pytest.fixture
-def start_gateway(redis_client, redis_url, tmp_path):
-    """Start `python -m ocpp_gateway --csms NAME *extra` on a free port; returns its ws base URL.
+class GatewayStarter:
+    """``start_gateway(csms, *extra, redis=None, port=None, wait=True)``: start
+    `python -m ocpp_gateway --csms NAME *extra` on a free port; its ws base URL.
 
     The gateway admits only the stations registered on its CSMS (the registry in Redis):
     a test that is not about admission passes "--open". ``redis`` replaces this test's
     Redis URL (e.g. a server with a password); ``port`` restarts a killed gateway in place.
+    With wait=False it returns at once, and ``listening(url)`` waits for it later (a stack
+    starts its worker meanwhile).
     """
-    from contextlib import ExitStack
 
-    with ExitStack() as stack:
+    def __init__(self, stack: contextlib.ExitStack, redis_url: str, tmp_path: Path) -> None:
+        self._stack, self._redis_url, self._tmp_path = stack, redis_url, tmp_path
+        self._starting: dict[str, tuple[subprocess.Popen, str, int, Path]] = {}
 
-        def start(csms: str, *extra: str, redis: str | None = None, port: int | None = None) -> str:
-            port = port or free_port()
-            log = tmp_path / f"gateway-{csms}.log"
-            stack.enter_context(
-                gateway(csms, port, *extra, env={"REDIS_URL": redis or redis_url}, log=log)
-            )
-            return f"ws://127.0.0.1:{port}/ocpp"
+    def __call__(
+        self, csms: str, *extra: str, redis: str | None = None, port: int | None = None,
+        wait: bool = True,
+    ) -> str:  # fmt: skip
+        port = port or free_port()
+        log = self._tmp_path / f"gateway-{csms}.log"
+        env = {"REDIS_URL": redis or self._redis_url}
+        proc = self._stack.enter_context(gateway(csms, port, *extra, env=env, log=log, wait=wait))
+        url = f"ws://127.0.0.1:{port}/ocpp"
+        if not wait:
+            self._starting[url] = (proc, csms, port, log)
+        return url
 
-        yield start
+    def listening(self, url: str) -> None:
+        gateway_listening(*self._starting.pop(url))
+
+
+@pytest.fixture
+def start_gateway(redis_client, redis_url, tmp_path) -> Iterator[GatewayStarter]:
+    """A GatewayStarter; every gateway it started is stopped at the end of the test."""
+    with contextlib.ExitStack() as stack:
+        yield GatewayStarter(stack, redis_url, tmp_path)

@@ -124,8 +124,9 @@ def build_stack(
     def proxy(csms: str) -> tuple[str, ...]:
         return ("--upstream", upstreams[csms].url) if csms in upstreams else ()
 
-    source_url = start_gateway("csms-1", "--open", *proxy("csms-1"))
-    target_url = start_gateway("csms-2", *proxy("csms-2"))
+    # The gateways come up while the worker starts.
+    source_url = start_gateway("csms-1", "--open", *proxy("csms-1"), wait=False)
+    target_url = start_gateway("csms-2", *proxy("csms-2"), wait=False)
     # Through the service: each backend's registry (open flag, empty set) is published.
     csms_backend_upsert(name="csms-1", url=source_url, open_admission=True)
     target, _ = csms_backend_upsert(name="csms-2", url=target_url)
@@ -133,6 +134,8 @@ def build_stack(
         CsmsBackend.objects.filter(name=csms).update(upstream_url=upstream.url)
     target.refresh_from_db()
     worker, _ = start_worker("w1", beat=True, **WORKER_ENV)
+    start_gateway.listening(source_url)
+    start_gateway.listening(target_url)
     return Stack(
         source_url, target_url, start_worker, worker, redis_client, target, dict(upstreams)
     )

@@ -63,11 +63,13 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
         range(14, 17): {"behaviour": Behaviour(charging=True, charging_seconds=3)},
         range(17, 20): {"firmware": "3.5.54"},
     }
+    # Each kind of station at least three times, and plain ones enough for several rounds
+    # of the in-flight limit (the load itself is the benchmarks' business).
     specs = []
-    for i in range(200):
+    for i in range(80):
         extra = next((v for r, v in behaviours.items() if i in r), {})
         specs.append(stack.station(f"CP-M{i:03}", **extra))
-    max_in_flight = 25
+    max_in_flight = 20
     with stack.fleet(specs, reboot_delay=1.0) as fleet:
         result = subprocess.run(
             python(
@@ -81,7 +83,7 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
         assert result.returncode == 1, result.stderr  # some stations failed
         report = json.loads(result.stdout)
         entries = by_identity(report)
-        assert len(entries) == 200
+        assert len(entries) == 80
         for spec in specs:
             entry, station = entries[spec.identity], fleet[spec.identity]
             resets = station.events("reset")
@@ -104,7 +106,7 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
             else:
                 assert entry["state"] == "done", entry
                 assert len(resets) == 1 and station.connected_url == stack.target_url
-        assert report["counts"] == {"done": 186, "failed": 9, "skipped": 5}
+        assert report["counts"] == {"done": 66, "failed": 9, "skipped": 5}
 
     assert most_in_flight_at_once() <= max_in_flight
 
