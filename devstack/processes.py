@@ -159,22 +159,19 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
 
     if gone():
         return
-    if timeout <= 0:
+    if timeout > 0:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        wait_until(gone, KILLED_EXIT_SECONDS, f"process group {proc.pid} to die")
-        return
+            os.killpg(proc.pid, signal.SIGTERM)
+        # start() passes a list; Popen's args may also be one string or path.
+        command = proc.args[:3] if isinstance(proc.args, list) else [proc.args]
+        try:
+            wait_until(gone, timeout, f"process group {proc.pid} ({command}) to exit")
+            return
+        except TimeoutError:
+            logger.warning("%s did not stop within %ss of SIGTERM; killing it", command, timeout)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    # start() passes a list; Popen's args may also be one string or path.
-    command = proc.args[:3] if isinstance(proc.args, list) else [proc.args]
-    try:
-        wait_until(gone, timeout, f"process group {proc.pid} ({command}) to exit")
-    except TimeoutError:
-        logger.warning("%s did not stop within %ss of SIGTERM; killing it", command, timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout)
+        os.killpg(proc.pid, signal.SIGKILL)
+    wait_until(gone, KILLED_EXIT_SECONDS, f"process group {proc.pid} to die")
 
 
 @contextlib.contextmanager
