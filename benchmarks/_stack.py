@@ -432,7 +432,9 @@ class Profiler:
         self.outdir = outdir
         self.pids = pids
         self.rate = rate
-        # Idle: sample waiting threads too, to see where wall time (not CPU) goes.
+        # Idle: sample waiting threads too, to see where wall time (not CPU) goes. Otherwise
+        # only a thread holding the GIL is sampled: py-spy's idle detection counts a worker
+        # blocked on a Redis reply as busy (3x the samples its CPU time allows).
         self.idle = idle
         self.files: dict[str, Path] = {}
         self._procs: list[subprocess.Popen] = []
@@ -446,7 +448,7 @@ class Profiler:
             self.files[name] = out
             args = [spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
             args += ["--rate", str(self.rate), "--function", "--format", "raw"]
-            args += ["--output", str(out), *(["--idle"] if self.idle else [])]
+            args += ["--output", str(out), "--idle" if self.idle else "--gil"]
             log = (self.outdir / f"py-spy-{name}.log").open("wb")
             self._procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
             log.close()

@@ -17,6 +17,7 @@ from redis import RedisError
 
 from fleet.redis import get_redis
 from migrations_app.models import OcppExchange, StationMigration
+from migrations_app.services.rows import insert_row
 from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
 from ocpp_gateway.envelopes import Outcome, Reply, payload_of
 
@@ -96,8 +97,9 @@ def station_call(
             outcome, why = "not_sent", f"Redis: {exc}"
         else:
             outcome, why = "unknown", f"Redis failed after the command was published: {exc}"
-        OcppExchange.objects.create(
-            migration=migration,
+        insert_row(
+            OcppExchange,
+            migration_id=migration.id,
             step=step,
             action=action,
             request=payload,
@@ -111,8 +113,9 @@ def station_call(
         raise
     sent_at = reply.sent_at or started
     finished_at = reply.finished_at or time.time()
-    OcppExchange.objects.create(
-        migration=migration,
+    insert_row(
+        OcppExchange,
+        migration_id=migration.id,
         step=step,
         action=action,
         command_id=reply.command_id,

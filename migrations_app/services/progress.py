@@ -15,19 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
+from django.db import connection
 from django.db.models import (
     Case,
     F,
     PositiveIntegerField,
     Q,
-    QuerySet,
-    Subquery,
     Value,
     When,
 )
 
 from migrations_app.models import MigrationBatch, StationMigration
+from migrations_app.services.rows import compiled_update
 
 State = StationMigration.State
 COUNTED = frozenset({State.DONE, State.FAILED})
@@ -59,22 +61,29 @@ def ended_since_resume(batch: MigrationBatch) -> Ended:
     return Ended(batch.ended_done, batch.ended_failed, batch.failed_before_done)
 
 
-def count_move(migration_id: int, from_state: str, to_state: str) -> None:
-    """Count one station's move (transitions.transition, in its transaction)."""
+def count_move(
+    migration_id: int, from_state: str, to_state: str, batch_id: int | None = None
+) -> None:
+    """Count one station's move (transitions.transition, in its transaction); ``batch_id``
+    when the caller knows it."""
     if to_state not in COUNTED:
         return
-    batch = StationMigration.objects.filter(id=migration_id).values("batch_id")[:1]
-    _count(MigrationBatch.objects.filter(id=Subquery(batch)), to_state, 1)
+    if batch_id is None:
+        batch_id = StationMigration.objects.values_list("batch_id", flat=True).get(id=migration_id)
+    # Every station's end runs it: compiling its CASEs each time cost ~1.5 ms of CPU.
+    statement, params = _one_end_statement(connection.alias, to_state)
+    with connection.cursor() as cursor:
+        cursor.execute(statement, [*params, batch_id])
 
 
 def count_moves(batch_id: int, from_state: str, to_state: str, moved: Collection[int]) -> None:
     """Count a bulk move of one batch's stations (the ids that moved), in its transaction."""
     if to_state not in COUNTED or not moved:
         return
-    _count(MigrationBatch.objects.filter(id=batch_id), to_state, len(moved))
+    MigrationBatch.objects.filter(id=batch_id).update(**_counting(to_state, len(moved)))
 
 
-def _count(batches: QuerySet[MigrationBatch], to_state: str, n: int) -> None:
+def _counting(to_state: str, n: int) -> dict[str, Any]:
     # One UPDATE: the expressions read the row as it was, so a stale resume's counts are
     # replaced (not added to) by this move's.
     def add(field: str) -> Case:
@@ -100,4 +109,18 @@ def _count(batches: QuerySet[MigrationBatch], to_state: str, n: int) -> None:
                 output_field=_COUNT,
             ),
         }
-    batches.update(progress_since=F("resumed_at"), **changes)
+    return {"progress_since": F("resumed_at"), **changes}
+
+
+# A batch id no batch has: the placeholder of the compiled statement's last parameter.
+_ANY_BATCH = -1
+
+
+@cache
+def _one_end_statement(alias: str, to_state: str) -> tuple[str, tuple[Any, ...]]:
+    """The UPDATE that counts one end, compiled once; its parameters but the batch's id."""
+    batches = MigrationBatch.objects.filter(id=_ANY_BATCH)
+    statement, params = compiled_update(batches, _counting(to_state, 1))
+    if params[-1] != _ANY_BATCH:
+        raise RuntimeError(f"the batch id is not the last parameter of {statement}")
+    return statement, tuple(params[:-1])

@@ -12,6 +12,7 @@ from django.utils import timezone
 from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services import wakes, workflow
 from migrations_app.services.dispatch import drive_soon
+from migrations_app.services.rows import select_value
 from migrations_app.services.steps import (
     OFFLINE_RETRY_SECONDS,
     Next,
@@ -172,8 +173,12 @@ def _wait_for_station(migration: StationMigration, state: str, reason: str) -> N
 
 
 def load_group(migration_ids: list[int]) -> dict[int, StationMigration]:
-    """The migrations of a step task's group, with what their steps read, in one query."""
-    return _loading().in_bulk(migration_ids)
+    """The migrations of a step task's group, with what their steps read, in one query.
+
+    Unordered: building the models' default ordering over the joins cost a third of the
+    load (~0.7 ms of a task's CPU).
+    """
+    return {m.id: m for m in _loading().filter(id__in=migration_ids).order_by()}
 
 
 def _refresh(migration: StationMigration, next_state: str) -> None:
@@ -182,7 +187,7 @@ def _refresh(migration: StationMigration, next_state: str) -> None:
     batch may have changed under it, and only a stoppable step reads that (an operator's
     pause or cancel)."""
     if next_state in workflow.STOPPABLE:
-        migration.batch.refresh_from_db(fields=["state"])
+        migration.batch.state = select_value(MigrationBatch, "state", migration.batch_id)
 
 
 def _load(migration_id: int) -> StationMigration | None:

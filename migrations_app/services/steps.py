@@ -57,6 +57,7 @@ from migrations_app.services.plan import (
     configuration_values,
     plan_switch,
 )
+from migrations_app.services.rows import select_value
 from ocpp_gateway.certificates import (
     CertificateError,
     CertificateHashData,
@@ -865,7 +866,8 @@ def cleanup(m: StationMigration) -> Next:
 
 
 def busy_connectors(m: StationMigration) -> list[str]:
-    m.station.refresh_from_db(fields=["connector_status"])
+    # What ingestion last wrote: the migration's copy may be older than the last session.
+    m.station.connector_status = select_value(ChargingStation, "connector_status", m.station_id)
     return connectors_busy(m.station.connector_status or {})
 
 

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from migrations_app.models import StateChange, StationMigration
 from migrations_app.services import progress
+from migrations_app.services.rows import insert_row, update_where
 from migrations_app.services.workflow import TERMINAL
 
 # Ids per UPDATE: under SQLite's oldest limit on query parameters (999).
@@ -43,9 +44,10 @@ def transition(
     now = timezone.now()
     changes = _changes(from_state, to_state, reason, now, fields)
     with transaction.atomic():
-        moved = StationMigration.objects.filter(id=migration_id, state=from_state).update(**changes)
+        moved = update_where(StationMigration, {"id": migration_id, "state": from_state}, changes)
         if moved:
-            StateChange.objects.create(
+            insert_row(
+                StateChange,
                 migration_id=migration_id,
                 from_state=from_state,
                 to_state=to_state,
@@ -54,7 +56,8 @@ def transition(
             )
             if apply is not None:
                 apply()
-            progress.count_move(migration_id, from_state, to_state)
+            batch_id = instance.batch_id if instance is not None else None
+            progress.count_move(migration_id, from_state, to_state, batch_id)
     if moved and instance is not None:
         for name, value in changes.items():
             setattr(instance, name, value)
@@ -135,11 +138,8 @@ def _changes(
 
 def touch(migration_id: int, state: str, **fields: Any) -> bool:
     """Record that a waiting step is alive (the tick re-drives only stale stations)."""
-    return bool(
-        StationMigration.objects.filter(id=migration_id, state=state).update(
-            updated_at=timezone.now(), **fields
-        )
-    )
+    changes = {"updated_at": timezone.now(), **fields}
+    return bool(update_where(StationMigration, {"id": migration_id, "state": state}, changes))
 
 
 def count_attempt(migration_id: int, state: str) -> int:

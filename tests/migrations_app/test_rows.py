@@ -1,0 +1,79 @@
+"""The cached writes of the step path store what the ORM would (both databases run these)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from fleet.models import ChargingStation, CsmsBackend
+from migrations_app.models import OcppExchange, StationMigration
+from migrations_app.services.batches import BatchOptions, batch_create
+from migrations_app.services.rows import insert_row, select_value, update_where
+
+pytestmark = pytest.mark.django_db
+
+State = StationMigration.State
+
+
+@pytest.fixture
+def migration() -> StationMigration:
+    target = CsmsBackend.objects.create(name="csms-2", url="ws://new/ocpp", open_admission=True)
+    station = ChargingStation.objects.create(identity="CP-1")
+    batch = batch_create(target=target, stations=[station], options=BatchOptions())
+    return batch.stations.get()
+
+
+def test_an_inserted_row_reads_back_as_the_orm_would_have_written_it(migration):
+    sent_at = datetime(2026, 12, 3, 10, 0, 0, 123456, tzinfo=UTC)
+    fields = {
+        "step": State.READING_CONFIG,
+        "action": "GetConfiguration",
+        "request": {"key": ["a", "b"], "nested": {"x": None}},
+        "outcome": "result",
+        "response": None,  # SQL NULL, as create() stores it, not the JSON null
+        "sent_at": sent_at,
+        "duration_ms": 1.5,
+    }
+    insert_row(OcppExchange, migration_id=migration.id, **fields)
+    OcppExchange.objects.create(migration=migration, **fields)
+
+    ours, orms = OcppExchange.objects.order_by("id")
+    for name in [*fields, "command_id", "csms", "sent", "error_code", "error_description"]:
+        assert getattr(ours, name) == getattr(orms, name), name
+    assert ours.recorded_at is not None  # the field's default
+    assert OcppExchange.objects.filter(response__isnull=True).count() == 2
+
+
+def test_an_unknown_field_is_refused_and_nothing_is_written(migration):
+    with pytest.raises(TypeError, match="no_such_field"):
+        insert_row(OcppExchange, migration_id=migration.id, no_such_field=1)
+    assert not OcppExchange.objects.exists()
+
+
+def test_a_conditional_update_moves_only_a_row_that_matches(migration):
+    snapshot = {"NetworkConfigurationPriority": "1,2"}
+    moved = update_where(
+        StationMigration,
+        {"id": migration.id, "state": State.PENDING},
+        {"state": State.PREFLIGHT, "config_snapshot": snapshot, "wait_until": None},
+    )
+    again = update_where(
+        StationMigration,
+        {"id": migration.id, "state": State.PENDING},
+        {"state": State.FAILED},
+    )
+
+    assert (moved, again) == (1, 0)
+    migration.refresh_from_db()
+    assert (migration.state, migration.config_snapshot) == (State.PREFLIGHT, snapshot)
+
+
+def test_a_selected_value_is_converted_as_the_orm_converts_it(migration):
+    status = {"1": {"status": "Charging"}, "2": None}
+    ChargingStation.objects.filter(id=migration.station_id).update(connector_status=status)
+
+    assert select_value(ChargingStation, "connector_status", migration.station_id) == status
+    assert select_value(StationMigration, "state", migration.id) == State.PENDING
+    with pytest.raises(KeyError):
+        select_value(StationMigration, "state", migration.id + 1000)
