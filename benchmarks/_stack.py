@@ -274,8 +274,11 @@ class Stack:
         path.write_text("identity,serial_number\n" + "\n".join(rows) + "\n")
         self.manage("import_registrations", csms, str(path))
 
-    def worker(self, name: str = "worker", *, concurrency: int = 2, **env: str) -> subprocess.Popen:
-        """`celery -A fleet worker --beat` with `concurrency` prefork children (and env)."""
+    def worker(
+        self, name: str = "worker", *, concurrency: int | None = 2, **env: str
+    ) -> subprocess.Popen:
+        """`celery -A fleet worker --beat` with `concurrency` prefork children (None: the
+        project's setting) and env."""
         return self.processes.worker(
             name, concurrency=concurrency, loglevel=LOG_LEVEL, beat=True, **{**self.env, **env}
         )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -211,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=2 * (os.cpu_count() or 1),
-        help="worker prefork children (default: the project's, two per core)",
+        help="worker prefork children (default: the project's CELERY_WORKER_CONCURRENCY)",
     )
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="limit per batch and per baseline, s"
@@ -274,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "in_flight": args.in_flight,
         "reboot_delay": args.reboot_delay,
         "settle_s": args.settle,
-        "concurrency": args.concurrency,
+        "concurrency": args.concurrency or "CELERY_WORKER_CONCURRENCY",
         "runs": runs,
     }
     print_results("migration_batch", rows, results)

@@ -289,12 +289,18 @@ def worker_node(name: str) -> str:
 
 
 def worker_args(
-    name: str, *, concurrency: int = 2, loglevel: str = "INFO", beat_schedule: Path | None = None
+    name: str,
+    *,
+    concurrency: int | None = 2,
+    loglevel: str = "INFO",
+    beat_schedule: Path | None = None,
 ) -> list[str]:
-    """`celery -A fleet worker` with ``concurrency`` prefork children, and its beat when
-    ``beat_schedule`` (the schedule file) is given."""
+    """`celery -A fleet worker` with ``concurrency`` prefork children (None: the project's
+    CELERY_WORKER_CONCURRENCY), and its beat when ``beat_schedule`` (the schedule file) is
+    given."""
+    children = [] if concurrency is None else ["--concurrency", str(concurrency)]
     args = python(
-        *("-m", "celery", "-A", "fleet", "worker", "--concurrency", str(concurrency)),
+        *("-m", "celery", "-A", "fleet", "worker", *children),
         *("--loglevel", loglevel, "--without-mingle", "--without-gossip"),
         *("--hostname", f"{name}-{os.getpid()}@%h"),
     )
@@ -309,7 +315,7 @@ def worker(
     *,
     env: Mapping[str, str],
     log: Path | None = None,
-    concurrency: int = 2,
+    concurrency: int | None = 2,
     loglevel: str = "INFO",
     beat_schedule: Path | None = None,
     stop_timeout: float = 10,
@@ -421,7 +427,7 @@ class Processes:
         self,
         name: str = "worker",
         *,
-        concurrency: int = 2,
+        concurrency: int | None = 2,
         loglevel: str = "INFO",
         beat: bool = False,
         **env: str,
