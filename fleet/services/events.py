@@ -19,11 +19,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, transaction
 from django.db.models import Field, Model
 
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
 from fleet.redis import as_text, get_redis
+from fleet.rows import update_each
 from fleet.services.registry import registry_publish_on_commit, registry_republish_missing
 from fleet.signals import station_events_applied
 from ocpp_gateway.envelopes import (
@@ -373,23 +374,8 @@ def _stations_lock(identities: set[str]) -> dict[str, ChargingStation]:
 
 
 def _stations_save(stations: list[ChargingStation]) -> None:
-    """Write the merged fields of locked stations back, one prepared UPDATE per row.
-
-    bulk_update builds a CASE over the whole batch for every field: for a batch of 500
-    stations that took most of a second, against milliseconds for executemany.
-    """
-    meta = ChargingStation._meta
-    fields = [_column_field(ChargingStation, name) for name in _STATION_FIELDS]
-    quote = connection.ops.quote_name
-    assignments = ", ".join(f"{quote(_column(field))} = %s" for field in fields)
-    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(_column(meta.pk))} = %s"
-    rows = [
-        [field.get_db_prep_save(getattr(station, field.attname), connection) for field in fields]
-        + [station.pk]
-        for station in stations
-    ]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+    """Write the merged fields of locked stations back, one prepared UPDATE per row."""
+    update_each(ChargingStation, _STATION_FIELDS, stations)
 
 
 def _registrations_activate(boots: dict[tuple[int, int], datetime]) -> set[int]:
@@ -589,11 +575,6 @@ def _column_field(model: type[Model], name: str) -> Field[Any, Any]:
     field = model._meta.get_field(name)
     assert isinstance(field, Field), f"{model.__name__}.{name} has no column"
     return field
-
-
-def _column(field: Field[Any, Any]) -> str:
-    assert field.column is not None, f"{field} has no column"
-    return field.column
 
 
 def _max_length(model: type[Model], name: str) -> int:

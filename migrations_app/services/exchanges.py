@@ -16,8 +16,8 @@ from django.conf import settings
 from redis import RedisError
 
 from fleet.redis import get_redis
+from fleet.rows import insert_row
 from migrations_app.models import OcppExchange, StationMigration
-from migrations_app.services.rows import insert_row
 from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
 from ocpp_gateway.envelopes import Outcome, Reply, payload_of
 

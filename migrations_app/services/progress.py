@@ -28,8 +28,8 @@ from django.db.models import (
     When,
 )
 
+from fleet.rows import compiled_update
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services.rows import compiled_update
 
 State = StationMigration.State
 COUNTED = frozenset({State.DONE, State.FAILED})

@@ -9,10 +9,10 @@ from django.conf import settings
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from fleet.rows import select_value
 from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services import wakes, workflow
 from migrations_app.services.dispatch import drive_soon
-from migrations_app.services.rows import select_value
 from migrations_app.services.steps import (
     OFFLINE_RETRY_SECONDS,
     Next,

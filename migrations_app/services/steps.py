@@ -38,6 +38,7 @@ from redis import RedisError
 
 from fleet.models import ChargingStation, StationEvent
 from fleet.redis import get_redis
+from fleet.rows import select_value
 from fleet.selectors import station_registered_on
 from fleet.services.inventory import station_move_to_csms
 from fleet.services.registry import registry_republish_missing
@@ -57,7 +58,6 @@ from migrations_app.services.plan import (
     configuration_values,
     plan_switch,
 )
-from migrations_app.services.rows import select_value
 from ocpp_gateway.certificates import (
     CertificateError,
     CertificateHashData,

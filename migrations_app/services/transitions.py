@@ -15,9 +15,9 @@ from django.db import connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
+from fleet.rows import insert_row, update_where
 from migrations_app.models import StateChange, StationMigration
 from migrations_app.services import progress
-from migrations_app.services.rows import insert_row, update_where
 from migrations_app.services.workflow import TERMINAL
 
 # Ids per UPDATE: under SQLite's oldest limit on query parameters (999).

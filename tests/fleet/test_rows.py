@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from django.core.exceptions import ObjectDoesNotExist
+from django.db.models import F
 
 from fleet.models import ChargingStation, CsmsBackend
+from fleet.rows import insert_row, select_value, update_each, update_where
 from migrations_app.models import OcppExchange, StationMigration
 from migrations_app.services.batches import BatchOptions, batch_create
-from migrations_app.services.rows import insert_row, select_value, update_where
 
 pytestmark = pytest.mark.django_db
 
@@ -75,5 +77,32 @@ def test_a_selected_value_is_converted_as_the_orm_converts_it(migration):
 
     assert select_value(ChargingStation, "connector_status", migration.station_id) == status
     assert select_value(StationMigration, "state", migration.id) == State.PENDING
-    with pytest.raises(KeyError):
+    with pytest.raises(ObjectDoesNotExist):
         select_value(StationMigration, "state", migration.id + 1000)
+
+
+@pytest.mark.parametrize(
+    "where, values",
+    [
+        ({"id": 1, "state": State.PENDING}, {"state": F("reason")}),  # an expression
+        ({"id": 1, "state": State.PENDING}, {"reason": CsmsBackend(name="x")}),  # an instance
+        ({"id": 1, "wait_until": None}, {"state": State.FAILED}),  # = NULL never matches
+    ],
+)
+def test_an_update_of_anything_but_plain_values_is_refused(migration, where, values):
+    with pytest.raises(TypeError):
+        update_where(StationMigration, where, values)
+    migration.refresh_from_db()
+    assert (migration.state, migration.reason) == (State.PENDING, "")
+
+
+def test_each_instance_is_written_back_to_its_own_row(migration):
+    ChargingStation.objects.create(identity="CP-2")
+    stations = list(ChargingStation.objects.order_by("identity"))
+    for index, station in enumerate(stations):
+        station.vendor, station.connector_status = f"V{index}", {"1": {"status": f"S{index}"}}
+
+    update_each(ChargingStation, ["vendor", "connector_status"], stations)
+
+    rows = ChargingStation.objects.order_by("identity").values_list("vendor", "connector_status")
+    assert list(rows) == [("V0", {"1": {"status": "S0"}}), ("V1", {"1": {"status": "S1"}})]
