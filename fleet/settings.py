@@ -142,10 +142,14 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # (fleet.celery.retire_broken_connections), so the next task reconnects.
 CELERY_DB_REUSE_MAX = 1000
 # Step tasks spend much of their time waiting for a station's answer (a group's stations
-# one after the other): four prefork children per core keep the cores busy, as deploy/
-# runs them (1000-station batch on 2 cores: 21.5 stations/s with 4, 27.0 with 8; each
-# child ~75 MB resident).
-CELERY_WORKER_CONCURRENCY = int(env_float("CELERY_WORKER_CONCURRENCY", 4 * (os.cpu_count() or 1)))
+# one after another): two prefork children per usable core keep the cores busy. More lose
+# at steady state (benchmarks/README.md, issue 9, 2 cores: 4 children 30.4 stations/s over
+# 10,000, 8 children 27.4, though 8 win a short 1,000-station run). At most 16: each child
+# holds a database connection (PostgreSQL allows 100 by default) and ~95 MB resident.
+_USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+CELERY_WORKER_CONCURRENCY = int(
+    env_float("CELERY_WORKER_CONCURRENCY", min(2 * (_USABLE_CORES or 1), 16))
+)
 
 # Countdowns stay far below the visibility timeout (a scheduled drive waits at most 30 s):
 # a message held by a worker longer than this is delivered again. Said here, not assumed.
