@@ -42,7 +42,7 @@ def insert_row(model: type[models.Model], **values: Any) -> None:
         )
         for field in fields
     ]
-    _execute(statement, params)
+    execute(statement, params)
 
 
 def update_where(model: type[models.Model], where: dict[str, Any], values: dict[str, Any]) -> int:
@@ -61,7 +61,7 @@ def update_where(model: type[models.Model], where: dict[str, Any], values: dict[
         field.get_db_prep_value(_plain(value), connection)
         for field, value in zip(where_fields, where.values(), strict=True)
     ]
-    return _execute(statement, params)
+    return execute(statement, params)
 
 
 def update_each(
@@ -109,7 +109,8 @@ def compiled_update(
     return statement, tuple(params)
 
 
-def _execute(statement: str, params: list[Any]) -> int:
+def execute(statement: str, params: Sequence[Any]) -> int:
+    """Run a statement built here (or by compiled_update); the rows it matched."""
     # As the ORM's writes: a failure inside atomic() marks it for rollback even if caught.
     with mark_for_rollback_on_error(), connection.cursor() as cursor:
         cursor.execute(statement, params)
