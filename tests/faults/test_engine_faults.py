@@ -48,7 +48,7 @@ from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Timing
 from tests.conftest import process_env
 from tests.faults.ground_truth import judge
-from tests.migrations_app.conftest import WORKER_ENV, Stack
+from tests.migrations_app.conftest import WORKER_ENV, Stack, wait_batch
 
 State = StationMigration.State
 # The lease as in production: a test that ends well before it proves the fast path.
@@ -221,7 +221,8 @@ def test_redis_sigkilled_and_restarted_empty_mid_batch(
         assert stack.worker.poll() is None, "the worker died with the broker"
         assert report, err
         judge(report, fleet, stack, rollback_through=None)
-        assert MigrationBatch.objects.get().state == MigrationBatch.State.FINISHED
+        # --wait returns once every station has ended; the batch closes at its next drive.
+        wait_batch(MigrationBatch.objects.get(), MigrationBatch.State.FINISHED, timeout=30)
 
 
 @pytest.mark.slow
@@ -276,7 +277,8 @@ def test_each_gateway_sigkilled_and_restarted_mid_batch(gateways, start_worker, 
         _, report, err, _ = cli.result(timeout=240)
         assert report, err
         judge(report, fleet, stack, rollback_through=None)
-        assert MigrationBatch.objects.get().state == MigrationBatch.State.FINISHED
+        # --wait returns once every station has ended; the batch closes at its next drive.
+        wait_batch(MigrationBatch.objects.get(), MigrationBatch.State.FINISHED, timeout=30)
 
 
 def paused_and_idle(batch: MigrationBatch) -> bool:

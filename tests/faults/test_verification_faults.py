@@ -22,17 +22,13 @@ from ocpp_gateway.envelopes import EventKind
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.faults.ground_truth import judge
-from tests.migrations_app.conftest import by_identity, migrate
+from tests.migrations_app.conftest import by_identity, migrate, wait_batch
 from tests.migrations_app.conftest import stack as stack  # the fixture: the migration stack
 
 P1 = "NetworkConnectionProfile1"
 P2 = "NetworkConnectionProfile2"
 PRIORITY = "NetworkConfigurationPriority"
 State = StationMigration.State
-
-
-def finished(batch: MigrationBatch) -> bool:
-    return MigrationBatch.objects.get(id=batch.id).state == MigrationBatch.State.FINISHED
 
 
 def test_stations_that_fall_back_two_seconds_after_booting_on_the_target_are_not_done(stack):
@@ -77,7 +73,7 @@ def test_an_impostor_on_the_target_while_the_station_reboots_never_verifies(stac
         )
         timing = Timing(retry_interval=0.2, reconnect_delay=0.3)
         with Fleet([impostor], timing=timing):
-            wait_until(lambda: finished(batch), 90, "the batch to end")
+            wait_batch(batch, MigrationBatch.State.FINISHED, timeout=90)
         report = batch_report(batch)
         entry = by_identity(report)["CP-REAL"]
         assert entry["state"] == "failed", entry
@@ -109,7 +105,7 @@ def test_redis_killed_and_restarted_empty_after_the_reset_wave(stack, redis_clie
             "every station to boot on the target",
         )
         restart_empty(redis_client, request)
-        wait_until(lambda: finished(batch), 150, "the batch to end after the Redis restart")
+        wait_batch(batch, MigrationBatch.State.FINISHED, timeout=150)
         report = batch_report(batch)
         assert {entry["state"] for entry in report["stations"]} == {"done"}, report
         for station in fleet:

@@ -28,6 +28,7 @@ from devstack.processes import wait_until
 from fleet.models import ChargingStation, CsmsBackend
 from fleet.services.inventory import csms_backend_upsert
 from fleet.services.registrations import RegistrationRow, registrations_import
+from migrations_app.models import MigrationBatch
 from ocpp_gateway.envelopes import registry_key, registry_meta_key
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
@@ -180,6 +181,15 @@ def migrate(*args: str) -> tuple[int, dict]:
     except SystemExit as exc:
         code = int(exc.code or 0)
     return code, json.loads(out.getvalue())
+
+
+def wait_batch(batch: MigrationBatch, *states: str, timeout: float = 90) -> MigrationBatch:
+    def reached():
+        batch.refresh_from_db()
+        return batch.state in states
+
+    wait_until(reached, timeout, f"batch {batch.id} to be {' or '.join(states)}")
+    return batch
 
 
 def by_identity(report: dict) -> dict[str, dict]:

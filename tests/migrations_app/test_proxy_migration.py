@@ -28,7 +28,7 @@ from migrations_app.models import MigrationBatch, OcppExchange, StationMigration
 from migrations_app.services.batches import batch_report
 from ocpp_gateway.envelopes import EventKind
 from ocpp_gateway.simulator.spec import Behaviour
-from tests.migrations_app.conftest import by_identity
+from tests.migrations_app.conftest import by_identity, wait_batch
 from tests.upstream_csms import UpstreamCsms
 
 P1 = "NetworkConnectionProfile1"
@@ -97,10 +97,6 @@ def boot_answers(upstream: UpstreamCsms, identity: str) -> list[str]:
 
 def migration_state(migration: StationMigration) -> str:
     return StationMigration.objects.get(id=migration.id).state
-
-
-def finished(batch: MigrationBatch) -> bool:
-    return MigrationBatch.objects.get(id=batch.id).state == MigrationBatch.State.FINISHED
 
 
 # --- the upstream's own conversation, while the migration runs ----------------------------
@@ -192,7 +188,7 @@ def test_a_full_migration_between_proxied_csmss_ends_verified_and_the_upstreams_
         )
         assert stop.status == RemoteStartStopStatus.accepted
 
-        wait_until(lambda: finished(batch), 120, "the batch to end")
+        wait_batch(batch, MigrationBatch.State.FINISHED, timeout=120)
         entry = by_identity(batch_report(batch))["CP-PX"]
         assert entry["state"] == "done", entry
         assert station.connected_url == stack.target_url and station.reset_count == 1

@@ -22,7 +22,7 @@ from migrations_app.services.controls import (
 )
 from ocpp_gateway.simulator import Fleet
 from ocpp_gateway.simulator.spec import Behaviour
-from tests.migrations_app.conftest import WORKER_ENV
+from tests.migrations_app.conftest import WORKER_ENV, wait_batch
 from tests.migrations_app.test_migration_resilience import most_in_flight_at_once
 
 State = StationMigration.State
@@ -47,15 +47,6 @@ def start(identities: list[str], **options) -> MigrationBatch:
         stations=stations,
         options=BatchOptions(**{"boot_timeout_seconds": 60, **options}),
     )
-
-
-def wait_batch(batch: MigrationBatch, *states: str, timeout: float = 90) -> MigrationBatch:
-    def reached():
-        batch.refresh_from_db()
-        return batch.state in states
-
-    wait_until(reached, timeout, f"batch {batch.id} to be {' or '.join(states)}")
-    return batch
 
 
 def states(batch: MigrationBatch) -> Counter:

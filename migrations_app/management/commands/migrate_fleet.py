@@ -32,6 +32,9 @@ BAR_WIDTH = 30
 # How often --wait looks at the stack's health (Redis) while it follows a batch.
 HEALTH_SECONDS = 2.0
 EXIT_STALLED = 3
+# How long --wait gives a running batch whose stations all ended to be closed by its drive
+# (coalesced 0.25 s after the last end; the beat's tick every second).
+BATCH_CLOSE_SECONDS = 5.0
 
 
 class Stalled(Exception):
@@ -288,6 +291,7 @@ class Command(BaseCommand):
         last_line = ""
         last_print = 0.0
         progress = _Progress(batch)
+        all_ended_at: float | None = None
         while True:
             try:
                 batch.refresh_from_db(fields=["state", "pause_reason"])
@@ -309,8 +313,16 @@ class Command(BaseCommand):
                 last_print = now
             last_line = line
             ended = sum(counts.get(s, 0) for s in workflow.TERMINAL)
-            if batch.state == MigrationBatch.State.FINISHED or ended == sum(counts.values()):
+            if batch.state == MigrationBatch.State.FINISHED:
                 break
+            if ended == sum(counts.values()):
+                # A running batch is closed by its next drive, a moment after its last
+                # station ended: wait for it, but not for a drive no worker may run.
+                all_ended_at = all_ended_at or now
+                if batch.state != MigrationBatch.State.RUNNING or (
+                    now - all_ended_at >= BATCH_CLOSE_SECONDS
+                ):
+                    break
             try:
                 progress.check(counts, batch.state)
             except (OperationalError, InterfaceError) as exc:
