@@ -16,8 +16,7 @@ from ocpp_gateway.envelopes import EventKind
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import StationSpec, Timing
 from tests.faults.ground_truth import judge
-from tests.faults.test_verification_faults import finished
-from tests.migrations_app.conftest import by_identity, migrate
+from tests.migrations_app.conftest import by_identity, migrate, wait_batch
 from tests.migrations_app.conftest import stack as stack  # the fixture: the migration stack
 
 PRIORITY = "NetworkConfigurationPriority"
@@ -68,7 +67,7 @@ def test_an_impostor_with_the_station_password_never_verifies(stack):
             profile_timeout=3,
         )
         with Fleet([impostor], timing=Timing(retry_interval=0.2, reconnect_delay=0.3)):
-            wait_until(lambda: finished(batch), 90, "the batch to end")
+            wait_batch(batch, MigrationBatch.State.FINISHED, timeout=90)
         report = batch_report(batch)
         entry = by_identity(report)["CP-PW"]
         assert entry["state"] == "failed", entry

@@ -22,8 +22,7 @@ from ocpp_gateway.envelopes import EventKind, registry_key
 from ocpp_gateway.simulator.fleet import Fleet
 from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.faults.ground_truth import judge
-from tests.faults.test_verification_faults import finished
-from tests.migrations_app.conftest import by_identity, migrate
+from tests.migrations_app.conftest import by_identity, migrate, wait_batch
 from tests.migrations_app.conftest import proxied_stack as proxied_stack  # the fixture
 from tests.migrations_app.conftest import upstream_options as upstream_options  # the fixture
 from tests.migrations_app.conftest import upstreams as upstreams  # the fixture
@@ -39,7 +38,7 @@ def run_batch(*args: str, within: float = 90) -> dict:
     """Start a batch (not --wait) and wait, bounded, for it to end; its report."""
     call_command("migrate_fleet", "--to", "csms-2", "--from", "csms-1", *args)
     batch = MigrationBatch.objects.get()
-    wait_until(lambda: finished(batch), within, "the batch to end")
+    wait_batch(batch, MigrationBatch.State.FINISHED, timeout=within)
     return batch_report(batch)
 
 
@@ -185,7 +184,7 @@ def test_other_hardware_accepted_by_upstream_csms_2_never_verifies(proxied_stack
             "CP-UHW", url=stack.target_url, serial_number="SN-IMPOSTOR", profile_timeout=3
         )
         with Fleet([impostor], timing=Timing(retry_interval=0.2, reconnect_delay=0.3)):
-            wait_until(lambda: finished(batch), 90, "the batch to end")
+            wait_batch(batch, MigrationBatch.State.FINISHED, timeout=90)
         report = batch_report(batch)
         entry = by_identity(report)["CP-UHW"]
         assert entry["state"] == "failed", entry
