@@ -19,10 +19,14 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from redis import RedisError
 
-from fleet.celery import app
 from migrations_app.models import StationMigration
 from migrations_app.services import batches, liveness, wakes
-from migrations_app.services.dispatch import DRIVE_BATCH_TASK, enqueue_step, enqueue_steps
+from migrations_app.services.dispatch import (
+    DRIVE_BATCH_TASK,
+    enqueue_step,
+    enqueue_steps,
+    send_task,
+)
 from migrations_app.services.runner import Followup, load_group, run_step, step_raised
 from migrations_app.services.workflow import TASK_NAMES
 
@@ -173,7 +177,7 @@ def recover(running: list[int] | None = None, passes: int = 2) -> None:
     if passes > 1:
         # The dead worker also held waiting steps' next polls (countdown tasks): their
         # stations are found once they have been quiet for longer than any poll.
-        app.send_task(
+        send_task(
             liveness.RECOVER_TASK,
             kwargs={"passes": passes - 1},
             countdown=batches.RECOVER_GRACE_SECONDS,
@@ -187,7 +191,7 @@ _heartbeat: liveness.WorkerHeartbeat | None = None
 def _start_heartbeat(sender, **kwargs) -> None:
     """In the worker's main process: tell the others this worker lives, and what it holds."""
     global _heartbeat
-    _heartbeat = liveness.WorkerHeartbeat(sender.hostname, app.send_task)
+    _heartbeat = liveness.WorkerHeartbeat(sender.hostname, send_task)
     _heartbeat.start()
 
 

@@ -187,7 +187,9 @@ def celery_sender(broker_url: str) -> TaskSender:
     app.conf.broker_connection_retry_on_startup = True
 
     def send(task: str, *args: Any) -> None:
-        app.send_task(task, args=list(args))
+        # The worker takes the message's ignore_result over the task's own (False unless
+        # given): without it every ingestion would write a result row.
+        app.send_task(task, args=list(args), ignore_result=True)
 
     return send
 

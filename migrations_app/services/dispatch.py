@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from django.db import transaction
 from redis import RedisError
@@ -31,6 +32,13 @@ MAX_DRIVE_COUNTDOWN = 30.0
 STEP_GROUP_SIZE = 20
 
 
+def send_task(name: str, **options: Any) -> None:
+    """Send one of our tasks by name. Each of them ignores its result, and the message must
+    say so: a worker takes the message's ignore_result (False unless given) over the task's
+    own, and would write a result row for every step (a database write on the step path)."""
+    app.send_task(name, ignore_result=True, **options)
+
+
 def enqueue_step(migration_id: int, station: str, state: str, countdown: float = 0) -> None:
     """Run the step of `state` for this migration once the current transaction commits."""
     enqueue_steps(state, [(migration_id, station)], countdown)
@@ -50,7 +58,7 @@ def enqueue_steps(state: str, stations: Sequence[tuple[int, str]], countdown: fl
         kwargs = {"more": [[migration_id, identity] for migration_id, identity in rest]}
         transaction.on_commit(
             partial(
-                app.send_task,
+                send_task,
                 name,
                 args=[first_id, first_station, state],
                 kwargs=kwargs if kwargs["more"] else {},
@@ -60,7 +68,7 @@ def enqueue_steps(state: str, stations: Sequence[tuple[int, str]], countdown: fl
 
 
 def enqueue_drive(batch_id: int) -> None:
-    transaction.on_commit(lambda: app.send_task(DRIVE_BATCH_TASK, args=[batch_id]))
+    transaction.on_commit(lambda: send_task(DRIVE_BATCH_TASK, args=[batch_id]))
 
 
 # Stations that end together free their in-flight slots together: one drive refills them
@@ -109,9 +117,7 @@ def schedule_drive(batch_id: int, countdown: float) -> bool:
         # batch with no beat would never move again. A broker that is down makes send_task
         # raise, and the task that asked retries.
         logger.warning("batch %s: drive scheduled without de-duplication (%s)", batch_id, exc)
-    app.send_task(
-        DRIVE_BATCH_TASK, args=[batch_id], kwargs={"scheduled": True}, countdown=countdown
-    )
+    send_task(DRIVE_BATCH_TASK, args=[batch_id], kwargs={"scheduled": True}, countdown=countdown)
     return True
 
 
