@@ -1,11 +1,12 @@
 """Statements the hot paths repeat, with their SQL built once instead of by the ORM each time.
 
 A station's migration writes ~10 history rows, ~5 exchange rows and ~10 conditional updates,
-and reads a few single values; ingestion writes back every station an event batch touched.
-Through the ORM each statement builds its query anew (model instance, compiler, SQL): on this
-machine 0.4-0.6 ms of CPU a statement, against ~0.05 ms to convert the values and execute
-(benchmarks/README.md, issue 9). These build each statement once per database vendor, model
-and set of fields, quoted by the backend and with the fields' own conversions.
+and reads a few single values and boot records; ingestion writes back every station an event
+batch touched. Through the ORM each statement builds its query anew (model instance,
+compiler, SQL): on this machine 0.4-0.6 ms of CPU a statement, against ~0.05 ms to convert
+the values and execute (benchmarks/README.md, issue 9). These build each statement once per
+database vendor, model and set of fields, quoted by the backend and with the fields' own
+conversions.
 
 They take fields by name or attname (``migration`` or ``migration_id``) and plain values;
 an expression (``F``, ``Case``) or a model instance where a column value belongs is refused.
@@ -28,10 +29,9 @@ from django.db.transaction import mark_for_rollback_on_error
 
 def insert_row(model: type[models.Model], **values: Any) -> None:
     """INSERT one row of ``model``: the given fields, and the defaults of the others."""
-    statement, fields = _insert_statement(connection.vendor, model)
+    statement, fields, by_name = _insert_statement(connection.vendor, model)
     if pre_save.has_listeners(model) or post_save.has_listeners(model):
         raise TypeError(f"{model.__name__} has save signal receivers: use the ORM")
-    by_name = {field.name: field for field in fields} | {field.attname: field for field in fields}
     unknown = values.keys() - by_name.keys()
     if unknown:
         raise TypeError(f"{model.__name__} has no field(s) {sorted(unknown)}")
@@ -83,16 +83,42 @@ def update_each(
 def select_value(model: type[models.Model], name: str, pk: Any) -> Any:
     """One field of one row, converted as the ORM converts it (ObjectDoesNotExist: no
     such row)."""
-    statement, field = _select_statement(connection.vendor, model, name)
-    with mark_for_rollback_on_error(), connection.cursor() as cursor:
-        cursor.execute(statement, [pk])
-        row = cursor.fetchone()
+    row = select_first(model, (name,), {model._meta.pk.attname: pk})
     if row is None:
         raise ObjectDoesNotExist(f"no {model.__name__} with pk {pk}")
+    return row[0]
+
+
+def select_first(
+    model: type[models.Model],
+    names: tuple[str, ...],
+    where: dict[str, Any],
+    order_by: str = "",
+) -> tuple[Any, ...] | None:
+    """Those fields of the first row where each of ``where`` equals its value (not None),
+    in ``order_by``'s order (a field name, "-" for descending), converted as the ORM
+    converts them; None when no row matches."""
+    if any(value is None for value in where.values()):
+        raise TypeError("select_first matches values, not NULL")
+    statement, fields, where_fields = _select_statement(
+        connection.vendor, model, names, tuple(where), order_by
+    )
+    params = [
+        field.get_db_prep_value(_plain(value), connection)
+        for field, value in zip(where_fields, where.values(), strict=True)
+    ]
+    with mark_for_rollback_on_error(), connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    return tuple(_converted(model, field, value) for field, value in zip(fields, row, strict=True))
+
+
+def _converted(model: type[models.Model], field: models.Field, value: Any) -> Any:
     column = field.get_col(model._meta.db_table)
     # The converters of this thread's connection, in the compiler's order (JSON text to a
     # dict, SQLite's datetime text to a datetime).
-    value = row[0]
     for convert in connection.ops.get_db_converters(column) + field.get_db_converters(connection):
         value = convert(value, column, connection)
     return value
@@ -140,14 +166,17 @@ def _column(field: models.Field) -> str:
 
 
 @cache
-def _insert_statement(vendor: str, model: type[models.Model]) -> tuple[str, list[models.Field]]:
+def _insert_statement(
+    vendor: str, model: type[models.Model]
+) -> tuple[str, list[models.Field], dict[str, models.Field]]:
     fields = [field for field in model._meta.concrete_fields if not field.primary_key]
     if any(getattr(field, "auto_now", False) or field.generated for field in fields):
         raise TypeError(f"{model.__name__} has fields the ORM fills in on save: use the ORM")
     query = sql.InsertQuery(model)
     query.insert_values(fields, [model()])
     [(statement, _)] = query.get_compiler(connection=connection).as_sql()
-    return statement, fields
+    by_name = {field.name: field for field in fields} | {field.attname: field for field in fields}
+    return statement, fields, by_name
 
 
 @cache
@@ -165,9 +194,20 @@ def _update_statement(
 
 @cache
 def _select_statement(
-    vendor: str, model: type[models.Model], name: str
-) -> tuple[str, models.Field]:
+    vendor: str,
+    model: type[models.Model],
+    names: tuple[str, ...],
+    where_names: tuple[str, ...],
+    order_by: str,
+) -> tuple[str, list[models.Field], list[models.Field]]:
     quote = connection.ops.quote_name
-    field = _field(model, name)
-    table, pk = quote(model._meta.db_table), quote(_column(model._meta.pk))
-    return f"SELECT {quote(_column(field))} FROM {table} WHERE {pk} = %s", field
+    fields = [_field(model, name) for name in names]
+    where_fields = [_field(model, name) for name in where_names]
+    columns = ", ".join(quote(_column(field)) for field in fields)
+    conditions = " AND ".join(f"{quote(_column(field))} = %s" for field in where_fields)
+    statement = f"SELECT {columns} FROM {quote(model._meta.db_table)} WHERE {conditions}"
+    if order_by:
+        descending = order_by.startswith("-")
+        order_field = _field(model, order_by.removeprefix("-"))
+        statement += f" ORDER BY {quote(_column(order_field))}{' DESC' if descending else ''}"
+    return statement + " LIMIT 1", fields, where_fields

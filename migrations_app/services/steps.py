@@ -38,7 +38,7 @@ from redis import RedisError
 
 from fleet.models import ChargingStation, StationEvent
 from fleet.redis import get_redis
-from fleet.rows import select_value
+from fleet.rows import select_first, select_value
 from fleet.selectors import station_registered_on
 from fleet.services.inventory import station_move_to_csms
 from fleet.services.registry import registry_republish_missing
@@ -951,11 +951,13 @@ def _is_new(boot: dict[str, Any] | None, mark_id: str, mark_at: float | None) ->
 
 def _stored_boot(station_id: int, csms_id: int) -> dict[str, Any] | None:
     """The station's last boot on that CSMS as ingested, in the Redis record's shape."""
-    row = (
-        StationEvent.objects.filter(station_id=station_id, csms_id=csms_id, kind=EventKind.BOOT)
-        .order_by("-at")
-        .values_list("event_id", "at", "data")
-        .first()
+    # Read on every verification pass that Redis has nothing new for (benchmarks/README.md,
+    # issue 9): a statement built once.
+    row = select_first(
+        StationEvent,
+        ("event_id", "at", "data"),
+        {"station_id": station_id, "csms_id": csms_id, "kind": EventKind.BOOT},
+        order_by="-at",
     )
     if row is None:
         return None

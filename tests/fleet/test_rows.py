@@ -8,10 +8,11 @@ import pytest
 from django.core.exceptions import ObjectDoesNotExist
 from django.db.models import F
 
-from fleet.models import ChargingStation, CsmsBackend
-from fleet.rows import insert_row, select_value, update_each, update_where
+from fleet.models import ChargingStation, CsmsBackend, StationEvent
+from fleet.rows import insert_row, select_first, select_value, update_each, update_where
 from migrations_app.models import OcppExchange, StationMigration
 from migrations_app.services.batches import BatchOptions, batch_create
+from ocpp_gateway.envelopes import EventKind
 
 pytestmark = pytest.mark.django_db
 
@@ -79,6 +80,36 @@ def test_a_selected_value_is_converted_as_the_orm_converts_it(migration):
     assert select_value(StationMigration, "state", migration.id) == State.PENDING
     with pytest.raises(ObjectDoesNotExist):
         select_value(StationMigration, "state", migration.id + 1000)
+
+
+@pytest.mark.parametrize("order_by", ["-at", "at"])
+def test_a_first_row_is_the_one_the_orm_finds_first_and_reads_as_it_reads(migration, order_by):
+    csms = migration.batch.target
+    for second, kind in [(1, EventKind.BOOT), (3, EventKind.BOOT), (2, EventKind.BOOT),
+                         (4, EventKind.STATUS)]:  # fmt: skip
+        StationEvent.objects.create(
+            event_id=f"e{second}",
+            station_id=migration.station_id,
+            csms=csms,
+            kind=kind,
+            at=datetime(2026, 12, 3, 10, 0, second, tzinfo=UTC),
+            data={"status": "Accepted", "second": second, "none": None},
+        )
+    where = {"station_id": migration.station_id, "csms_id": csms.id, "kind": EventKind.BOOT}
+    orms = (
+        StationEvent.objects.filter(**where)
+        .order_by(order_by)
+        .values_list("event_id", "at", "data")
+        .first()
+    )
+
+    ours = select_first(StationEvent, ("event_id", "at", "data"), where, order_by=order_by)
+
+    assert ours == orms and ours is not None
+    assert ours[0] == ("e3" if order_by == "-at" else "e1")
+    assert select_first(StationEvent, ("event_id",), {**where, "kind": EventKind.CONNECT}) is None
+    with pytest.raises(TypeError):
+        select_first(StationEvent, ("event_id",), {**where, "csms_id": None})
 
 
 @pytest.mark.parametrize(
