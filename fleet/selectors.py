@@ -8,6 +8,7 @@ from typing import Any
 from django.db.models import Count, Q, QuerySet
 
 from fleet.models import ChargingStation, CsmsBackend, Registration, StationEvent
+from fleet.rows import select_first
 
 
 def csms_backend_get(*, name: str) -> CsmsBackend | None:
@@ -33,9 +34,10 @@ def station_registered_on(station_id: int, csms_id: int, *, admitted: bool = Fal
     """Whether the station has an active registration on the CSMS; with ``admitted``, one
     its gateways still admit (active, or marked for removal and not removed yet)."""
     states = Registration.ADMITTED_STATES if admitted else (Registration.State.ACTIVE,)
-    return Registration.objects.filter(
-        station_id=station_id, csms_id=csms_id, state__in=states
-    ).exists()
+    # At most one registration per station and CSMS. Read in every station's pre-flight: a
+    # statement built once (fleet.rows).
+    row = select_first(Registration, ("state",), {"station_id": station_id, "csms_id": csms_id})
+    return row is not None and row[0] in states
 
 
 def station_get(*, identity: str) -> ChargingStation | None:

@@ -9,6 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend, Registration
+from fleet.rows import select_first, update_where
 from fleet.services.registry import registry_publish_on_commit
 from fleet.validators import csms_url_problems, upstream_url_problems
 
@@ -76,7 +77,7 @@ def station_move_to_csms(*, station_id: int, source_id: int | None, target_id: i
         changed.append(source_id)
     if _registration_set_state(station_id, target_id, Registration.State.ACTIVE, now):
         changed.append(target_id)
-    ChargingStation.objects.filter(id=station_id).update(csms_id=target_id)
+    update_where(ChargingStation, {"id": station_id}, {"csms_id": target_id})
     if changed:
         registry_publish_on_commit(
             CsmsBackend.objects.filter(id__in=changed).values_list("name", flat=True)
@@ -87,14 +88,20 @@ def _registration_set_state(
     station_id: int, csms_id: int, state: str, now: datetime.datetime
 ) -> bool:
     """Set the state; return whether the registration was not admitted before."""
-    # One UPDATE in the usual case (the registration exists and is admitted).
-    updated = (
-        Registration.objects.filter(station_id=station_id, csms_id=csms_id)
-        .exclude(state=Registration.State.REMOVED)
-        .update(state=state, state_changed_at=now)
+    # In the usual case (the registration exists and is admitted) a read and an UPDATE of
+    # the statements built once (fleet.rows): this runs for every migrated station.
+    found = select_first(
+        Registration, ("id", "state"), {"station_id": station_id, "csms_id": csms_id}
     )
-    if updated:
-        return False
+    if found is not None and found[1] != Registration.State.REMOVED:
+        registration_id, before = found
+        # On the state read: one changed meanwhile (removed) goes the long way below.
+        if update_where(
+            Registration,
+            {"id": registration_id, "state": before},
+            {"state": state, "state_changed_at": now},
+        ):
+            return False
     Registration.objects.update_or_create(
         station_id=station_id,
         csms_id=csms_id,

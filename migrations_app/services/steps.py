@@ -822,7 +822,7 @@ def _record_impostor(m: StationMigration, boot: dict[str, Any], failure: str) ->
                 at=timezone.now(),
                 data={
                     "reason": "boot from other hardware during a migration",
-                    "status": boot.get("status") or "Accepted",
+                    "status": boot.get("status") or RegistrationStatus.accepted,
                     "expected": m.expected_hardware,
                     "seen": hardware_seen(boot),
                     "boot_event_id": boot.get("event_id", ""),

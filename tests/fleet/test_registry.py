@@ -162,6 +162,22 @@ class TestOnCommit:
         assert set(registry(redis_client, "beta")) == {"CP-1", "CP-2"}
         assert set(registry(redis_client, "alpha")) == {"CP-1", "CP-2"}
 
+    def test_a_migration_back_onto_a_removed_registration_revives_and_publishes_it(
+        self, alpha, beta, redis_client, django_capture_on_commit_callbacks
+    ):
+        station = register(alpha, "CP-1").station
+        register(beta, "CP-1", State.REMOVED)
+
+        with django_capture_on_commit_callbacks(execute=True) as callbacks:
+            station_move_to_csms(station_id=station.pk, source_id=alpha.pk, target_id=beta.pk)
+
+        assert len(callbacks) == 1  # beta's admitted set grew; alpha's did not change
+        assert set(registry(redis_client, "beta")) == {"CP-1"}
+        states = dict(station.registrations.values_list("csms__name", "state"))
+        assert states == {"alpha": State.PENDING_REMOVAL, "beta": State.ACTIVE}
+        station.refresh_from_db()
+        assert station.csms_id == beta.pk
+
     def test_ingestion_publishes_a_registration_it_creates(
         self, alpha, publish, make_event, redis_client, django_capture_on_commit_callbacks
     ):
