@@ -16,12 +16,14 @@ no ``pre_save`` runs (``auto_now``): a model that needs them is refused by inser
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Any, cast
 
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import connection, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import QuerySet, sql
 from django.db.models.signals import post_save, pre_save
 from django.db.transaction import mark_for_rollback_on_error
@@ -29,7 +31,8 @@ from django.db.transaction import mark_for_rollback_on_error
 
 def insert_row(model: type[models.Model], **values: Any) -> None:
     """INSERT one row of ``model``: the given fields, and the defaults of the others."""
-    statement, fields, by_name = _insert_statement(connection.vendor, model)
+    db = _db()
+    statement, fields, by_name = _insert_statement(db.vendor, model)
     if pre_save.has_listeners(model) or post_save.has_listeners(model):
         raise TypeError(f"{model.__name__} has save signal receivers: use the ORM")
     unknown = values.keys() - by_name.keys()
@@ -37,12 +40,12 @@ def insert_row(model: type[models.Model], **values: Any) -> None:
         raise TypeError(f"{model.__name__} has no field(s) {sorted(unknown)}")
     given = {by_name[name].attname: _plain(value) for name, value in values.items()}
     params = [
-        field.get_db_prep_save(
-            given[field.attname] if field.attname in given else field.get_default(), connection
+        _for_save(
+            db, field, given[field.attname] if field.attname in given else field.get_default()
         )
         for field in fields
     ]
-    execute(statement, params)
+    _run(db, statement, params, fetch=False)
 
 
 def update_where(model: type[models.Model], where: dict[str, Any], values: dict[str, Any]) -> int:
@@ -50,18 +53,20 @@ def update_where(model: type[models.Model], where: dict[str, Any], values: dict[
     the number of rows that matched."""
     if any(value is None for value in where.values()):
         raise TypeError("update_where matches values, not NULL")
+    db = _db()
     statement, set_fields, where_fields = _update_statement(
-        connection.vendor, model, tuple(values), tuple(where)
+        db.vendor, model, tuple(values), tuple(where)
     )
     params = [
-        field.get_db_prep_save(_plain(value), connection)
+        _for_save(db, field, _plain(value))
         for field, value in zip(set_fields, values.values(), strict=True)
     ]
     params += [
-        field.get_db_prep_value(_plain(value), connection)
+        _for_match(db, field, _plain(value))
         for field, value in zip(where_fields, where.values(), strict=True)
     ]
-    return execute(statement, params)
+    rowcount, _ = _run(db, statement, params, fetch=False)
+    return rowcount
 
 
 def update_each(
@@ -100,28 +105,36 @@ def select_first(
     converts them; None when no row matches."""
     if any(value is None for value in where.values()):
         raise TypeError("select_first matches values, not NULL")
+    db = _db()
     statement, fields, where_fields = _select_statement(
-        connection.vendor, model, names, tuple(where), order_by
+        db.vendor, model, names, tuple(where), order_by
     )
     params = [
-        field.get_db_prep_value(_plain(value), connection)
+        _for_match(db, field, _plain(value))
         for field, value in zip(where_fields, where.values(), strict=True)
     ]
-    with mark_for_rollback_on_error(), connection.cursor() as cursor:
-        cursor.execute(statement, params)
-        row = cursor.fetchone()
+    _, row = _run(db, statement, params, fetch=True)
     if row is None:
         return None
-    return tuple(_converted(model, field, value) for field, value in zip(fields, row, strict=True))
+    return tuple(
+        _converted(db, model, field, value) for field, value in zip(fields, row, strict=True)
+    )
 
 
-def _converted(model: type[models.Model], field: models.Field, value: Any) -> Any:
-    column = field.get_col(model._meta.db_table)
+def _converted(
+    db: BaseDatabaseWrapper, model: type[models.Model], field: models.Field, value: Any
+) -> Any:
+    column = _column_of(model, field)
     # The converters of this thread's connection, in the compiler's order (JSON text to a
     # dict, SQLite's datetime text to a datetime).
-    for convert in connection.ops.get_db_converters(column) + field.get_db_converters(connection):
-        value = convert(value, column, connection)
+    for convert in db.ops.get_db_converters(column) + field.get_db_converters(db):
+        value = convert(value, column, db)
     return value
+
+
+@cache
+def _column_of(model: type[models.Model], field: models.Field) -> Any:
+    return field.get_col(model._meta.db_table)
 
 
 def compiled_update(
@@ -137,10 +150,92 @@ def compiled_update(
 
 def execute(statement: str, params: Sequence[Any]) -> int:
     """Run a statement built here (or by compiled_update); the rows it matched."""
+    rowcount, _ = _run(_db(), statement, params, fetch=False)
+    return rowcount
+
+
+def _db() -> BaseDatabaseWrapper:
+    # Looked up once a statement: each attribute read through django.db.connection looks
+    # the thread's connection up again (~3 us, as much as sqlite3 takes for a read).
+    return connections[DEFAULT_DB_ALIAS]
+
+
+def _run(
+    db: BaseDatabaseWrapper, statement: str, params: Sequence[Any], *, fetch: bool
+) -> tuple[int, Any]:
+    """Execute on the driver's own cursor, with what Django's cursor does around it (the
+    health check, the connection, the broken-transaction check, its exception classes),
+    but not its wrappers: a new wrapper, the parameter style's conversion and three layers
+    of calls were half of such a statement's CPU (benchmarks/README.md, issue 9).
+
+    Not in DEBUG's ``connection.queries``; a block that captures or wraps queries
+    (CaptureQueriesContext, ``execute_wrapper``) gets Django's cursor and sees them."""
     # As the ORM's writes: a failure inside atomic() marks it for rollback even if caught.
-    with mark_for_rollback_on_error(), connection.cursor() as cursor:
-        cursor.execute(statement, params)
-        return cursor.rowcount
+    with mark_for_rollback_on_error(db.alias):
+        if db.force_debug_cursor or db.execute_wrappers:
+            with db.cursor() as cursor:
+                cursor.execute(statement, params)
+                return cursor.rowcount, cursor.fetchone() if fetch else None
+        db.close_if_health_check_failed()
+        db.ensure_connection()
+        db.validate_thread_sharing()
+        db.validate_no_broken_transaction()
+        with db.wrap_database_errors:
+            cursor = db.connection.cursor()
+            try:
+                cursor.execute(_native(db.vendor, statement), params)
+                return cursor.rowcount, cursor.fetchone() if fetch else None
+            finally:
+                cursor.close()
+
+
+@cache
+def _native(vendor: str, statement: str) -> str:
+    """The statement in the driver's parameter style (sqlite3's ``?``; psycopg's is ours)."""
+    if vendor == "sqlite":
+        return re.sub(r"(?<!%)%s", "?", statement).replace("%%", "%")
+    return statement
+
+
+# Fields that store these Python types as they are on every backend: the fields' own
+# conversion (get_db_prep_save/_value) returns such a value unchanged, and is skipped.
+_AS_IS: dict[str, type] = {
+    "CharField": str,
+    "TextField": str,
+    "AutoField": int,
+    "BigAutoField": int,
+    "SmallAutoField": int,
+    "IntegerField": int,
+    "BigIntegerField": int,
+    "SmallIntegerField": int,
+    "PositiveIntegerField": int,
+    "PositiveBigIntegerField": int,
+    "PositiveSmallIntegerField": int,
+    "FloatField": float,
+    "BooleanField": bool,
+}
+
+
+@cache
+def _stored_as(field: models.Field) -> type | None:
+    target = field.target_field if isinstance(field, models.ForeignKey) else field
+    return _AS_IS.get(target.get_internal_type())
+
+
+def _as_is(field: models.Field, value: Any) -> bool:
+    kind = _stored_as(field)
+    if kind is None:
+        return False
+    # An int is not a bool's field's value, nor a bool an int's (bool subclasses int).
+    return value is None or (isinstance(value, str) if kind is str else type(value) is kind)
+
+
+def _for_save(db: BaseDatabaseWrapper, field: models.Field, value: Any) -> Any:
+    return value if _as_is(field, value) else field.get_db_prep_save(value, db)
+
+
+def _for_match(db: BaseDatabaseWrapper, field: models.Field, value: Any) -> Any:
+    return value if _as_is(field, value) else field.get_db_prep_value(value, db)
 
 
 def _plain(value: Any) -> Any:

@@ -6,11 +6,13 @@ from datetime import UTC, datetime
 
 import pytest
 from django.core.exceptions import ObjectDoesNotExist
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
+from django.test.utils import CaptureQueriesContext
 
 from fleet.models import ChargingStation, CsmsBackend, StationEvent
 from fleet.rows import insert_row, select_first, select_value, update_each, update_where
-from migrations_app.models import OcppExchange, StationMigration
+from migrations_app.models import MigrationBatch, OcppExchange, StationMigration
 from migrations_app.services.batches import BatchOptions, batch_create
 from ocpp_gateway.envelopes import EventKind
 
@@ -110,6 +112,39 @@ def test_a_first_row_is_the_one_the_orm_finds_first_and_reads_as_it_reads(migrat
     assert select_first(StationEvent, ("event_id",), {**where, "kind": EventKind.CONNECT}) is None
     with pytest.raises(TypeError):
         select_first(StationEvent, ("event_id",), {**where, "csms_id": None})
+
+
+def test_plain_values_stored_as_they_are_read_back_as_the_orm_wrote_them(migration):
+    batch = migration.batch
+    values = {"brake_failure_ratio": 0.25, "canary_size": 3, "install_root_ca": True,
+              "pause_reason": "operator", "state": MigrationBatch.State.PAUSED}  # fmt: skip
+    update_where(MigrationBatch, {"id": batch.id}, values)
+    ours = MigrationBatch.objects.values_list(*values).get(id=batch.id)
+    MigrationBatch.objects.filter(id=batch.id).update(**values)
+    assert ours == MigrationBatch.objects.values_list(*values).get(id=batch.id)
+    assert type(ours[2]) is bool and type(ours[0]) is float
+
+    # Not a float's or a bool's value as it is: converted by the field as the ORM does.
+    update_where(MigrationBatch, {"id": batch.id}, {"brake_failure_ratio": 1, "canary_size": 2})
+    assert MigrationBatch.objects.values_list("brake_failure_ratio", "canary_size").get(
+        id=batch.id
+    ) == (1.0, 2)
+
+
+def test_a_failed_write_raises_djangos_error_and_marks_its_atomic_block(migration):
+    other = ChargingStation.objects.create(identity="CP-2")
+    with transaction.atomic():
+        with pytest.raises(IntegrityError):  # django.db's, as the ORM would raise
+            update_where(ChargingStation, {"id": other.id}, {"identity": "CP-1"})
+        assert transaction.get_connection().needs_rollback
+    assert ChargingStation.objects.get(id=other.id).identity == "CP-2"
+
+
+def test_captured_queries_include_these_statements(migration):
+    with CaptureQueriesContext(connection) as captured:
+        select_value(StationMigration, "state", migration.id)
+        update_where(StationMigration, {"id": migration.id}, {"reason": "x"})
+    assert [query["sql"].split()[0] for query in captured] == ["SELECT", "UPDATE"]
 
 
 @pytest.mark.parametrize(
