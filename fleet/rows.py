@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, cast
 
 from django.core.exceptions import ObjectDoesNotExist
@@ -189,7 +189,7 @@ def _run(
                 cursor.close()
 
 
-@cache
+@lru_cache(maxsize=1024)
 def _native(vendor: str, statement: str) -> str:
     """The statement in the driver's parameter style (sqlite3's ``?``; psycopg's is ours)."""
     if vendor == "sqlite":
@@ -197,33 +197,35 @@ def _native(vendor: str, statement: str) -> str:
     return statement
 
 
-# Fields that store these Python types as they are on every backend: the fields' own
-# conversion (get_db_prep_save/_value) returns such a value unchanged, and is skipped.
-_AS_IS: dict[str, type] = {
-    "CharField": str,
-    "TextField": str,
-    "AutoField": int,
-    "BigAutoField": int,
-    "SmallAutoField": int,
-    "IntegerField": int,
-    "BigIntegerField": int,
-    "SmallIntegerField": int,
-    "PositiveIntegerField": int,
-    "PositiveBigIntegerField": int,
-    "PositiveSmallIntegerField": int,
-    "FloatField": float,
-    "BooleanField": bool,
+# Fields (these classes exactly: a subclass may convert) whose own conversion
+# (get_db_prep_save/_value) returns a value of that Python type unchanged: it is skipped.
+# Integers only on SQLite: Django's psycopg backend wraps them in sized types (Int4, ...).
+_AS_IS: dict[type[models.Field], type] = {
+    models.CharField: str,
+    models.TextField: str,
+    models.AutoField: int,
+    models.BigAutoField: int,
+    models.SmallAutoField: int,
+    models.IntegerField: int,
+    models.BigIntegerField: int,
+    models.SmallIntegerField: int,
+    models.PositiveIntegerField: int,
+    models.PositiveBigIntegerField: int,
+    models.PositiveSmallIntegerField: int,
+    models.FloatField: float,
+    models.BooleanField: bool,
 }
 
 
 @cache
-def _stored_as(field: models.Field) -> type | None:
+def _stored_as(vendor: str, field: models.Field) -> type | None:
     target = field.target_field if isinstance(field, models.ForeignKey) else field
-    return _AS_IS.get(target.get_internal_type())
+    kind = _AS_IS.get(type(target))
+    return None if kind is int and vendor != "sqlite" else kind
 
 
-def _as_is(field: models.Field, value: Any) -> bool:
-    kind = _stored_as(field)
+def _as_is(db: BaseDatabaseWrapper, field: models.Field, value: Any) -> bool:
+    kind = _stored_as(db.vendor, field)
     if kind is None:
         return False
     # An int is not a bool's field's value, nor a bool an int's (bool subclasses int).
@@ -231,11 +233,11 @@ def _as_is(field: models.Field, value: Any) -> bool:
 
 
 def _for_save(db: BaseDatabaseWrapper, field: models.Field, value: Any) -> Any:
-    return value if _as_is(field, value) else field.get_db_prep_save(value, db)
+    return value if _as_is(db, field, value) else field.get_db_prep_save(value, db)
 
 
 def _for_match(db: BaseDatabaseWrapper, field: models.Field, value: Any) -> Any:
-    return value if _as_is(field, value) else field.get_db_prep_value(value, db)
+    return value if _as_is(db, field, value) else field.get_db_prep_value(value, db)
 
 
 def _plain(value: Any) -> Any:

@@ -95,13 +95,20 @@ def _registration_set_state(
     )
     if found is not None and found[1] != Registration.State.REMOVED:
         registration_id, before = found
-        # On the state read: one changed meanwhile (removed) goes the long way below.
         if update_where(
             Registration,
             {"id": registration_id, "state": before},
             {"state": state, "state_changed_at": now},
         ):
             return False
+    # None yet, removed, or its state changed since the read: through the ORM, as before.
+    updated = (
+        Registration.objects.filter(station_id=station_id, csms_id=csms_id)
+        .exclude(state=Registration.State.REMOVED)
+        .update(state=state, state_changed_at=now)
+    )
+    if updated:
+        return False
     Registration.objects.update_or_create(
         station_id=station_id,
         csms_id=csms_id,

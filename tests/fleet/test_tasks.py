@@ -41,3 +41,26 @@ def test_a_real_worker_ingests_a_boot(celery_worker, redis_client, redis_url):
         10,
         "the worker to acknowledge the entry",
     )
+
+
+def test_a_retried_task_that_ignores_its_result_closes_its_retry_row_on_success(db):
+    """Retries are stored even for a task that ignores its result; its success must
+    replace the RETRY row, or the row says the task was lost mid-retry."""
+    from django_celery_results.models import TaskResult
+
+    from fleet.celery import close_retried_result
+    from fleet.tasks import ingest_events
+
+    retried, first_try = "retried-task-id", "first-try-task-id"
+    for task_id in (retried, first_try):
+        TaskResult.objects.create(task_id=task_id, task_name=ingest_events.name, status="RETRY")
+    for task_id, retries in ((retried, 2), (first_try, 0)):
+        ingest_events.push_request(id=task_id, retries=retries, task=ingest_events.name)
+        try:
+            close_retried_result(sender=ingest_events, result=3)
+        finally:
+            ingest_events.pop_request()
+
+    assert TaskResult.objects.get(task_id=retried).status == "SUCCESS"
+    # Not retried: its success is not stored (its row here stands for none at all).
+    assert TaskResult.objects.get(task_id=first_try).status == "RETRY"

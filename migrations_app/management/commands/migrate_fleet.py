@@ -323,6 +323,9 @@ class Command(BaseCommand):
                     now - all_ended_at >= BATCH_CLOSE_SECONDS
                 ):
                     break
+                time.sleep(POLL_SECONDS)
+                continue
+            all_ended_at = None  # a retry of the failed ones started them again
             try:
                 progress.check(counts, batch.state)
             except (OperationalError, InterfaceError) as exc:
