@@ -31,6 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from django.conf import settings
+
 from benchmarks._stack import (
     ROOT,
     Profiler,
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "in_flight": args.in_flight,
         "reboot_delay": args.reboot_delay,
         "settle_s": args.settle,
-        "concurrency": args.concurrency or "CELERY_WORKER_CONCURRENCY",
+        # The project's default when not given: the product runs configured the settings.
+        "concurrency": args.concurrency or settings.CELERY_WORKER_CONCURRENCY,
         "runs": runs,
     }
     print_results("migration_batch", rows, results)
