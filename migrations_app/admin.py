@@ -67,6 +67,7 @@ from migrations_app.services.controls import (
     batch_resume,
     batch_retry_failed,
 )
+from migrations_app.services.selection import listed, select_stations, selection_filters_text
 
 RUN_PERMISSION = "migrations_app.run_migration"
 ACTION_NAME = "migrate_to_another_csms"
@@ -98,12 +99,14 @@ def migrate_to_another_csms(
         if "_confirm" not in request.POST:
             return _migrate_page(modeladmin, request, queryset, form, confirm=True)
         target = form.cleaned_data["target"]
+        selection = select_stations(stations=queryset, filters=form.filters())
         try:
             batch = batch_create(
                 target=target,
-                stations=list(queryset),
+                stations=selection.stations,
                 options=form.options(),
                 created_by=request.user,
+                selection=selection.record(),
             )
         except BatchError as exc:
             form.add_error(None, str(exc))
@@ -141,11 +144,19 @@ def _migrate_page(
         "form": form,
         "target": target,
         "preview": station_migration_preview(
-            stations=queryset, target=target, minimums=settings.MIGRATION_MIN_FIRMWARE
+            stations=queryset,
+            target=target,
+            minimums=settings.MIGRATION_MIN_FIRMWARE,
+            filters=form.filters() if confirm else None,
         ),
+        "filters_text": form.filters().describe() if confirm else "",
         "select_across": select_across,
         "selected_ids": list(ids[:1] if select_across else ids),
-        "settings_rows": _settings_rows(form.options()) if confirm else [],
+        "settings_rows": (
+            _selection_rows({"filters": form.filters().record()}) + _settings_rows(form.options())
+            if confirm
+            else []
+        ),
         "action_name": ACTION_NAME,
         "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
         "media": modeladmin.media + form.media,
@@ -321,7 +332,7 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "rows": [_station_row(migration) for migration in page.object_list],
             "actions_log": batch_actions(batch),
             "migrated_back_in": batch_related(batch),
-            "settings_rows": _settings_rows(batch),
+            "settings_rows": _selection_rows(batch.selection) + _settings_rows(batch),
             "live": live,
             "refresh_seconds": REFRESH_SECONDS,
             "can_run": can_run,
@@ -455,6 +466,19 @@ def _controls(batch: MigrationBatch, progress: Any, verified: int) -> list[dict[
             }
         )
     return controls
+
+
+def _selection_rows(selection: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    if selection.get("stations_file"):
+        rows.append(("Stations file", selection["stations_file"]))
+    if selection.get("filters"):
+        rows.append(("Filters", selection_filters_text(selection["filters"])))
+    if "filtered_out" in selection:
+        rows.append(("Left out by the filters", str(selection["filtered_out"])))
+    if selection.get("not_found"):
+        rows.append(("Not found, left out", listed(selection["not_found"])))
+    return rows
 
 
 def _settings_rows(batch: MigrationBatch | BatchOptions) -> list[tuple[str, str]]:

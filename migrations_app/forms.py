@@ -10,6 +10,7 @@ from django import forms
 from fleet.models import CsmsBackend
 from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services.batches import BatchOptions
+from migrations_app.services.selection import StationFilters
 
 _DEFAULTS = BatchOptions()
 
@@ -21,6 +22,23 @@ class MigrateStationsForm(forms.Form):
         empty_label=None,
         help_text="The CSMS the stations will be pointed at (its URL goes into the free "
         "network profile).",
+    )
+    vendor = forms.CharField(
+        required=False,
+        max_length=50,
+        help_text="Only the selected stations of this vendor (any case); empty: any.",
+    )
+    model = forms.CharField(
+        required=False,
+        max_length=50,
+        help_text="Only the selected stations of this model (any case); empty: any.",
+    )
+    firmware_at_least = forms.CharField(
+        required=False,
+        max_length=50,
+        label="Firmware at least",
+        help_text="Only stations with this firmware version or newer, compared part by part "
+        "(4.2.9 < 4.2.85); a station with no version number is left out. Empty: any.",
     )
     # Bounds that BatchOptions.problems() checks are left to it, so the admin, the CLI and
     # the services agree on one set of rules; the fields only parse.
@@ -129,6 +147,7 @@ class MigrateStationsForm(forms.Form):
     # How the intermediate page groups the fields.
     FIELDSETS = (
         ("Where", ("target",)),
+        ("Which of the selected stations", ("vendor", "model", "firmware_at_least")),
         ("Pace", ("max_in_flight", "rate_per_minute")),
         (
             "Safety",
@@ -146,6 +165,12 @@ class MigrateStationsForm(forms.Form):
     def clean_brake_first_failed(self) -> int:
         return self.cleaned_data["brake_first_failed"] or 0  # empty: off
 
+    def clean_firmware_at_least(self) -> str:
+        version = self.cleaned_data["firmware_at_least"].strip()
+        for problem in StationFilters(firmware_at_least=version).problems():
+            raise forms.ValidationError(problem[:1].upper() + problem[1:] + ".")
+        return version
+
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         if not self.errors:
@@ -157,6 +182,14 @@ class MigrateStationsForm(forms.Form):
         """The batch options from the cleaned data (call after is_valid)."""
         names = [option.name for option in dataclasses.fields(BatchOptions)]
         return BatchOptions(**{n: self.cleaned_data[n] for n in names if n in self.cleaned_data})
+
+    def filters(self) -> StationFilters:
+        """The selection's filters from the cleaned data (call after is_valid)."""
+        return StationFilters(
+            vendor=self.cleaned_data["vendor"],
+            model=self.cleaned_data["model"],
+            firmware_at_least=self.cleaned_data["firmware_at_least"],
+        )
 
     def fieldsets(self) -> list[tuple[str, list[forms.BoundField]]]:
         return [(title, [self[name] for name in names]) for title, names in self.FIELDSETS]

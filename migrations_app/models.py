@@ -87,6 +87,9 @@ class MigrationBatch(models.Model):
         help_text="Queue a station that is offline when its turn comes until it reconnects, "
         "up to this long; 0: it fails as offline after the boot timeout.",
     )
+    # How the stations were chosen when not simply listed (services.selection): the
+    # stations file, the filters and what they left out, the identities not found.
+    selection = models.JSONField(default=dict, blank=True, editable=False)
     pause_reason = models.TextField(blank=True)
     resumed_at = models.DateTimeField(null=True, blank=True)
     # What the brake judges, counted as the stations end (services.progress) so that no

@@ -24,6 +24,7 @@ from migrations_app.models import (
 from migrations_app.services import workflow
 from migrations_app.services.firmware import firmware_gate
 from migrations_app.services.liveness import stack_health
+from migrations_app.services.selection import StationFilters
 
 
 def state_counts(migrations: QuerySet[StationMigration]) -> dict[str, int]:
@@ -75,6 +76,8 @@ class MigrationPreview:
     offline: Bucket
     on_target: Bucket
     ready: Bucket
+    # Selected, but not what the filters ask for: not in the batch (not in ``total``).
+    filtered_out: Bucket
 
     @property
     def firmware_skipped(self) -> int:
@@ -86,6 +89,7 @@ def station_migration_preview(
     stations: QuerySet[ChargingStation],
     target: CsmsBackend | None,
     minimums: dict[str, str],
+    filters: StationFilters | None = None,
 ) -> MigrationPreview:
     gate: dict[str, str | None] = {}
     by_source: Counter[str] = Counter()
@@ -94,10 +98,14 @@ def station_migration_preview(
     offline = Bucket("offline now")
     on_target = Bucket("already on the target: will end as already migrated")
     ready = Bucket("will be migrated")
+    filtered_out = Bucket("left out by the filters")
     rows = stations.order_by("identity").values_list(
-        "identity", "firmware_version", "connected", "csms_id", "csms__name"
+        "identity", "firmware_version", "connected", "csms_id", "csms__name", "vendor", "model"
     )
-    for identity, firmware, connected, csms_id, csms_name in rows.iterator():
+    for identity, firmware, connected, csms_id, csms_name, vendor, model in rows.iterator():
+        if filters and not filters.matches_values(vendor, model, firmware):
+            filtered_out.add(identity)
+            continue
         by_source[csms_name or "(none)"] += 1
         if firmware not in gate:
             gate[firmware] = firmware_gate(firmware, minimums)
@@ -119,6 +127,7 @@ def station_migration_preview(
         offline=offline,
         on_target=on_target,
         ready=ready,
+        filtered_out=filtered_out,
     )
 
 

@@ -26,6 +26,7 @@ from migrations_app.services.dispatch import (
     enqueue_steps,
     schedule_drive,
 )
+from migrations_app.services.selection import selection_summary
 from migrations_app.services.transitions import transition_many
 
 State = StationMigration.State
@@ -103,8 +104,10 @@ def batch_create(
     options: BatchOptions,
     source: CsmsBackend | None = None,
     created_by: Any = None,
+    selection: dict[str, Any] | None = None,
 ) -> MigrationBatch:
-    """Create a running batch and start its first stations after commit."""
+    """Create a running batch and start its first stations after commit. ``selection``
+    records how the stations were chosen (services.selection.Selection.record)."""
     problems = csms_url_problems(target.url)
     if problems:
         raise BatchError(f"CSMS {target.name} has an unusable URL: " + " ".join(problems))
@@ -115,7 +118,7 @@ def batch_create(
     if not stations:
         raise BatchError("no stations to migrate")
     try:
-        return _batch_create(target, stations, options, source, created_by)
+        return _batch_create(target, stations, options, source, created_by, selection or {})
     except IntegrityError as exc:  # another batch took one of them at the same moment
         raise BatchError(f"a station is already being migrated ({exc})") from exc
 
@@ -126,6 +129,7 @@ def _batch_create(
     options: BatchOptions,
     source: CsmsBackend | None,
     created_by: Any,
+    selection: dict[str, Any],
 ) -> MigrationBatch:
     with transaction.atomic():
         busy = list(
@@ -138,7 +142,11 @@ def _batch_create(
             more = f" and {len(busy) - 10} more" if len(busy) > 10 else ""
             raise BatchError(f"already being migrated: {listed}{more}")
         batch = MigrationBatch.objects.create(
-            target=target, source=source, created_by=created_by, **asdict(options)
+            target=target,
+            source=source,
+            created_by=created_by,
+            selection=selection,
+            **asdict(options),
         )
         StationMigration.objects.bulk_create(
             StationMigration(
@@ -154,7 +162,7 @@ def _batch_create(
             batch=batch,
             user=created_by,
             kind=BatchAction.Kind.START,
-            detail=f"{len(stations)} stations to {target.name}",
+            detail=f"{len(stations)} stations to {target.name}" + selection_summary(selection),
         )
         enqueue_drive(batch.id)
     return batch
@@ -481,6 +489,7 @@ def batch_report(batch: MigrationBatch) -> dict[str, Any]:
         ],
         "stations": stations,
         "counts": dict(sorted(counts.items())),
+        "selection": batch.selection,
     }
 
 

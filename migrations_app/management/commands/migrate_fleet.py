@@ -26,6 +26,14 @@ from migrations_app.selectors import batch_counts
 from migrations_app.services import workflow
 from migrations_app.services.batches import BatchError, BatchOptions, batch_create, batch_report
 from migrations_app.services.liveness import StackHealth, stack_health
+from migrations_app.services.selection import (
+    Selection,
+    SelectionError,
+    StationFilters,
+    listed,
+    read_stations_file,
+    select_stations,
+)
 
 POLL_SECONDS = 0.5
 BAR_WIDTH = 30
@@ -80,12 +88,37 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--to", required=True, metavar="NAME", help="target CSMS")
-        which = parser.add_mutually_exclusive_group(required=True)
+        which = parser.add_mutually_exclusive_group()
         which.add_argument(
             "--from", dest="source", metavar="NAME", help="every station now on this CSMS"
         )
         which.add_argument(
-            "--station", action="append", metavar="ID", help="a station identity (repeatable)"
+            "--station",
+            action="append",
+            metavar="ID",
+            help="a station identity (repeatable); an unknown one is an error",
+        )
+        which.add_argument(
+            "--stations-file",
+            metavar="FILE",
+            help="the stations listed in FILE: one identity a line (# comments), or a CSV "
+            "with an 'identity' column; identities not found are listed and left out",
+        )
+        parser.add_argument(
+            "--vendor",
+            default="",
+            metavar="NAME",
+            help="only stations of this vendor (as in their BootNotification; any case)",
+        )
+        parser.add_argument(
+            "--model", default="", metavar="NAME", help="only stations of this model (any case)"
+        )
+        parser.add_argument(
+            "--firmware-at-least",
+            default="",
+            metavar="VERSION",
+            help="only stations whose firmware is this version or newer, compared part by "
+            "part (4.2.9 < 4.2.85); a station with no version number is left out",
         )
         parser.add_argument(
             "--max-in-flight",
@@ -204,7 +237,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         target = self._csms(options["to"])
         source = self._csms(options["source"]) if options["source"] else None
-        stations = self._stations(source, options["station"])
+        selection = self._selection(source, options)
+        for note in selection.notes():
+            self.stderr.write(f"Selection: {note}.")
+        stations = selection.stations
+        if not stations:
+            raise CommandError("no station matches the selection", returncode=2)
         batch_options = BatchOptions(
             max_in_flight=options["max_in_flight"],
             rate_per_minute=options["rate_per_minute"],
@@ -225,14 +263,19 @@ class Command(BaseCommand):
         )
         try:
             batch = batch_create(
-                target=target, stations=stations, options=batch_options, source=source
+                target=target,
+                stations=stations,
+                options=batch_options,
+                source=source,
+                selection=selection.record(),
             )
         except BatchError as exc:
             raise CommandError(str(exc), returncode=2) from exc
         self._warn_missing(stack_health())
         if not options["wait"]:
             if options["json"]:
-                self.stdout.write(json.dumps({"batch": batch.id, "stations": len(stations)}))
+                started = {"batch": batch.id, "stations": len(stations)}
+                self.stdout.write(json.dumps({**started, "selection": batch.selection}))
             else:
                 self.stdout.write(
                     f"Batch {batch.id} started: {len(stations)} stations to {target}."
@@ -266,21 +309,47 @@ class Command(BaseCommand):
             raise CommandError(f"unknown CSMS {name!r} (known: {known})", returncode=2)
         return backend
 
-    def _stations(
-        self, source: CsmsBackend | None, identities: list[str] | None
-    ) -> list[ChargingStation]:
-        if source is not None:
-            stations = list(ChargingStation.objects.filter(csms=source).order_by("identity"))
-            if not stations:
-                raise CommandError(f"no stations are on {source}", returncode=2)
-            return stations
-        assert identities
-        wanted = list(dict.fromkeys(identities))
-        found = {s.identity: s for s in ChargingStation.objects.filter(identity__in=wanted)}
-        unknown = [identity for identity in wanted if identity not in found]
-        if unknown:
-            raise CommandError(f"unknown station(s): {', '.join(unknown)}", returncode=2)
-        return [found[identity] for identity in wanted]
+    def _selection(self, source: CsmsBackend | None, options: dict[str, Any]) -> Selection:
+        filters = StationFilters(
+            vendor=options["vendor"],
+            model=options["model"],
+            firmware_at_least=options["firmware_at_least"],
+        )
+        identities = options["station"]
+        if not (source or identities or options["stations_file"] or filters):
+            raise CommandError(
+                "say which stations: --from, --station, --stations-file, or a filter "
+                "(--vendor, --model, --firmware-at-least) over the whole fleet",
+                returncode=2,
+            )
+        everyone = ChargingStation.objects.all()
+        try:
+            if source is not None:
+                selection = select_stations(stations=everyone.filter(csms=source), filters=filters)
+                if not selection.stations and not selection.filtered_out:
+                    raise CommandError(f"no stations are on {source}", returncode=2)
+                return selection
+            if identities:
+                selection = select_stations(
+                    stations=everyone, identities=identities, filters=filters
+                )
+                if selection.not_found:
+                    # Typed on the command line: a typo to fix, not a station to leave out.
+                    raise CommandError(
+                        f"unknown station(s): {listed(selection.not_found)}", returncode=2
+                    )
+                return selection
+            if options["stations_file"]:
+                path = options["stations_file"]
+                return select_stations(
+                    stations=everyone,
+                    identities=read_stations_file(path),
+                    filters=filters,
+                    stations_file=path,
+                )
+            return select_stations(stations=everyone, filters=filters)
+        except SelectionError as exc:
+            raise CommandError(str(exc), returncode=2) from exc
 
     def _warn_missing(self, health: StackHealth) -> None:
         for missing in health.missing():
@@ -354,6 +423,9 @@ class Command(BaseCommand):
                 self.stdout.write(f"{'':<{width}}  warning: {warning}")
         totals = ", ".join(f"{n} {state}" for state, n in report["counts"].items())
         self.stdout.write(f"Batch {report['batch']}: {totals}")
+        if report["selection"].get("not_found"):
+            not_found = report["selection"]["not_found"]
+            self.stdout.write(f"Not found, left out ({len(not_found)}): {', '.join(not_found)}")
 
 
 class _Progress:
