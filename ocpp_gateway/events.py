@@ -51,8 +51,11 @@ class EventReporter:
         *,
         nudge_interval: float = 0.25,
         max_backlog: int = MAX_BACKLOG,
+        on_report: Callable[[Event], None] | None = None,
     ) -> None:
         self._redis = redis
+        # Sees every event as it is reported (the gateway's metrics count them).
+        self._on_report = on_report
         self._csms = csms
         self._nudge = nudge
         self._nudge_interval = nudge_interval
@@ -69,6 +72,8 @@ class EventReporter:
 
     def report(self, kind: EventKind, station: str, data: dict[str, Any]) -> None:
         event = Event(kind=kind, station=station, csms=self._csms, at=time.time(), data=data)
+        if self._on_report is not None:
+            self._on_report(event)
         if len(self._queue) + self._in_flight >= self._max_backlog:
             self._drop()
         self._queue.append(event)

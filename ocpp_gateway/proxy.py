@@ -95,6 +95,7 @@ class ProxySession:
         call_timeout: float,
         address: str = "",
         authenticated: bool = False,
+        on_malformed: Callable[[], None] | None = None,
     ) -> None:
         self.id = identity
         self.csms = csms
@@ -107,6 +108,8 @@ class ProxySession:
         self._call_timeout = call_timeout
         self._address = address
         self._authenticated = authenticated
+        # Counts a station frame refused as malformed (the gateway's metrics).
+        self._on_malformed = on_malformed
         # As on StationSession: the answer to the last boot on this connection (Pending
         # while the upstream has not answered it yet); None: no boot on this connection.
         self.boot_status: BootStatus | None = None
@@ -269,6 +272,7 @@ class ProxySession:
         except OCPPError as exc:
             # As in endpoint mode: a malformed answer is no answer; the command times out.
             logger.warning("%s sent a malformed answer (%s): %.200s", self.id, exc, raw)
+            self._malformed()
             return
         outstanding.answer.set_result(message)
 
@@ -412,6 +416,8 @@ class ProxySession:
         logger.warning(
             "%s: %s sent a frame whose message id is not a string: %.200s", self.id, side, raw
         )
+        if sender is self._station:
+            self._malformed()
         if frame[0] != MessageType.Call:
             return
         error = CallError(
@@ -452,6 +458,10 @@ class ProxySession:
             self.id,
             {"connector_id": connector, "status": status, "error_code": error_code or ""},
         )
+
+    def _malformed(self) -> None:
+        if self._on_malformed is not None:
+            self._on_malformed()
 
     def _reject(self, reason: str) -> None:
         if self._closing is None:

@@ -52,10 +52,13 @@ class CommandRelay:
         csms: str,
         execute: Executor,
         allowed_actions: frozenset[str] = frozenset(RELAYED_ACTIONS),
+        on_reply: Callable[[str, Reply], None] | None = None,
     ) -> None:
         self._redis = redis
         self._csms = csms
         self._execute = execute
+        # Sees each command's action and reply before it is pushed (the gateway's metrics).
+        self._on_reply = on_reply
         self._allowed = allowed_actions
         self._pubsub = redis.pubsub()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -210,6 +213,8 @@ class CommandRelay:
             except Exception as exc:  # never leave the caller waiting for its deadline
                 logger.exception("command %s failed in the gateway", command.id)
                 reply = self._not_here(command, f"gateway error: {exc!r}", Outcome.REJECTED)
+        if self._on_reply is not None:
+            self._on_reply(command.action, reply)
         await self._push(reply)
 
     def _not_here(

@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ocpp_gateway.connections import SUBPROTOCOL, ConnectionRegistry, close_quietly
@@ -37,6 +38,7 @@ from ocpp_gateway.envelopes import (
     password_matches,
 )
 from ocpp_gateway.events import EventReporter, celery_sender, ingest_nudger
+from ocpp_gateway.metrics import METRICS_PATH, GatewayMetrics, RefusedBecause
 from ocpp_gateway.proxy import ProxySession
 from ocpp_gateway.registry import Registry
 from ocpp_gateway.relay import CommandRelay
@@ -161,7 +163,19 @@ class Gateway:
         # connection closes its link as soon as that connection is gone.
         self._links: dict[ServerConnection, tuple[ClientConnection, asyncio.Task[None]]] = {}
         send = celery_sender(config.redis_url) if config.nudge_consumer else None
-        self.reporter = EventReporter(redis, config.csms, ingest_nudger(send) if send else None)
+        self.metrics = GatewayMetrics(
+            config.csms,
+            stations=lambda: len(self.sessions),
+            backlog=lambda: self.reporter.backlog,
+            events_written=lambda: self.reporter.written,
+            events_dropped=lambda: self.reporter.dropped,
+        )
+        self.reporter = EventReporter(
+            redis,
+            config.csms,
+            ingest_nudger(send) if send else None,
+            on_report=self.metrics.observe_event,
+        )
         self.registry = Registry(
             redis,
             config.csms,
@@ -171,7 +185,13 @@ class Gateway:
             if send
             else None,
         )
-        self.relay = CommandRelay(redis, config.csms, self._execute, config.allowed_actions)
+        self.relay = CommandRelay(
+            redis,
+            config.csms,
+            self._execute,
+            config.allowed_actions,
+            on_reply=self.metrics.command_done,
+        )
         self._background: set[asyncio.Task[None]] = set()
         # Identity -> monotonic time until which its handshakes are refused (boot Rejected).
         self._held: dict[str, float] = {}
@@ -191,24 +211,31 @@ class Gateway:
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        if request.path == HEALTH_PATH and "Upgrade" not in request.headers:
-            return self._health(connection)
+        if "Upgrade" not in request.headers:
+            if request.path == HEALTH_PATH:
+                return self._health(connection)
+            if request.path == METRICS_PATH:
+                return self._metrics(connection)
         identity = station_identity(request.path)
         if identity is None:
+            self.metrics.refused(RefusedBecause.BAD_HANDSHAKE)
             return connection.respond(HTTPStatus.NOT_FOUND, "No station identity in the path.\n")
         if SUBPROTOCOL not in _offered_subprotocols(request.headers):
+            self.metrics.refused(RefusedBecause.BAD_HANDSHAKE)
             return connection.respond(
                 HTTPStatus.BAD_REQUEST, f"The {SUBPROTOCOL} subprotocol is required.\n"
             )
         csms = self.config.csms
         if await self.registry.admits_now(identity) is False:
             logger.warning("refused %s: not registered on CSMS %s", identity, csms)
+            self.metrics.refused(RefusedBecause.UNREGISTERED)
             return connection.respond(
                 HTTPStatus.FORBIDDEN, f"Station {identity} is not registered on CSMS {csms}.\n"
             )
         authenticated = self._check_credentials(identity, request)
         if authenticated is False:
             logger.warning("refused %s: bad or missing credentials", identity)
+            self.metrics.refused(RefusedBecause.UNAUTHENTICATED)
             response = connection.respond(HTTPStatus.UNAUTHORIZED, "Unauthorized.\n")
             response.headers["WWW-Authenticate"] = 'Basic realm="OCPP", charset="UTF-8"'
             return response
@@ -216,6 +243,7 @@ class Gateway:
         # password is not held off by a rejection an impostor without it provoked.
         if self._is_held(identity) and not authenticated:
             logger.warning("refused %s: its boot was rejected, held off", identity)
+            self.metrics.refused(RefusedBecause.HELD)
             return connection.respond(
                 HTTPStatus.FORBIDDEN, f"Station {identity} was rejected by CSMS {csms}.\n"
             )
@@ -223,6 +251,7 @@ class Gateway:
         if live is not None and not authenticated and await live.answers_ping(LIVENESS_TIMEOUT):
             address = _address(connection)
             logger.warning("refused %s from %s: the station is connected", identity, address)
+            self.metrics.refused(RefusedBecause.DUPLICATE)
             self.reporter.report(
                 EventKind.SECURITY,
                 identity,
@@ -242,6 +271,7 @@ class Gateway:
             except UpstreamUnavailable as exc:
                 # The detail (an OS error, an address of the upstream) is for our log only.
                 logger.warning("refused %s: %s", identity, exc)
+                self.metrics.refused(RefusedBecause.UPSTREAM)
                 return connection.respond(exc.status, _UPSTREAM_REFUSALS[exc.status])
             if connection.transport.is_closing():
                 # The station left while its link was being opened: nobody would claim the
@@ -253,6 +283,9 @@ class Gateway:
             self._links[connection] = (link, self._spawn(self._watch_link(connection)))
         self._authenticated[connection] = authenticated
         return None
+
+    def _count_malformed(self) -> None:
+        self.metrics.refused(RefusedBecause.MALFORMED)
 
     def _take_link(self, connection: ServerConnection) -> ClientConnection | None:
         entry = self._links.pop(connection, None)
@@ -328,6 +361,13 @@ class Gateway:
             password_ok = password_matches(digest, password)
         return user_ok and password_ok
 
+    def _metrics(self, connection: ServerConnection) -> Response:
+        body, content_type = self.metrics.exposition()
+        response = connection.respond(HTTPStatus.OK, body.decode())
+        del response.headers["Content-Type"]  # respond() set text/plain
+        response.headers["Content-Type"] = content_type
+        return response
+
     def _health(self, connection: ServerConnection) -> Response:
         body = json.dumps(
             {
@@ -381,6 +421,7 @@ class Gateway:
                 call_timeout=self.config.upstream.call_timeout,
                 address=address,
                 authenticated=bool(authenticated),
+                on_malformed=self._count_malformed,
             )
         else:
             session = StationSession(
@@ -393,6 +434,7 @@ class Gateway:
                 on_rejected=self._hold,
                 address=address,
                 authenticated=bool(authenticated),
+                on_malformed=self._count_malformed,
             )
         stale = self.sessions.register(identity, session)
         if stale is not None:
@@ -413,6 +455,9 @@ class Gateway:
             pass
         finally:
             current = self.sessions.unregister(identity, session)
+            close_sent = connection.protocol.close_sent
+            if close_sent is not None and close_sent.code == CloseCode.MESSAGE_TOO_BIG:
+                self.metrics.refused(RefusedBecause.OVERSIZE)
             # A replaced connection's end says nothing about the station: it is connected.
             data = {"code": connection.close_code, "replaced": not current}
             self.reporter.report(EventKind.DISCONNECT, identity, data)  # queued, never lost

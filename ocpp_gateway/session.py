@@ -53,6 +53,7 @@ class StationSession(ChargePoint):
         on_rejected: Callable[[str], None],
         address: str = "",
         authenticated: bool = False,
+        on_malformed: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(identity, connection)
         # Our own reference: the library keeps its one private (ChargePoint._connection).
@@ -63,6 +64,7 @@ class StationSession(ChargePoint):
         self._registry = registry
         self._on_rejected = on_rejected
         self._address = address
+        self._on_malformed = on_malformed
         # Whether the handshake proved a password: a station admitted while the registry
         # was unknown is checked against it at its boot.
         self._authenticated = authenticated
@@ -89,6 +91,8 @@ class StationSession(ChargePoint):
             unpack(raw_msg)
         except OCPPError as error:
             logger.warning("%s sent a malformed frame (%s): %.200s", self.id, error, raw_msg)
+            if self._on_malformed is not None:
+                self._on_malformed()
             unique_id = _unique_id_of(raw_msg)
             if unique_id is not None:
                 reply = CallError(unique_id, error_code(error), error.description, {})
