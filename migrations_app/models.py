@@ -140,6 +140,17 @@ class StationMigration(models.Model):
         SKIPPED = "skipped", "skipped"
         CANCELLED = "cancelled", "cancelled"
 
+    class FailureKind(models.TextChoices):
+        """Why a station failed, in the classes the metrics and the abort criteria count."""
+
+        REJECTED = "rejected", "rejected (a station or the target said no)"
+        TIMEOUT = "timeout", "timed out (no answer, no boot in time)"
+        FALLBACK = "fallback", "fell back to the source"
+        OFFLINE = "offline", "offline"
+        BUSY = "busy", "busy (charging past the idle limit)"
+        REFUSED = "refused", "refused by pre-flight (URL, configuration, certificate)"
+        ERROR = "error", "error (the step kept raising)"
+
     batch = models.ForeignKey(MigrationBatch, on_delete=models.CASCADE, related_name="stations")
     station = models.ForeignKey(
         "fleet.ChargingStation", on_delete=models.PROTECT, related_name="migrations"
@@ -151,6 +162,7 @@ class StationMigration(models.Model):
     canary = models.BooleanField(default=False)
     state = models.CharField(max_length=32, choices=State.choices, default=State.PENDING)
     failed_step = models.CharField(max_length=32, blank=True)
+    failure_kind = models.CharField(max_length=16, choices=FailureKind.choices, blank=True)
     reason = models.TextField(blank=True)
     # What step 1 read, and the plan derived from it.
     config_snapshot = models.JSONField(default=dict, blank=True)

@@ -357,6 +357,7 @@ def _requeue_reconnected(batch: MigrationBatch, now: datetime) -> None:
         State.FAILED,
         reason=f"offline: did not reconnect within {batch.offline_wait_seconds}s",
         failed_step=State.PREFLIGHT,
+        failure_kind=StationMigration.FailureKind.OFFLINE,
     )
 
 
@@ -473,6 +474,7 @@ def batch_report(batch: MigrationBatch) -> dict[str, Any]:
             "identity": m.station.identity,
             "state": m.state,
             "step": m.failed_step or m.state,
+            "failure_kind": m.failure_kind,
             "reason": m.reason,
             "warnings": list(m.warnings or []),
         }

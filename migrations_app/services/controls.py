@@ -100,6 +100,7 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
             State.PENDING,
             reason=f"retry by {user}",
             failed_step="",
+            failure_kind="",
             reset_sent_at=None,
             reset_accepted=False,
             started_at=None,

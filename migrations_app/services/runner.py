@@ -25,6 +25,7 @@ from migrations_app.services.transitions import count_attempt, touch, transition
 from ocpp_gateway.client import StationOffline
 
 State = StationMigration.State
+Kind = StationMigration.FailureKind
 BatchState = MigrationBatch.State
 
 
@@ -95,7 +96,7 @@ def step_raised(migration_id: int, expected_state: str, error: BaseException) ->
             reason += restore(migration, expected_state, priority=True)
         except Exception as exc:  # the same bug may be in the rollback path
             reason += f"; ROLLBACK INCOMPLETE: the rollback raised {type(exc).__name__}: {exc}"
-    _move(migration, expected_state, fail(expected_state, reason))
+    _move(migration, expected_state, fail(expected_state, reason, Kind.ERROR))
     return None
 
 
@@ -130,9 +131,11 @@ def _run_handler(migration: StationMigration, state: str) -> Next:
                 "offline when its turn came: queued until it reconnects",
                 fields={"wait_until": timezone.now() + wait, "started_at": None},
             )
-        return _wait_for_station(migration, state, "offline: no gateway holds the station")
+        return _wait_for_station(
+            migration, state, "offline: no gateway holds the station", Kind.OFFLINE
+        )
     except Unreachable as exc:
-        return _wait_for_station(migration, state, f"unreachable: {exc}")
+        return _wait_for_station(migration, state, f"unreachable: {exc}", Kind.TIMEOUT)
 
 
 def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
@@ -153,7 +156,7 @@ def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
     return Next(State.CANCELLED, f"batch cancelled{restored}")
 
 
-def _wait_for_station(migration: StationMigration, state: str, reason: str) -> Next:
+def _wait_for_station(migration: StationMigration, state: str, reason: str, kind: str) -> Next:
     """Try again shortly, until the batch's boot timeout has passed since the first try."""
     now = timezone.now()
     wait_until = migration.wait_until or now + timedelta(
@@ -168,8 +171,8 @@ def _wait_for_station(migration: StationMigration, state: str, reason: str) -> N
     if state in workflow.ARMED:
         # The priority may already point at the target: put it back if the station
         # can still be reached, and say so either way.
-        return fail(state, waited + restore(migration, state, priority=True))
-    return fail(state, waited)
+        return fail(state, waited + restore(migration, state, priority=True), kind)
+    return fail(state, waited, kind)
 
 
 def load_group(migration_ids: list[int]) -> dict[int, StationMigration]:

@@ -69,6 +69,7 @@ from ocpp_gateway.client import CommandNotSent, StationOffline
 from ocpp_gateway.envelopes import EventKind, Outcome, Reply, last_boot_key
 
 State = StationMigration.State
+Kind = StationMigration.FailureKind
 
 # A connector in one of these has a car plugged in and (about to be) charging.
 BUSY_STATUSES = frozenset(
@@ -114,8 +115,9 @@ class Unreachable(Exception):
     """The station could not be asked (offline, or no answer): worth trying again."""
 
 
-def fail(step: str, reason: str, **fields: Any) -> Next:
-    return Next(State.FAILED, reason, fields={"failed_step": step, **fields})
+def fail(step: str, reason: str, kind: str, **fields: Any) -> Next:
+    """To failed at ``step``; ``kind`` is its StationMigration.FailureKind."""
+    return Next(State.FAILED, reason, fields={"failed_step": step, "failure_kind": kind, **fields})
 
 
 def _answer(reply: Reply) -> Reply:
@@ -138,19 +140,21 @@ def preflight(m: StationMigration) -> Next:
     step = State.PREFLIGHT
     problems = csms_url_problems(m.target_url)
     if problems:
-        return fail(step, "target URL rejected: " + " ".join(problems))
+        return fail(step, "target URL rejected: " + " ".join(problems), Kind.REFUSED)
     identity = m.station.identity
     if m.target_url.rstrip("/").endswith("/" + identity):
-        return fail(step, "target URL must not include the station identity")
+        return fail(step, "target URL must not include the station identity", Kind.REFUSED)
     source_url = m.source.url if m.source else ""
     if (
         urlsplit(source_url).scheme == "wss"
         and urlsplit(m.target_url).scheme == "ws"
         and not m.batch.allow_downgrade
     ):
-        return fail(step, "refused: moving from wss:// to ws:// is a security downgrade")
+        return fail(
+            step, "refused: moving from wss:// to ws:// is a security downgrade", Kind.REFUSED
+        )
     if m.station.csms_id is None:
-        return fail(step, "the station is on no known CSMS")
+        return fail(step, "the station is on no known CSMS", Kind.REFUSED)
     target = m.batch.target
     # The seed's prerequisite: the station is whitelisted on CSMS 2 before it is moved there;
     # the target's gateways would refuse it, and it would fall back after its reset.
@@ -186,14 +190,16 @@ def read_config(m: StationMigration) -> Next:
     reply = _answer(station_call(m, step=step, request=call.GetConfiguration(key=CONFIG_KEYS)))
     result = reply.result(call_result.GetConfiguration)
     if result is None:
-        return fail(step, "could not read the network configuration: " + describe(reply))
+        return fail(
+            step, "could not read the network configuration: " + describe(reply), Kind.REJECTED
+        )
     values = configuration_values(result)
     try:
         plan = plan_switch(values)
     except MissingKeys as exc:
         return Next(State.SKIPPED, str(exc))
     except PlanError as exc:
-        return fail(step, str(exc))
+        return fail(step, str(exc), Kind.REFUSED)
     facts = {
         "config_snapshot": values,
         "expected_hardware": expected_hardware(m.station),
@@ -210,6 +216,7 @@ def read_config(m: StationMigration) -> Next:
             step,
             f"armed but not migrated: {plan.active_slot} (first in the priority) holds the "
             f"target URL, yet the station answered through {reply.csms or 'another CSMS'}",
+            Kind.REFUSED,
             **facts,
         )
     source_url = m.source.url if m.source else ""
@@ -220,6 +227,7 @@ def read_config(m: StationMigration) -> Next:
             step,
             f"{plan.free_slot} holds the source URL although {plan.active_slot} is first: "
             "the station may be running on it; refusing to overwrite it",
+            Kind.REFUSED,
             **facts,
         )
     if root_ca_check_needed(m):
@@ -275,7 +283,9 @@ def check_root_ca(m: StationMigration) -> Next:
     try:
         root = load_certificate(target.root_ca_pem)
     except CertificateError as exc:
-        return fail(step, f"the root CA certificate of {target.name} cannot be read: {exc}")
+        return fail(
+            step, f"the root CA certificate of {target.name} cannot be read: {exc}", Kind.REFUSED
+        )
     serial = format(root.serial_number, "x")
     named = f"the root CA certificate of {target.name} (serial {serial})"
     reply = _installed_roots(m)
@@ -283,7 +293,11 @@ def check_root_ca(m: StationMigration) -> Next:
         return _without_extension(m, plan, reply)
     installed = _hash_data(reply)
     if installed is None:
-        return fail(step, "could not read the installed root certificates: " + describe(reply))
+        return fail(
+            step,
+            "could not read the installed root certificates: " + describe(reply),
+            Kind.REJECTED,
+        )
     additional_check = m.config_snapshot.get(ADDITIONAL_ROOT_CHECK, "").strip().lower() == "true"
     if any(identifies(data, root) for data in installed):
         # Installed by an earlier run of this step whose answer was lost: the same warning.
@@ -423,7 +437,9 @@ def set_url(m: StationMigration) -> Next:
         )
     )
     if not _taken(reply):
-        return fail(step, f"the station did not accept the new URL ({describe(reply)})")
+        return fail(
+            step, f"the station did not accept the new URL ({describe(reply)})", Kind.REJECTED
+        )
     return Next(State.SETTING_PRIORITY)
 
 
@@ -439,7 +455,9 @@ def set_priority(m: StationMigration) -> Next:
         # A lost or odd answer may still mean the station took the value: put both back.
         restored = restore(m, step, priority=True)
         return fail(
-            step, f"the station did not accept the new priority ({describe(reply)}){restored}"
+            step,
+            f"the station did not accept the new priority ({describe(reply)}){restored}",
+            Kind.REJECTED,
         )
     return Next(State.WAITING_IDLE)
 
@@ -456,6 +474,7 @@ def wait_idle(m: StationMigration) -> Next:
             step,
             f"busy: a charging session was still in progress after "
             f"{m.batch.idle_wait_seconds}s (connectors {', '.join(busy)}){restored}",
+            Kind.BUSY,
         )
     # The StatusNotification that leaves no connector busy wakes it (wakes.py); the timer
     # is for the idle limit.
@@ -533,7 +552,7 @@ def reset(m: StationMigration) -> Next:
         # The station may be rebooting already: only its boot can tell.
         return Next(State.AWAITING_BOOT, f"Reset answer lost ({describe(reply)})", countdown=1.0)
     restored = restore(m, step, priority=True)
-    return fail(step, f"the station refused the Reset ({describe(reply)}){restored}")
+    return fail(step, f"the station refused the Reset ({describe(reply)}){restored}", Kind.REJECTED)
 
 
 # --- verification ------------------------------------------------------------------------
@@ -554,13 +573,15 @@ def verify_boot(m: StationMigration) -> Next:
     # A boot is new when its id differs from the last one seen before the Reset: no clocks
     # compared with the worker's. Both new: the later one tells where the station is now.
     if boots.source and not (boots.target and boots.target["at"] > boots.source["at"]):
+        # A target that refused the boot sent it back; otherwise it went back on its own.
+        kind = Kind.REJECTED if failure else Kind.FALLBACK
         if not failure:
             failure = (
                 f"the station fell back to {source} after booting on {target}"
                 if boots.target or m.settle_until
                 else f"the station fell back to {source}: it booted there instead of on {target}"
             )
-        return fail(step, failure + _restore_via_source(m))
+        return fail(step, failure + _restore_via_source(m), kind)
     if failure:
         return _await_on_source(m, boots, failure)
     if boots.target:
@@ -582,12 +603,14 @@ def verify_boot(m: StationMigration) -> Next:
                 step,
                 f"the station is still on {source} {m.batch.boot_timeout_seconds}s after the "
                 f"Reset (no BootNotification on {target} recorded){_restore_via_source(m)}",
+                Kind.FALLBACK,
             )
     if _boot_timed_out(m):
         return fail(
             step,
             f"no BootNotification on {target} within {m.batch.boot_timeout_seconds}s of the "
             f"Reset{_restore_via_source(m)}",
+            Kind.TIMEOUT,
         )
     return Next(None, countdown=_boot_timer(m, records_lost=boots.records_lost))
 
@@ -624,6 +647,7 @@ def _pending(m: StationMigration, boot: dict[str, Any]) -> Next:
         State.AWAITING_BOOT,
         f"the target still answered the BootNotification Pending ({reason}) "
         f"{m.batch.boot_timeout_seconds}s after the Reset{_restore_via_source(m)}",
+        Kind.TIMEOUT,
     )
 
 
@@ -636,7 +660,8 @@ def _await_on_source(m: StationMigration, boots: Boots, failure: str) -> Next:
     source = m.source.name if m.source else ""
     found_on_source = boots.records_lost and source and _locate(m) == source
     if found_on_source or _boot_timed_out(m):
-        return fail(State.AWAITING_BOOT, failure + _restore_via_source(m))
+        # The target's refusal is the cause, wherever the station went afterwards.
+        return fail(State.AWAITING_BOOT, failure + _restore_via_source(m), Kind.REJECTED)
     # Its boot on the source wakes it.
     return Next(
         None,
@@ -703,12 +728,14 @@ def _confirm(m: StationMigration, *, record_lost: bool) -> Next:
             step,
             f"the station answers through {target} with {PRIORITY}={priority!r}, not "
             f"{m.free_slot} first; ROLLBACK INCOMPLETE: never sent through the target",
+            Kind.REJECTED,
         )
     if reply is not None and on_target and reply.outcome in _ANSWERED:
         return fail(
             step,
             f"the station is on {target} but did not tell its priority ({describe(reply)}); "
             "ROLLBACK INCOMPLETE: never sent through the target",
+            Kind.REJECTED,
         )
     silent_on_target = on_target and reply is not None and reply.outcome is Outcome.TIMEOUT
     # Not on the target (any more): find it.
@@ -716,11 +743,14 @@ def _confirm(m: StationMigration, *, record_lost: bool) -> Next:
         return fail(
             step,
             f"the station fell back to {source} after booting on {target}" + _restore_via_source(m),
+            Kind.FALLBACK,
         )
     if _boot_timed_out(m):
         seen = describe(reply) if reply is not None else "offline"
         return fail(
-            step, f"not reachable through {target} after settling ({seen}){_restore_via_source(m)}"
+            step,
+            f"not reachable through {target} after settling ({seen}){_restore_via_source(m)}",
+            Kind.OFFLINE,
         )
     return Next(None, countdown=OFFLINE_RETRY_SECONDS)
 

@@ -367,6 +367,7 @@ def test_wait_idle_past_its_time_fails_and_rolls_back_through_the_source():
 
     assert next_.state == State.FAILED
     assert next_.fields["failed_step"] == State.WAITING_IDLE
+    assert next_.fields["failure_kind"] == StationMigration.FailureKind.BUSY
     assert next_.reason.startswith("busy: a charging session was still in progress")
     assert "(connectors 1)" in next_.reason
     assert next_.reason.endswith(RESTORED)

@@ -71,6 +71,7 @@ def test_a_url_write_rejected_fails_without_touching_priority_or_resetting(stack
         assert code == 1
         entry = by_identity(report)["CP-REJ"]
         assert entry["state"] == "failed" and entry["step"] == "setting_url"
+        assert entry["failure_kind"] == "rejected"
         assert "did not accept the new URL" in entry["reason"]
         assert station.reset_count == 0
         assert station.config[PRIORITY] == f"{P1},{P2}"

@@ -56,6 +56,7 @@ def test_a_rejected_reset_fails_with_the_priority_restored(stack):
         station = fleet["CP-NORESET"]
         assert code == 1
         assert entry["state"] == "failed" and entry["step"] == "resetting"
+        assert entry["failure_kind"] == "rejected"
         assert "refused the Reset" in entry["reason"] and "restored" in entry["reason"]
         assert station.config[PRIORITY] == ORIGINAL
         assert station.config[P2] == ""

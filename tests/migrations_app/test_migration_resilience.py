@@ -101,6 +101,7 @@ def test_migrate_fleet_over_a_mixed_fleet_reports_what_each_station_did(stack, r
                 assert station.config[PRIORITY] == f"{P1},{P2}"
             elif spec.behaviour.target_unreachable:
                 assert (entry["state"], entry["step"]) == ("failed", "awaiting_boot")
+                assert entry["failure_kind"] in {"fallback", "timeout"}, entry
                 assert station.connected_url == stack.source_url
                 assert station.config[PRIORITY] == f"{P1},{P2}"
             else:

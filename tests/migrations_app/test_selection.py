@@ -32,7 +32,7 @@ def test_a_csv_stations_file_is_read_by_its_identity_column():
 
 
 def test_a_csv_without_an_identity_column_is_refused_naming_its_header():
-    with pytest.raises(SelectionError, match="no 'identity' column.*site, id"):
+    with pytest.raises(SelectionError, match=r"no 'identity' column.*site, id"):
         read_identities("site,id\nnorth,CP-1\n")
 
 

@@ -206,6 +206,7 @@ def test_the_settle_catches_a_station_that_falls_back_after_booting_on_the_targe
         station = fleet["CP-FB"]
         assert code == 1 and entry["state"] == "failed", entry
         assert "fell back to csms-1 after booting on csms-2" in entry["reason"]
+        assert entry["failure_kind"] == "fallback"
         assert entry["reason"].endswith(f"{PRIORITY} and {P2} restored")
         wait_until(lambda: station.connected_url == stack.source_url, 15, "it back on csms-1")
         assert station.config[PRIORITY] == f"{P1},{P2}"
@@ -224,6 +225,7 @@ def test_a_station_back_on_the_source_without_a_boot_is_found_by_asking_it(stack
         station = fleet["CP-QUIET"]
         assert code == 1 and entry["state"] == "failed", entry
         assert entry["reason"].startswith("the station fell back to csms-1 after booting on")
+        assert entry["failure_kind"] == "fallback"
         assert entry["reason"].endswith("restored")
         assert station.connected_url == stack.source_url
         assert station.config[PRIORITY] == f"{P1},{P2}"

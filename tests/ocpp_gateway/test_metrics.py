@@ -11,6 +11,7 @@ from ocpp.v16 import call
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from devstack.processes import wait_until
 from ocpp_gateway.client import send_command
@@ -18,6 +19,8 @@ from ocpp_gateway.envelopes import Outcome
 from tests.ocpp_gateway.registry import publish_registry
 from tests.ocpp_gateway.stations import station_on
 from tests.ocpp_gateway.test_gateway import http_base
+
+OCPP16 = Subprotocol("ocpp1.6")
 
 
 def scrape(ws_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -57,7 +60,7 @@ def test_metrics_count_connections_boots_commands_and_refusals(start_gateway, re
             )
             assert reply.outcome is Outcome.REJECTED
             during = scrape(base)
-        async with connect(f"{base}/CP2", subprotocols=["ocpp1.6"]) as ws:
+        async with connect(f"{base}/CP2", subprotocols=[OCPP16]) as ws:
             await ws.send('[2, "abc", "BootNotification"]')  # no payload
             json.loads(await asyncio.wait_for(ws.recv(), 5))
             await ws.send(json.dumps([2, "x", "DataTransfer", {"vendorId": "v" * 4096}]))
@@ -99,7 +102,7 @@ def test_metrics_count_refused_handshakes_by_reason(start_gateway, redis_client)
 
     async def refused(identity: str) -> int:
         with pytest.raises(InvalidStatus) as refusal:
-            async with connect(f"{base}/{identity}", subprotocols=["ocpp1.6"]):
+            async with connect(f"{base}/{identity}", subprotocols=[OCPP16]):
                 pass
         return refusal.value.response.status_code
 
