@@ -282,6 +282,22 @@ def gateway_listening(proc: subprocess.Popen, csms: str, port: int, log: Path | 
     wait_serving(proc, lambda: port_open(port), 20, f"gateway {csms} to listen", log)
 
 
+def web_args(port: int) -> list[str]:
+    """The web process (the admin, /metrics) under gunicorn on 127.0.0.1:port, one worker."""
+    return python("-m", "gunicorn", "--bind", f"{HOST}:{port}", "--workers", "1",
+                  "fleet.wsgi:application")  # fmt: skip
+
+
+@contextlib.contextmanager
+def web(
+    port: int, *, env: Mapping[str, str] | None = None, log: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """The web process (``web_args``), once it listens."""
+    with running(web_args(port), env=env, log=log) as proc:
+        wait_serving(proc, lambda: port_open(port), 30, "the web process to listen", log)
+        yield proc
+
+
 def worker_node(name: str) -> str:
     """The Celery node name of ``worker(name)``: unique to this process, as two test
     sessions (or a test and the demo) may share a machine."""

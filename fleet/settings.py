@@ -198,6 +198,12 @@ MIGRATION_SETTLE_SECONDS = (
     else None
 )
 
+# GET /metrics (Prometheus): served to a scraper that sends "Authorization: Bearer
+# <METRICS_TOKEN>", or to a signed-in staff user as the admin is; empty: staff only.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Batches finished longer ago than this drop out of /metrics (running ones never do).
+MIGRATION_METRICS_FINISHED_HOURS = env_float("MIGRATION_METRICS_FINISHED_HOURS", 24.0)
+
 CELERY_BEAT_SCHEDULE = {
     # A safety net: batches drive themselves and workers re-send a dead worker's tasks.
     # Starts rate-limited stations when they are due and re-drives lost steps.
