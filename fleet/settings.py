@@ -204,6 +204,15 @@ METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 # Batches finished longer ago than this drop out of /metrics (running ones never do).
 MIGRATION_METRICS_FINISHED_HOURS = env_float("MIGRATION_METRICS_FINISHED_HOURS", 24.0)
 
+# Webhook notifications (migrations_app.services.notifications). A default webhook every
+# new batch gets, with its signing secret and whether it also hears of every failed station.
+MIGRATION_WEBHOOK_URL = env_str("MIGRATION_WEBHOOK_URL", "")
+MIGRATION_WEBHOOK_SECRET = env_str("MIGRATION_WEBHOOK_SECRET", "")
+MIGRATION_WEBHOOK_STATION_FAILURES = env_bool("MIGRATION_WEBHOOK_STATION_FAILURES", False)
+# Attempts per delivery, and the wait after the first failed one (doubled each time).
+MIGRATION_WEBHOOK_MAX_ATTEMPTS = int(env_float("MIGRATION_WEBHOOK_MAX_ATTEMPTS", 6))
+MIGRATION_WEBHOOK_RETRY_SECONDS = env_float("MIGRATION_WEBHOOK_RETRY_SECONDS", 5.0)
+
 CELERY_BEAT_SCHEDULE = {
     # A safety net: batches drive themselves and workers re-send a dead worker's tasks.
     # Starts rate-limited stations when they are due and re-drives lost steps.

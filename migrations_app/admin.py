@@ -53,6 +53,8 @@ from migrations_app.selectors import (
     batch_source_names,
     batch_stations,
     batch_verified_count,
+    batch_webhook_deliveries,
+    batch_webhooks,
     progress_from_segments,
     station_migration_preview,
     station_migration_timeline,
@@ -107,6 +109,7 @@ def migrate_to_another_csms(
                 options=form.options(),
                 created_by=request.user,
                 selection=selection.record(),
+                webhooks=form.webhooks(),
             )
         except BatchError as exc:
             form.add_error(None, str(exc))
@@ -331,6 +334,8 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "page": page,
             "rows": [_station_row(migration) for migration in page.object_list],
             "actions_log": batch_actions(batch),
+            "webhooks": batch_webhooks(batch),
+            "deliveries": batch_webhook_deliveries(batch),
             "migrated_back_in": batch_related(batch),
             "settings_rows": _selection_rows(batch.selection) + _settings_rows(batch),
             "live": live,

@@ -9,7 +9,7 @@ from django import forms
 
 from fleet.models import CsmsBackend
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services.batches import BatchOptions
+from migrations_app.services.batches import BatchOptions, Webhooks
 from migrations_app.services.selection import StationFilters
 
 _DEFAULTS = BatchOptions()
@@ -144,6 +144,28 @@ class MigrateStationsForm(forms.Form):
         "extension), for a wss:// target with a root CA: skip it, or proceed with a warning.",
     )
 
+    webhook_url = forms.CharField(
+        required=False,
+        max_length=500,
+        label="Webhook URL",
+        help_text="POST the batch's events (started, canary passed, paused, resumed, "
+        "cancelled, finished) as JSON here; a Slack incoming webhook URL works as is. "
+        "Empty: none (the settings' default webhook, if any, is still notified).",
+    )
+    webhook_secret = forms.CharField(
+        required=False,
+        max_length=200,
+        label="Webhook secret",
+        widget=forms.PasswordInput(render_value=True),
+        help_text="Signs each body: X-Csms-Migrate-Signature is sha256= and the HMAC-SHA256 "
+        "of the body with this secret. Empty: unsigned.",
+    )
+    webhook_station_failures = forms.BooleanField(
+        required=False,
+        label="Every failed station",
+        help_text="Also notify the webhook of each station that fails.",
+    )
+
     # How the intermediate page groups the fields.
     FIELDSETS = (
         ("Where", ("target",)),
@@ -157,6 +179,7 @@ class MigrateStationsForm(forms.Form):
         ("Maintenance window", ("window_start", "window_end")),
         ("Options", ("cleanup", "dry_run", "allow_downgrade")),
         ("Root certificate", ("install_root_ca", "security_extension")),
+        ("Notifications", ("webhook_url", "webhook_secret", "webhook_station_failures")),
     )
 
     def clean_security_extension(self) -> str:
@@ -174,7 +197,7 @@ class MigrateStationsForm(forms.Form):
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean() or {}
         if not self.errors:
-            for problem in self.options().problems():
+            for problem in self.options().problems() + self.webhooks().problems():
                 self.add_error(None, problem[:1].upper() + problem[1:] + ".")
         return cleaned
 
@@ -182,6 +205,15 @@ class MigrateStationsForm(forms.Form):
         """The batch options from the cleaned data (call after is_valid)."""
         names = [option.name for option in dataclasses.fields(BatchOptions)]
         return BatchOptions(**{n: self.cleaned_data[n] for n in names if n in self.cleaned_data})
+
+    def webhooks(self) -> Webhooks:
+        """The batch's webhook from the cleaned data (call after is_valid)."""
+        url = self.cleaned_data["webhook_url"].strip()
+        return Webhooks(
+            urls=(url,) if url else (),
+            secret=self.cleaned_data["webhook_secret"],
+            station_failures=self.cleaned_data["webhook_station_failures"],
+        )
 
     def filters(self) -> StationFilters:
         """The selection's filters from the cleaned data (call after is_valid)."""

@@ -10,6 +10,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from ocpp_gateway.upstream import url_without_credentials
+
 
 class MigrationBatch(models.Model):
     class State(models.TextChoices):
@@ -91,6 +93,8 @@ class MigrationBatch(models.Model):
     # stations file, the filters and what they left out, the identities not found.
     selection = models.JSONField(default=dict, blank=True, editable=False)
     pause_reason = models.TextField(blank=True)
+    # When the canary wave ended and the rest of the batch first started.
+    canary_ended_at = models.DateTimeField(null=True, blank=True, editable=False)
     resumed_at = models.DateTimeField(null=True, blank=True)
     # What the brake judges, counted as the stations end (services.progress) so that no
     # drive counts the batch: stations done and failed since `progress_since`, and the
@@ -308,3 +312,65 @@ class BatchAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} by {self.user or 'workers'}"
+
+
+class BatchWebhook(models.Model):
+    """Where a batch's notifications go (services.notifications): JSON, HMAC-signed."""
+
+    batch = models.ForeignKey(MigrationBatch, on_delete=models.CASCADE, related_name="webhooks")
+    url = models.URLField("URL", max_length=500)
+    # Signs each body (HMAC-SHA256); empty: unsigned (a Slack incoming webhook needs none).
+    secret = models.CharField(max_length=200, blank=True)
+    station_failures = models.BooleanField(
+        default=False, help_text="Also notify every station that fails."
+    )
+    from_settings = models.BooleanField(
+        default=False, help_text="The default webhook (MIGRATION_WEBHOOK_URL) of the settings."
+    )
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.shown_url
+
+    @property
+    def shown_url(self) -> str:
+        """The URL without user:password, fit for pages and logs."""
+        return url_without_credentials(self.url)
+
+
+class WebhookDelivery(models.Model):
+    """One notification to one webhook: its body, and how its delivery went."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        DELIVERED = "delivered", "delivered"
+        FAILED = "failed", "failed (attempts exhausted)"
+
+    webhook = models.ForeignKey(BatchWebhook, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=32)
+    payload = models.JSONField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # When the next attempt is due; while one runs, when it is presumed lost.
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        verbose_name_plural = "webhook deliveries"
+        indexes = [
+            # The sweep finds due pending deliveries without reading the delivered ones.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(status="pending"),
+                name="webhook_delivery_due",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} to {self.webhook} ({self.status})"

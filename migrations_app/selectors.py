@@ -16,10 +16,12 @@ from django.db.models.functions import Coalesce
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from migrations_app.models import (
     BatchAction,
+    BatchWebhook,
     MigrationBatch,
     OcppExchange,
     StateChange,
     StationMigration,
+    WebhookDelivery,
 )
 from migrations_app.services import workflow
 from migrations_app.services.firmware import firmware_gate
@@ -415,3 +417,20 @@ def batch_stack_warnings(batch: MigrationBatch) -> list[str]:
     if batch.state == MigrationBatch.State.FINISHED:
         return []
     return stack_health().missing()
+
+
+# The latest deliveries the batch page lists.
+DELIVERIES_SHOWN = 50
+
+
+def batch_webhooks(batch: MigrationBatch) -> list[BatchWebhook]:
+    return list(batch.webhooks.all())
+
+
+def batch_webhook_deliveries(batch: MigrationBatch) -> list[WebhookDelivery]:
+    """The batch's latest webhook deliveries, newest first."""
+    return list(
+        WebhookDelivery.objects.filter(webhook__batch=batch)
+        .select_related("webhook")
+        .order_by("-created_at", "-id")[:DELIVERIES_SHOWN]
+    )

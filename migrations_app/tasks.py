@@ -20,7 +20,7 @@ from django.db import InterfaceError, OperationalError
 from redis import RedisError
 
 from migrations_app.models import StationMigration
-from migrations_app.services import batches, liveness, wakes
+from migrations_app.services import batches, liveness, notifications, wakes
 from migrations_app.services.dispatch import (
     DRIVE_BATCH_TASK,
     enqueue_step,
@@ -169,6 +169,12 @@ def drive_batch(batch_id: int, scheduled: bool = False) -> int:
 def tick() -> None:
     liveness.beat_alive()
     batches.batches_tick()
+    notifications.deliveries_sweep()
+
+
+@shared_task(name=notifications.DELIVER_TASK, **_HOUSEKEEPING)
+def deliver_webhook(delivery_id: int) -> None:
+    notifications.deliver(delivery_id)
 
 
 @shared_task(name=liveness.RECOVER_TASK, **_HOUSEKEEPING)

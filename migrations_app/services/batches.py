@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -18,7 +19,7 @@ from fleet.models import ChargingStation, CsmsBackend
 from fleet.services.registry import registry_republish_missing
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
-from migrations_app.services import liveness, progress, wakes, workflow
+from migrations_app.services import liveness, notifications, progress, wakes, workflow
 from migrations_app.services.dispatch import (
     drive_ran,
     enqueue_drive,
@@ -53,6 +54,31 @@ def dt_combine(now: datetime, at: time) -> datetime:
 
 class BatchError(ValueError):
     """The batch cannot be created as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Webhooks:
+    """Where a new batch's notifications go (services.notifications)."""
+
+    urls: tuple[str, ...] = ()
+    secret: str = ""
+    station_failures: bool = False
+
+    def problems(self) -> list[str]:
+        return [
+            f"webhook URL {url!r} must be an http:// or https:// URL without spaces"
+            for url in self.urls
+            if not _is_http_url(url)
+        ]
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.netloc)
+        and not any(c.isspace() for c in url)
+    )
 
 
 @dataclass(frozen=True)
@@ -105,20 +131,24 @@ def batch_create(
     source: CsmsBackend | None = None,
     created_by: Any = None,
     selection: dict[str, Any] | None = None,
+    webhooks: Webhooks | None = None,
 ) -> MigrationBatch:
     """Create a running batch and start its first stations after commit. ``selection``
-    records how the stations were chosen (services.selection.Selection.record)."""
+    records how the stations were chosen (services.selection.Selection.record);
+    ``webhooks`` are notified of what happens to it (and the settings' default webhook)."""
     problems = csms_url_problems(target.url)
     if problems:
         raise BatchError(f"CSMS {target.name} has an unusable URL: " + " ".join(problems))
-    option_problems = options.problems()
+    option_problems = options.problems() + (webhooks or Webhooks()).problems()
     if option_problems:
         raise BatchError("; ".join(option_problems))
     stations = sorted(stations, key=lambda station: station.identity)
     if not stations:
         raise BatchError("no stations to migrate")
     try:
-        return _batch_create(target, stations, options, source, created_by, selection or {})
+        return _batch_create(
+            target, stations, options, source, created_by, selection or {}, webhooks or Webhooks()
+        )
     except IntegrityError as exc:  # another batch took one of them at the same moment
         raise BatchError(f"a station is already being migrated ({exc})") from exc
 
@@ -130,6 +160,7 @@ def _batch_create(
     source: CsmsBackend | None,
     created_by: Any,
     selection: dict[str, Any],
+    webhooks: Webhooks,
 ) -> MigrationBatch:
     with transaction.atomic():
         busy = list(
@@ -164,6 +195,13 @@ def _batch_create(
             kind=BatchAction.Kind.START,
             detail=f"{len(stations)} stations to {target.name}" + selection_summary(selection),
         )
+        notifications.webhooks_add(
+            batch,
+            list(webhooks.urls),
+            secret=webhooks.secret,
+            station_failures=webhooks.station_failures,
+        )
+        notifications.notify(batch, notifications.Event.STARTED, by=created_by)
         enqueue_drive(batch.id)
     return batch
 
@@ -222,6 +260,7 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
         batch.state = MigrationBatch.State.FINISHED
         batch.finished_at = now
         batch.save(update_fields=["state", "finished_at"])
+        notifications.notify(batch, notifications.Event.FINISHED)
         return 0, None
     waits = [DRIVE_SAFETY_SECONDS]
     if offline:
@@ -283,12 +322,23 @@ def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now: dat
         # The rest wait until every canary station has ended (none is pending). Named
         # states, not "not ended": SQLite would read the whole batch for a NOT IN.
         return 0
+    elif batch.canary_size and batch.canary_ended_at is None:
+        _canary_ended(batch, now)
     chosen = dict(candidates.order_by("id").values_list("id", "station__identity")[:room])
     started = transition_many(batch.id, chosen, State.PENDING, State.PREFLIGHT, started_at=now)
     enqueue_steps(
         State.PREFLIGHT, [(migration_id, chosen[migration_id]) for migration_id in started]
     )
     return len(started)
+
+
+def _canary_ended(batch: MigrationBatch, now: datetime) -> None:
+    """The canary wave ended and the rest start: it passed, unless a canary station failed
+    and the operator resumed the batch despite it."""
+    batch.canary_ended_at = now
+    batch.save(update_fields=["canary_ended_at"])
+    if not batch.stations.filter(canary=True, state=State.FAILED).exists():
+        notifications.notify(batch, notifications.Event.CANARY_PASSED)
 
 
 def in_window(batch: MigrationBatch, now: time) -> bool:
@@ -338,6 +388,7 @@ def _auto_pause(batch: MigrationBatch, reason: str) -> None:
     batch.pause_reason = reason
     batch.save(update_fields=["state", "pause_reason"])
     BatchAction.objects.create(batch=batch, kind=BatchAction.Kind.AUTO_PAUSE, detail=reason)
+    notifications.notify(batch, notifications.Event.AUTO_PAUSED, reason=reason)
 
 
 def _requeue_reconnected(batch: MigrationBatch, now: datetime) -> None:

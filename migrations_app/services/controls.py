@@ -13,9 +13,10 @@ from django.utils import timezone
 
 from fleet.models import CsmsBackend
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
-from migrations_app.services import wakes, workflow
+from migrations_app.services import notifications, wakes, workflow
 from migrations_app.services.batches import BatchOptions, batch_create, cancel_queued
 from migrations_app.services.dispatch import enqueue_drive
+from migrations_app.services.notifications import Event
 from migrations_app.services.transitions import transition_many
 
 State = StationMigration.State
@@ -42,6 +43,7 @@ def batch_pause(*, batch_id: int, user: Any, reason: str = "") -> MigrationBatch
         BatchAction.objects.create(
             batch=batch, user=user, kind=BatchAction.Kind.PAUSE, detail=reason
         )
+        notifications.notify(batch, Event.PAUSED, reason=reason, by=user)
     return batch
 
 
@@ -58,6 +60,7 @@ def batch_resume(*, batch_id: int, user: Any) -> MigrationBatch:
         )
         enqueue_drive(batch.id)
         wakes.wake_held(batch.id)  # the stations the pause held go on now
+        notifications.notify(batch, Event.RESUMED, reason=f"was: {detail}", by=user)
     return batch
 
 
@@ -70,14 +73,16 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
             # mid-step: they stop at their next one, without a second run of this one).
             wakes.wake_held(batch.id)
         cancelled = cancel_queued(batch, reason=f"batch cancelled by {user}")
+        detail = f"{cancelled} stations cancelled before starting"
         batch.state = BatchState.CANCELLED
         batch.save(update_fields=["state"])
         BatchAction.objects.create(
             batch=batch,
             user=user,
             kind=BatchAction.Kind.CANCEL,
-            detail=f"{cancelled} stations cancelled before starting",
+            detail=detail,
         )
+        notifications.notify(batch, Event.CANCELLED, reason=detail, by=user)
     return batch
 
 

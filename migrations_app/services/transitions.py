@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from fleet.rows import insert_row, update_where
 from migrations_app.models import StateChange, StationMigration
-from migrations_app.services import progress
+from migrations_app.services import notifications, progress
 from migrations_app.services.workflow import TERMINAL
 
 # Ids per UPDATE: under SQLite's oldest limit on query parameters (999).
@@ -58,6 +58,8 @@ def transition(
                 apply()
             batch_id = instance.batch_id if instance is not None else None
             progress.count_move(migration_id, from_state, to_state, batch_id)
+            if to_state == StationMigration.State.FAILED:
+                notifications.station_failed(migration_id, batch_id)
     if moved and instance is not None:
         for name, value in changes.items():
             setattr(instance, name, value)
@@ -111,6 +113,8 @@ def transition_many(
             for migration_id in moved
         )
         progress.count_moves(batch_id, from_state, to_state, moved)
+        if to_state == StationMigration.State.FAILED:
+            notifications.stations_failed(moved, batch_id)
     return moved
 
 

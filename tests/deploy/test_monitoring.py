@@ -22,7 +22,7 @@ _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
 
 
 def served_names(text: str) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))
     return names

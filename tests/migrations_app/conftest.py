@@ -35,7 +35,12 @@ from ocpp_gateway.simulator.spec import Behaviour, StationSpec, Timing
 from tests.upstream_csms import UpstreamCsms
 
 # Short enough for tests, long enough for a loaded 2-core machine.
-WORKER_ENV = {"OCPP_COMMAND_TIMEOUT": "5", "MIGRATION_STEP_LEASE_SECONDS": "8"}
+WORKER_ENV = {
+    "OCPP_COMMAND_TIMEOUT": "5",
+    "MIGRATION_STEP_LEASE_SECONDS": "8",
+    # A failed webhook delivery is tried again after 0.2 s, 0.4 s, ...
+    "MIGRATION_WEBHOOK_RETRY_SECONDS": "0.2",
+}
 
 
 @dataclass

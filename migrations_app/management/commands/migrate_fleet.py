@@ -24,7 +24,13 @@ from fleet.models import ChargingStation, CsmsBackend
 from migrations_app.models import MigrationBatch
 from migrations_app.selectors import batch_counts
 from migrations_app.services import workflow
-from migrations_app.services.batches import BatchError, BatchOptions, batch_create, batch_report
+from migrations_app.services.batches import (
+    BatchError,
+    BatchOptions,
+    Webhooks,
+    batch_create,
+    batch_report,
+)
 from migrations_app.services.liveness import StackHealth, stack_health
 from migrations_app.services.selection import (
     Selection,
@@ -229,6 +235,27 @@ class Command(BaseCommand):
             "security extension), for a wss:// target with a root CA: require = skip it, "
             "proceed = go on with a warning in its report (default %(default)s)",
         )
+        parser.add_argument(
+            "--webhook",
+            action="append",
+            default=[],
+            metavar="URL",
+            help="POST the batch's events (started, canary passed, paused, resumed, "
+            "cancelled, finished) as JSON to URL (repeatable; a Slack incoming webhook works "
+            "as is); MIGRATION_WEBHOOK_URL, when set, is added to every batch",
+        )
+        parser.add_argument(
+            "--webhook-secret",
+            default="",
+            metavar="SECRET",
+            help="sign the --webhook bodies: X-Csms-Migrate-Signature: sha256=HMAC-SHA256 "
+            "of the body with SECRET (default: unsigned)",
+        )
+        parser.add_argument(
+            "--webhook-failures",
+            action="store_true",
+            help="also POST every station that fails to the --webhook URLs",
+        )
         parser.add_argument("--wait", action="store_true", help="follow the batch to its end")
         parser.add_argument(
             "--json", action="store_true", help="print the report (or the batch id) as JSON"
@@ -268,6 +295,11 @@ class Command(BaseCommand):
                 options=batch_options,
                 source=source,
                 selection=selection.record(),
+                webhooks=Webhooks(
+                    urls=tuple(options["webhook"]),
+                    secret=options["webhook_secret"],
+                    station_failures=options["webhook_failures"],
+                ),
             )
         except BatchError as exc:
             raise CommandError(str(exc), returncode=2) from exc
