@@ -55,6 +55,7 @@ from migrations_app.selectors import (
     batch_verified_count,
     batch_webhook_deliveries,
     batch_webhooks,
+    list_segment_counts,
     progress_from_segments,
     station_migration_preview,
     station_migration_timeline,
@@ -170,6 +171,9 @@ def _migrate_page(
     )
 
 
+# The front page: the fleet overview (templatetags.fleet_overview) above the app list.
+admin.site.index_template = "admin/migrations_app/index.html"
+
 # fleet knows nothing of migrations (the apps have no import cycle): this app gives fleet's
 # stations changelist its action, for those allowed to run it.
 admin.site.unregister(ChargingStation)
@@ -251,7 +255,7 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="progress")
     def progress(self, batch: MigrationBatch) -> str:
         total = batch.total  # type: ignore[attr-defined]  # annotated by batch_list
-        return _bar(progress_from_segments(total, _list_segment_counts(batch)), small=True)
+        return _bar(progress_from_segments(total, list_segment_counts(batch)), small=True)
 
     @admin.display(description="stations")
     def counts(self, batch: MigrationBatch) -> str:
@@ -418,18 +422,6 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         response = StreamingHttpResponse(lines(), content_type="text/csv; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="batch-{batch.id}-audit.csv"'
         return response
-
-
-def _list_segment_counts(batch: Any) -> dict[str, int]:
-    """Stations per bar segment from batch_list's annotations (all but the in-flight one,
-    which is the rest of the total)."""
-    counts: dict[str, int] = {
-        segment: getattr(batch, segment)
-        for segment in workflow.Segment
-        if segment != workflow.Segment.IN_FLIGHT
-    }
-    counts[workflow.Segment.IN_FLIGHT] = batch.total - sum(counts.values())
-    return counts
 
 
 def _controls(batch: MigrationBatch, progress: Any, verified: int) -> list[dict[str, Any]]:

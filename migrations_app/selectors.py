@@ -14,6 +14,7 @@ from django.db.models import Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, 
 from django.db.models.functions import Coalesce
 
 from fleet.models import ChargingStation, CsmsBackend, Registration
+from fleet.selectors import csms_backend_list
 from migrations_app.models import (
     BatchAction,
     BatchWebhook,
@@ -433,4 +434,52 @@ def batch_webhook_deliveries(batch: MigrationBatch) -> list[WebhookDelivery]:
         WebhookDelivery.objects.filter(webhook__batch=batch)
         .select_related("webhook")
         .order_by("-created_at", "-id")[:DELIVERIES_SHOWN]
+    )
+
+
+def list_segment_counts(batch: Any) -> dict[str, int]:
+    """Stations per bar segment from batch_list's annotations (all but the in-flight one,
+    which is the rest of the total)."""
+    counts: dict[str, int] = {
+        segment: getattr(batch, segment)
+        for segment in workflow.Segment
+        if segment != workflow.Segment.IN_FLIGHT
+    }
+    counts[workflow.Segment.IN_FLIGHT] = batch.total - sum(counts.values())
+    return counts
+
+
+# What the admin's front page lists at most.
+OVERVIEW_BATCHES = 20
+OVERVIEW_FAILURES = 10
+
+
+@dataclass
+class FleetOverview:
+    """The admin's front page: where the stations are, what runs, what failed last."""
+
+    backends: list[CsmsBackend]
+    batches: list[tuple[MigrationBatch, BatchProgress]]
+    failures: list[StationMigration]
+
+
+def fleet_overview() -> FleetOverview:
+    active = (
+        batch_list()
+        .filter(state__in=[MigrationBatch.State.RUNNING, MigrationBatch.State.PAUSED])
+        .order_by("-created_at")[:OVERVIEW_BATCHES]
+    )
+    failures = (
+        StationMigration.objects.filter(state=StationMigration.State.FAILED)
+        .select_related("station", "batch")
+        .order_by("-updated_at")[:OVERVIEW_FAILURES]
+    )
+    batches = []
+    for batch in active:
+        total = batch.total  # type: ignore[attr-defined]  # annotated by batch_list
+        batches.append((batch, progress_from_segments(total, list_segment_counts(batch))))
+    return FleetOverview(
+        backends=list(csms_backend_list()),
+        batches=batches,
+        failures=list(failures),
     )

@@ -676,3 +676,50 @@ def test_an_exchange_a_gateway_refused_unsent_is_shown_as_not_sent(operator_clie
     assert refused["detail"] == "not sent (refused by csms-2)"
     sent = next(r for r in records if r["action"] == "GetConfiguration")
     assert sent["detail"] == "via csms-1"
+
+
+def test_the_front_page_shows_the_fleet_running_batches_and_last_failures(admin_client):
+    source = CsmsBackend.objects.create(name="csms-1", url="ws://csms-1.example.com/ocpp")
+    target = CsmsBackend.objects.create(name="csms-2", url="ws://csms-2.example.com/ocpp")
+    running = MigrationBatch.objects.create(target=target)
+    paused = MigrationBatch.objects.create(
+        target=target, state=MigrationBatch.State.PAUSED, pause_reason="brake: 3 of 4 failed"
+    )
+    MigrationBatch.objects.create(target=target, state=MigrationBatch.State.FINISHED)
+    for n, (batch, state) in enumerate(
+        [(running, State.DONE), (running, State.PENDING), (paused, State.FAILED)]
+    ):
+        station = ChargingStation.objects.create(identity=f"CP-{n}", csms=source, connected=n != 1)
+        StationMigration.objects.create(
+            batch=batch,
+            station=station,
+            source=source,
+            target_url=target.url,
+            state=state,
+            failed_step=State.SETTING_URL if state == State.FAILED else "",
+            failure_kind="rejected" if state == State.FAILED else "",
+            reason="the station did not accept the new URL" if state == State.FAILED else "",
+        )
+    page = admin_client.get("/admin/")
+    text = page.content.decode()
+    assert 'id="fleet-overview"' in text
+    overview = page.context["overview"]
+    assert [(b.name, b.connected_count, b.station_count) for b in overview.backends] == [
+        ("csms-1", 2, 3),
+        ("csms-2", 0, 0),
+    ]
+    assert [batch.id for batch, _ in overview.batches] == [paused.id, running.id]
+    assert [p.ended for _, p in overview.batches] == [1, 1]
+    assert "brake: 3 of 4 failed" in text
+    assert [m.station.identity for m in overview.failures] == ["CP-2"]
+    assert "did not accept the new URL" in text
+    # The app list is still there below it.
+    assert "app-migrations_app" in text
+
+
+def test_the_front_page_has_no_overview_for_a_user_who_cannot_see_batches(
+    client, django_user_model
+):
+    django_user_model.objects.create_user("clerk", password="pw", is_staff=True)
+    client.login(username="clerk", password="pw")
+    assert 'id="fleet-overview"' not in client.get("/admin/").content.decode()

@@ -137,6 +137,21 @@ def test_an_operator_migrates_stations_from_the_admin_and_watches_the_batch_fini
 
         _screenshot(browser)
 
+        # The front page: the three migrated stations connected on csms-2, no batch left
+        # running, no failure.
+        browser.get(f"{live_server.url}/admin/")
+        wait(ec.presence_of_element_located((By.ID, "fleet-overview")))
+        wait(
+            lambda driver: (
+                driver.find_element(
+                    By.CSS_SELECTOR, '#overview-csms [data-csms="csms-2"] [data-count=connected]'
+                ).text
+                == "3"
+            )
+        )
+        assert "None running or paused." in css("#overview-batches").text
+        assert "No station failed." in css("#overview-failures").text
+
     states = sorted(batch.stations.values_list("station__identity", "state"))
     assert states == [
         ("CP-WEB-1", StationMigration.State.DONE),
