@@ -41,31 +41,17 @@ class RefusedBecause(StrEnum):
     UPSTREAM = "upstream"  # proxy mode: the upstream refused or is down
 
 
+# (name, help, how to read it now)
+_Reading = tuple[str, str, Callable[[], int]]
+
+
 class _ReadWhenScraped(Collector):
     """What the gateway holds anyway, read when scraped."""
 
-    def __init__(
-        self,
-        csms: str,
-        *,
-        stations: Callable[[], int],
-        backlog: Callable[[], int],
-        events_written: Callable[[], int],
-        events_dropped: Callable[[], int],
-    ) -> None:
+    def __init__(self, csms: str, gauges: list[_Reading], counters: list[_Reading]) -> None:
         self._csms = csms
-        self._gauges = [
-            ("csms_gateway_stations_connected", "Stations connected now.", stations),
-            ("csms_gateway_event_backlog", "Station events not yet written to Redis.", backlog),
-        ]
-        self._counters = [
-            ("csms_gateway_events_written", "Station events written to Redis.", events_written),
-            (
-                "csms_gateway_events_dropped",
-                "Station events dropped while Redis was away and the backlog was full.",
-                events_dropped,
-            ),
-        ]
+        self._gauges = gauges
+        self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
         for name, doc, read in self._gauges:
@@ -91,16 +77,19 @@ class GatewayMetrics:
         self.csms = csms
         self.registry = registry = CollectorRegistry()
         labels = ("csms",)
-
-        registry.register(
-            _ReadWhenScraped(
-                csms,
-                stations=stations,
-                backlog=backlog,
-                events_written=events_written,
-                events_dropped=events_dropped,
-            )
-        )
+        gauges = [
+            ("csms_gateway_stations_connected", "Stations connected now.", stations),
+            ("csms_gateway_event_backlog", "Station events not yet written to Redis.", backlog),
+        ]
+        counters = [
+            ("csms_gateway_events_written", "Station events written to Redis.", events_written),
+            (
+                "csms_gateway_events_dropped",
+                "Station events dropped while Redis was away and the backlog was full.",
+                events_dropped,
+            ),
+        ]
+        registry.register(_ReadWhenScraped(csms, gauges, counters))
         self._connects = Counter(
             "csms_gateway_connects", "Station connections opened.", labels, registry=self.registry
         ).labels(csms)

@@ -363,10 +363,7 @@ class Gateway:
 
     def _metrics(self, connection: ServerConnection) -> Response:
         body, content_type = self.metrics.exposition()
-        response = connection.respond(HTTPStatus.OK, body.decode())
-        del response.headers["Content-Type"]  # respond() set text/plain
-        response.headers["Content-Type"] = content_type
-        return response
+        return _respond(connection, body.decode(), content_type)
 
     def _health(self, connection: ServerConnection) -> Response:
         body = json.dumps(
@@ -389,10 +386,7 @@ class Gateway:
                 ),
             }
         )
-        response = connection.respond(HTTPStatus.OK, body + "\n")
-        del response.headers["Content-Type"]  # respond() set text/plain
-        response.headers["Content-Type"] = "application/json"
-        return response
+        return _respond(connection, body + "\n", "application/json")
 
     # --- one connection: no Redis round trip on this path ------------------------------------
 
@@ -472,6 +466,14 @@ _UPSTREAM_REFUSALS = {
     HTTPStatus.FORBIDDEN: "Forbidden by the upstream CSMS.\n",
     HTTPStatus.NOT_FOUND: "Not found on the upstream CSMS.\n",
 }
+
+
+def _respond(connection: ServerConnection, body: str, content_type: str) -> Response:
+    """200 with ``body`` as ``content_type`` (respond() itself says text/plain)."""
+    response = connection.respond(HTTPStatus.OK, body)
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 def _address(connection: ServerConnection) -> str:

@@ -8,9 +8,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -65,20 +66,18 @@ class Webhooks:
     station_failures: bool = False
 
     def problems(self) -> list[str]:
-        return [
-            f"webhook URL {url!r} must be an http:// or https:// URL without spaces"
-            for url in self.urls
-            if not _is_http_url(url)
-        ]
+        problems = []
+        for url in self.urls:
+            try:
+                _HTTP_URL(url)
+            except ValidationError:
+                problems.append(
+                    f"webhook URL {url!r} must be an http:// or https:// URL without spaces"
+                )
+        return problems
 
 
-def _is_http_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.netloc)
-        and not any(c.isspace() for c in url)
-    )
+_HTTP_URL = URLValidator(schemes=["http", "https"])
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F
+from django.db.models import F
 from django.utils import timezone
 
 from migrations_app.models import BatchWebhook, MigrationBatch, StationMigration, WebhookDelivery
+from migrations_app.selectors import batch_counts
 from migrations_app.services.dispatch import send_task
 
 logger = logging.getLogger(__name__)
@@ -95,14 +96,8 @@ def notify(batch: MigrationBatch, event: Event, *, reason: str = "", by: Any = N
     webhooks = list(batch.webhooks.all())
     if not webhooks:
         return
-    counts = dict(batch.stations.values_list("state").annotate(n=Count("id")).order_by("state"))
-    body = _body(batch, event, reason=reason, by=by, counts=counts)
+    body = _body(batch, event, reason=reason, by=by, counts=batch_counts(batch))
     _record(webhooks, event, body)
-
-
-def station_failed(migration_id: int, batch_id: int | None = None) -> None:
-    """A station failed (transitions, in the move's transaction)."""
-    stations_failed([migration_id], batch_id)
 
 
 def stations_failed(migration_ids: list[int], batch_id: int | None = None) -> None:

@@ -59,7 +59,7 @@ def transition(
             batch_id = instance.batch_id if instance is not None else None
             progress.count_move(migration_id, from_state, to_state, batch_id)
             if to_state == StationMigration.State.FAILED:
-                notifications.station_failed(migration_id, batch_id)
+                notifications.stations_failed([migration_id], batch_id)
     if moved and instance is not None:
         for name, value in changes.items():
             setattr(instance, name, value)
