@@ -72,9 +72,8 @@ def judge(report: dict, fleet: Fleet, stack, *, rollback_through: str | None = "
     gateway refused without sending (it holds the station but the command is addressed to
     the source's gateway) is recorded with sent=False and does not count."""
     assert resets_sent_twice(fleet) == []
-    assert (
-        differences(report, fleet, source_url=stack.source_url, target_url=stack.target_url) == []
-    )
+    problems = differences(report, fleet, source_url=stack.source_url, target_url=stack.target_url)
+    assert problems == [], problems
     if rollback_through is not None:
         sent = OcppExchange.objects.filter(
             step__endswith=":rollback", csms=rollback_through, sent=True
