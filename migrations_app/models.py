@@ -89,6 +89,60 @@ class MigrationBatch(models.Model):
         help_text="Queue a station that is offline when its turn comes until it reconnects, "
         "up to this long; 0: it fails as offline after the boot timeout.",
     )
+    # Rollout policies (services.policies), enforced by the drive like the controls above.
+    rate_increase_factor = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Exponential rate: multiply the starts per minute by this (> 1) each time "
+        "`rate_increase_every` more stations are done; empty: a constant rate.",
+    )
+    rate_increase_every = models.PositiveIntegerField(
+        default=0, help_text="Stations done between two rate increases."
+    )
+    rate_max_per_minute = models.PositiveIntegerField(
+        default=0, help_text="The exponential rate's ceiling (starts per minute)."
+    )
+    abort_criteria = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Pause when a kind of failure passes its threshold (services.policies).",
+    )
+    starts_at = models.DateTimeField(
+        null=True, blank=True, help_text="Schedule: no station starts before this."
+    )
+    ends_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Schedule: no station starts after this (armed ones finish; the rest are "
+        "cancelled).",
+    )
+    approval_required = models.BooleanField(
+        default=False,
+        help_text="No station starts until a second person with the approve permission "
+        "approves the batch.",
+    )
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        editable=False,
+    )
+    approved_at = models.DateTimeField(null=True, blank=True, editable=False)
+    promote_after_canary = models.BooleanField(
+        default=False,
+        help_text="After the canary wave the rest wait for an operator to promote the batch.",
+    )
+    promoted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        editable=False,
+    )
+    promoted_at = models.DateTimeField(null=True, blank=True, editable=False)
     # How the stations were chosen when not simply listed (services.selection): the
     # stations file, the filters and what they left out, the identities not found.
     selection = models.JSONField(default=dict, blank=True, editable=False)
@@ -105,6 +159,18 @@ class MigrationBatch(models.Model):
     ended_done = models.PositiveIntegerField(default=0, editable=False)
     ended_failed = models.PositiveIntegerField(default=0, editable=False)
     failed_before_done = models.PositiveIntegerField(default=0, editable=False)
+    # The failures of the same resume by kind (StationMigration.FailureKind), which the
+    # abort criteria judge.
+    failed_rejected = models.PositiveIntegerField(default=0, editable=False)
+    failed_timeout = models.PositiveIntegerField(default=0, editable=False)
+    failed_fallback = models.PositiveIntegerField(default=0, editable=False)
+    failed_offline = models.PositiveIntegerField(default=0, editable=False)
+    failed_busy = models.PositiveIntegerField(default=0, editable=False)
+    failed_refused = models.PositiveIntegerField(default=0, editable=False)
+    failed_error = models.PositiveIntegerField(default=0, editable=False)
+    # Stations done over the batch's life (not zeroed by a resume): the exponential rate's
+    # steps.
+    done_total = models.PositiveIntegerField(default=0, editable=False)
     migrated_back_from = models.ForeignKey(
         "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
@@ -118,7 +184,10 @@ class MigrationBatch(models.Model):
         ordering = ["-created_at"]
         verbose_name = "migration batch"
         verbose_name_plural = "migration batches"
-        permissions = [("run_migration", "Can start and control station migrations")]
+        permissions = [
+            ("run_migration", "Can start and control station migrations"),
+            ("approve_migration", "Can approve a batch that requires approval"),
+        ]
 
     def __str__(self) -> str:
         return f"Batch {self.pk} to {self.target}"
@@ -298,6 +367,9 @@ class BatchAction(models.Model):
         RETRY = "retry", "retry failed"
         MIGRATE_BACK = "migrate_back", "migrate back"
         AUTO_PAUSE = "auto_pause", "paused by the workers"
+        APPROVE = "approve", "approve"
+        PROMOTE = "promote", "promote after the canary"
+        SCHEDULE_END = "schedule_end", "the schedule ended"
 
     batch = models.ForeignKey(MigrationBatch, on_delete=models.CASCADE, related_name="actions")
     user = models.ForeignKey(

@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -20,7 +20,14 @@ from fleet.models import ChargingStation, CsmsBackend
 from fleet.services.registry import registry_republish_missing
 from fleet.validators import csms_url_problems
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
-from migrations_app.services import liveness, notifications, progress, wakes, workflow
+from migrations_app.services import (
+    liveness,
+    notifications,
+    policies,
+    progress,
+    wakes,
+    workflow,
+)
 from migrations_app.services.dispatch import (
     drive_ran,
     enqueue_drive,
@@ -103,9 +110,28 @@ class BatchOptions:
     # The root CA pre-flight of a wss:// target with a root CA (see steps.check_root_ca).
     install_root_ca: bool = False
     security_extension: str = MigrationBatch.SecurityExtension.REQUIRE.value
+    # Rollout policies (services.policies): the exponential rate, the abort criteria.
+    rate_increase_factor: float | None = None
+    rate_increase_every: int = 0
+    rate_max_per_minute: int = 0
+    abort_criteria: tuple[policies.AbortCriterion, ...] = ()
+    # The schedule: no station starts before starts_at nor after ends_at.
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    # Approvals: a second person approves the start; an operator promotes after the canary.
+    approval_required: bool = False
+    promote_after_canary: bool = False
 
     def problems(self) -> list[str]:
-        problems = []
+        problems = policies.rate_problems(self)
+        for criterion in self.abort_criteria:
+            problems += criterion.problems()
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            problems.append("the schedule's end must come after its start")
+        if self.ends_at and self.ends_at <= timezone.now():
+            problems.append(f"the schedule's end ({when_text(self.ends_at)}) is already past")
+        if self.promote_after_canary and not self.canary_size:
+            problems.append("promoting after the canary needs a canary (its size over 0)")
         if self.security_extension not in MigrationBatch.SecurityExtension.values:
             choices = ", ".join(MigrationBatch.SecurityExtension.values)
             problems.append(f"security extension must be one of {choices}")
@@ -176,7 +202,10 @@ def _batch_create(
             source=source,
             created_by=created_by,
             selection=selection,
-            **asdict(options),
+            **{
+                **asdict(options),
+                "abort_criteria": policies.criteria_record(options.abort_criteria),
+            },
         )
         StationMigration.objects.bulk_create(
             StationMigration(
@@ -248,6 +277,7 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
         active = batch.stations.filter(state__in=ACTIVE_STATES).exists()
         return 0, DRIVE_SAFETY_SECONDS if active else None
     _requeue_reconnected(batch, timezone.now())
+    _end_of_schedule(batch, timezone.now())
     in_flight = batch.stations.filter(state__in=ACTIVE_STATES).count()  # <= max in flight
     # Counted up to one more than could start: more than that changes nothing below.
     pending = _count_up_to(batch, State.PENDING, batch.max_in_flight + 1)
@@ -264,12 +294,23 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
     waits = [DRIVE_SAFETY_SECONDS]
     if offline:
         waits.append(OFFLINE_POLL_SECONDS)
-    halt = _canary_verdict(batch) or _brake_verdict(batch)
+    halt = (
+        _canary_verdict(batch)
+        or _brake_verdict(batch)
+        or policies.abort_verdict(batch, progress.ended_since_resume(batch))
+    )
     if halt:
         _auto_pause(batch, halt)
         return 0, min(waits) if in_flight else None
     if not pending:
         return 0, min(waits)
+    if awaiting_approval(batch):
+        return 0, None  # the approval drives the batch
+    if batch.starts_at is not None and now < batch.starts_at:
+        waits.append((batch.starts_at - now).total_seconds())
+        return 0, min(waits)
+    if batch.ends_at is not None:
+        waits.append((batch.ends_at - now).total_seconds())
     if not in_window(batch, now.time()):
         waits.append(_until_window_opens(batch, now))
         return 0, min(waits)
@@ -323,6 +364,8 @@ def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now: dat
         return 0
     elif batch.canary_size and batch.canary_ended_at is None:
         _canary_ended(batch, now)
+    if awaiting_promotion(batch):
+        return 0  # the promotion drives the batch
     chosen = dict(candidates.order_by("id").values_list("id", "station__identity")[:room])
     started = transition_many(batch.id, chosen, State.PENDING, State.PREFLIGHT, started_at=now)
     enqueue_steps(
@@ -332,12 +375,65 @@ def _start_pending(batch: MigrationBatch, pending: int, in_flight: int, now: dat
 
 
 def _canary_ended(batch: MigrationBatch, now: datetime) -> None:
-    """The canary wave ended and the rest start: it passed, unless a canary station failed
-    and the operator resumed the batch despite it."""
+    """The canary wave ended and the rest start (or wait to be promoted): it passed, unless
+    a canary station failed and the operator resumed the batch despite it."""
     batch.canary_ended_at = now
     batch.save(update_fields=["canary_ended_at"])
     if not batch.stations.filter(canary=True, state=State.FAILED).exists():
-        notifications.notify(batch, notifications.Event.CANARY_PASSED)
+        notifications.notify(
+            batch,
+            notifications.Event.CANARY_PASSED,
+            reason="waiting to be promoted" if awaiting_promotion(batch) else "",
+        )
+
+
+def awaiting_approval(batch: MigrationBatch) -> bool:
+    """No station starts until a second person approves the batch."""
+    return batch.approval_required and batch.approved_at is None
+
+
+def awaiting_promotion(batch: MigrationBatch) -> bool:
+    """The canary wave ended and the rest wait for an operator's promotion."""
+    return (
+        batch.promote_after_canary
+        and batch.canary_ended_at is not None
+        and batch.promoted_at is None
+    )
+
+
+def held_for(batch: MigrationBatch, now: datetime | None = None) -> str:
+    """What keeps a running batch from starting stations, in words; "" when nothing does
+    (besides its limits and window)."""
+    if batch.state != MigrationBatch.State.RUNNING:
+        return ""
+    if awaiting_approval(batch):
+        return "awaiting approval by a second person"
+    if awaiting_promotion(batch):
+        return "the canary wave ended: awaiting promotion"
+    if batch.starts_at is not None and (now or timezone.now()) < batch.starts_at:
+        return f"scheduled to start at {when_text(batch.starts_at)}"
+    return ""
+
+
+def _end_of_schedule(batch: MigrationBatch, now: datetime) -> None:
+    """Past the schedule's end no station starts: those not started are cancelled (the
+    armed ones finish), so that the batch ends."""
+    if batch.ends_at is None or now < batch.ends_at:
+        return
+    cancelled = cancel_queued(
+        batch, reason=f"not started: the schedule ended at {when_text(batch.ends_at)}"
+    )
+    if cancelled:
+        BatchAction.objects.create(
+            batch=batch,
+            kind=BatchAction.Kind.SCHEDULE_END,
+            detail=f"{cancelled} stations not started were cancelled",
+        )
+
+
+def when_text(at: datetime) -> str:
+    """A moment as the batch page, the CLI and the reasons show it: in UTC, to the minute."""
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def in_window(batch: MigrationBatch, now: time) -> bool:
@@ -411,19 +507,26 @@ def _requeue_reconnected(batch: MigrationBatch, now: datetime) -> None:
     )
 
 
+def rate_now(batch: MigrationBatch) -> int:
+    """The batch's starts per minute now: its rate, grown by its exponential rate."""
+    return policies.rate_now(batch, batch.done_total)
+
+
 def _rate_room(batch: MigrationBatch, now: datetime) -> int:
     """Starts allowed now: R per sliding minute, spread so a minute does not start at once."""
+    rate = rate_now(batch)
     last_minute = _started_since(batch, now - timedelta(seconds=60)).count()
     last_tenth = _started_since(batch, now - timedelta(seconds=10)).count()
-    per_tenth = math.ceil(batch.rate_per_minute / 6)
-    return min(batch.rate_per_minute - last_minute, per_tenth - last_tenth)
+    per_tenth = math.ceil(rate / 6)
+    return min(rate - last_minute, per_tenth - last_tenth)
 
 
 def _rate_wait(batch: MigrationBatch, now: datetime) -> float | None:
     """Seconds until the rate limit lets one more station start; None if it does now."""
-    per_tenth = math.ceil(batch.rate_per_minute / 6)
+    rate = rate_now(batch)
+    per_tenth = math.ceil(rate / 6)
     frees: list[float] = []
-    for span, limit in ((60, batch.rate_per_minute), (10, per_tenth)):
+    for span, limit in ((60, rate), (10, per_tenth)):
         recent = list(
             _started_since(batch, now - timedelta(seconds=span))
             .order_by("started_at")

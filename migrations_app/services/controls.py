@@ -1,4 +1,5 @@
-"""What an operator does to a running batch: pause, resume, cancel, retry, migrate back.
+"""What an operator does to a running batch: approve, promote, pause, resume, cancel,
+retry, migrate back.
 
 Each refuses a batch in the wrong state (ControlError), changes it under its row lock and
 records who did it (BatchAction).
@@ -21,6 +22,8 @@ from migrations_app.services.transitions import transition_many
 
 State = StationMigration.State
 BatchState = MigrationBatch.State
+RUN_PERMISSION = "migrations_app.run_migration"
+APPROVE_PERMISSION = "migrations_app.approve_migration"
 
 
 class ControlError(ValueError):
@@ -83,6 +86,44 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
             detail=detail,
         )
         notifications.notify(batch, Event.CANCELLED, reason=detail, by=user)
+    return batch
+
+
+def batch_approve(*, batch_id: int, user: Any) -> MigrationBatch:
+    """A second person with the approve permission lets a batch that requires it start."""
+    if user is None or not user.has_perm(APPROVE_PERMISSION):
+        raise ControlError(f"{user} may not approve batches (the approve permission)")
+    with transaction.atomic():
+        batch = _locked(batch_id, {BatchState.RUNNING, BatchState.PAUSED}, "approve")
+        if not batch.approval_required:
+            raise ControlError(f"batch {batch_id} does not require approval")
+        if batch.approved_at is not None:
+            raise ControlError(f"batch {batch_id} was approved by {batch.approved_by}")
+        if batch.created_by_id is not None and batch.created_by_id == user.pk:
+            raise ControlError(f"{user} created batch {batch_id}: a second person must approve it")
+        batch.approved_by, batch.approved_at = user, timezone.now()
+        batch.save(update_fields=["approved_by", "approved_at"])
+        BatchAction.objects.create(batch=batch, user=user, kind=BatchAction.Kind.APPROVE)
+        enqueue_drive(batch.id)
+        notifications.notify(batch, Event.APPROVED, by=user)
+    return batch
+
+
+def batch_promote(*, batch_id: int, user: Any) -> MigrationBatch:
+    """After a canary wave that waits for it, let the rest of the batch start."""
+    with transaction.atomic():
+        batch = _locked(batch_id, {BatchState.RUNNING, BatchState.PAUSED}, "promote")
+        if not batch.promote_after_canary:
+            raise ControlError(f"batch {batch_id} does not wait for a promotion")
+        if batch.promoted_at is not None:
+            raise ControlError(f"batch {batch_id} was promoted by {batch.promoted_by}")
+        if batch.canary_ended_at is None:
+            raise ControlError(f"batch {batch_id}: its canary wave has not ended yet")
+        batch.promoted_by, batch.promoted_at = user, timezone.now()
+        batch.save(update_fields=["promoted_by", "promoted_at"])
+        BatchAction.objects.create(batch=batch, user=user, kind=BatchAction.Kind.PROMOTE)
+        enqueue_drive(batch.id)
+        notifications.notify(batch, Event.PROMOTED, by=user)
     return batch
 
 

@@ -61,7 +61,9 @@ Status = WebhookDelivery.Status
 
 class Event(StrEnum):
     STARTED = "batch.started"
+    APPROVED = "batch.approved"
     CANARY_PASSED = "batch.canary_passed"
+    PROMOTED = "batch.promoted"
     AUTO_PAUSED = "batch.auto_paused"
     PAUSED = "batch.paused"
     RESUMED = "batch.resumed"
@@ -172,7 +174,10 @@ def _text(
     because = f": {reason}" if reason else ""
     texts = {
         Event.STARTED: f"{name} started{who} ({tally})",
-        Event.CANARY_PASSED: f"{name}: the canary passed, the rest start ({tally})",
+        Event.APPROVED: f"{name} was approved{who}",
+        Event.CANARY_PASSED: f"{name}: the canary passed, "
+        + (f"{reason} ({tally})" if reason else f"the rest start ({tally})"),
+        Event.PROMOTED: f"{name} was promoted{who}: the rest start",
         Event.AUTO_PAUSED: f"{name} was paused by the workers{because}",
         Event.PAUSED: f"{name} was paused{who}{because}",
         Event.RESUMED: f"{name} was resumed{who}",

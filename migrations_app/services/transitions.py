@@ -57,7 +57,9 @@ def transition(
             if apply is not None:
                 apply()
             batch_id = instance.batch_id if instance is not None else None
-            progress.count_move(migration_id, from_state, to_state, batch_id)
+            progress.count_move(
+                migration_id, from_state, to_state, batch_id, fields.get("failure_kind", "")
+            )
             if to_state == StationMigration.State.FAILED:
                 notifications.stations_failed([migration_id], batch_id)
     if moved and instance is not None:
@@ -112,7 +114,7 @@ def transition_many(
             )
             for migration_id in moved
         )
-        progress.count_moves(batch_id, from_state, to_state, moved)
+        progress.count_moves(batch_id, from_state, to_state, moved, fields.get("failure_kind", ""))
         if to_state == StationMigration.State.FAILED:
             notifications.stations_failed(moved, batch_id)
     return moved

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from django.core.management import CommandError, call_command
 
@@ -57,9 +59,17 @@ def test_rollout_options_reach_the_batch(two_csms):
     assert batch.actions.get().kind == "start"
 
 
-@pytest.mark.parametrize("args", [["--brake", "1.5"], ["--window", "22:00"], ["--canary", "-1"]])
-def test_bad_rollout_options_are_refused(two_csms, args):
-    with pytest.raises(CommandError):
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--brake", "1.5"], "'1.5' is not a ratio from 0 up to"),
+        (["--window", "22:00"], "--window"),
+        (["--canary", "-1"], "'-1' is not a whole number of at least 0"),
+        (["--max-in-flight", "many"], "'many' is not a whole number of at least 1"),
+    ],
+)
+def test_bad_rollout_options_are_refused(two_csms, args, error):
+    with pytest.raises(CommandError, match=error):
         call_command("migrate_fleet", "--to", "csms-2", "--from", "csms-1", *args)
     assert not MigrationBatch.objects.exists()
 
@@ -85,3 +95,64 @@ def test_brake_defaults_reach_the_batch_and_no_brake_turns_both_off(two_csms, re
     call_command("migrate_fleet", "--to", "csms-2", "--station", "CP-2", "--no-brake")
     off = MigrationBatch.objects.exclude(id=batch.id).get()
     assert (off.brake_failure_ratio, off.brake_first_failed) == (None, 0)
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_rollout_policies_reach_the_batch(two_csms):
+    call_command(
+        "migrate_fleet", "--to", "csms-2", "--from", "csms-1", "--canary", "1",
+        "--rate-per-minute", "6", "--rate-increase-factor", "2", "--rate-increase-every", "5",
+        "--rate-max-per-minute", "120", "--pause-when", "fallback:10%:20",
+        "--pause-when", "TIMEOUT:5", "--require-approval", "--promote-after-canary",
+        "--start-at", "2099-12-24T22:00", "--end-at", "2099-12-25T06:00+01:00",
+    )  # fmt: skip
+    batch = MigrationBatch.objects.get()
+    assert (batch.rate_per_minute, batch.rate_increase_factor) == (6, 2.0)
+    assert (batch.rate_increase_every, batch.rate_max_per_minute) == (5, 120)
+    assert batch.abort_criteria == [
+        {"kind": "fallback", "percent": 10.0, "count": None, "min_sample": 20},
+        {"kind": "timeout", "percent": None, "count": 5, "min_sample": 1},
+    ]
+    assert batch.approval_required and batch.promote_after_canary
+    assert batch.starts_at == dt.datetime(2099, 12, 24, 22, 0, tzinfo=dt.UTC)
+    assert batch.ends_at == dt.datetime(2099, 12, 25, 5, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--pause-when", "fallback"], "must read KIND:THRESHOLD"),
+        (["--pause-when", "slow:5"], "the kind must be one of"),
+        (["--pause-when", "timeout:0%"], "the percent must be over 0"),
+        (["--pause-when", "timeout:five"], "the threshold is a number"),
+        (["--start-at", "christmas"], "not an ISO 8601 date and time"),
+        (["--end-at", "2020-01-01T00:00"], "already past"),
+        (["--start-at", "2099-01-02T00:00", "--end-at", "2099-01-01T00:00"], "after its start"),
+        (["--rate-increase-factor", "2"], "the stations done between increases"),
+        (["--rate-increase-factor", "1"], "not a factor over 1"),
+        (["--rate-increase-factor", "2", "--rate-increase-every", "3"], "a maximum above"),
+        (["--promote-after-canary"], "needs a canary"),
+    ],
+)
+def test_bad_rollout_policies_are_refused_with_the_reason(two_csms, args, error):
+    with pytest.raises(CommandError, match=error):
+        call_command("migrate_fleet", "--to", "csms-2", "--from", "csms-1", *args)
+    assert not MigrationBatch.objects.exists()
+
+
+def test_help_lists_every_rollout_policy_option():
+    from migrations_app.management.commands.migrate_fleet import Command
+
+    text = Command().create_parser("manage.py", "migrate_fleet").format_help()
+    for option in (
+        "--rate-increase-factor",
+        "--rate-increase-every",
+        "--rate-max-per-minute",
+        "--pause-when",
+        "--require-approval",
+        "--promote-after-canary",
+        "--start-at",
+        "--end-at",
+    ):
+        assert option in text
+    assert "fallback:10%:20" in text

@@ -9,10 +9,12 @@ the batch starts and when it gives up.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -23,13 +25,14 @@ from django.db.models import Max
 from fleet.models import ChargingStation, CsmsBackend
 from migrations_app.models import MigrationBatch
 from migrations_app.selectors import batch_counts
-from migrations_app.services import workflow
+from migrations_app.services import policies, workflow
 from migrations_app.services.batches import (
     BatchError,
     BatchOptions,
     Webhooks,
     batch_create,
     batch_report,
+    held_for,
 )
 from migrations_app.services.liveness import StackHealth, stack_health
 from migrations_app.services.selection import (
@@ -51,29 +54,67 @@ EXIT_STALLED = 3
 BATCH_CLOSE_SECONDS = 5.0
 
 
+# What --wait reads of the batch on each look: its state and what holds it.
+FOLLOWED_FIELDS = (
+    "state",
+    "pause_reason",
+    "approved_at",
+    "canary_ended_at",
+    "promoted_at",
+    "starts_at",
+)
+
+
 class Stalled(Exception):
     """Nothing moved the batch for the stall bound, and no worker lives to move it."""
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
+def _number(
+    value: str, kind: type[int] | type[float], test: Callable[[Any], bool], wanted: str
+) -> Any:
+    """``value`` as a number that passes ``test``; argparse shows ``wanted`` otherwise."""
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not test(number):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {wanted}")
     return number
+
+
+def _positive(value: str) -> int:
+    return _number(value, int, lambda n: n >= 1, "a whole number of at least 1")
 
 
 def _not_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
+    return _number(value, int, lambda n: n >= 0, "a whole number of at least 0")
 
 
 def _ratio(value: str) -> float:
-    ratio = float(value)
-    if not 0 <= ratio < 1:
-        raise ValueError(value)
-    return ratio
+    return _number(value, float, lambda r: 0 <= r < 1, "a ratio from 0 up to (not including) 1")
+
+
+def _factor(value: str) -> float:
+    return _number(value, float, lambda f: f > 1, "a factor over 1")
+
+
+def _criterion(value: str) -> policies.AbortCriterion:
+    try:
+        return policies.parse_criterion(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _moment(value: str) -> dt.datetime:
+    """An ISO 8601 date and time; without an offset, UTC."""
+    try:
+        moment = dt.datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an ISO 8601 date and time (e.g. 2026-12-24T22:00, UTC "
+            "unless an offset is given)"
+        ) from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _window(value: str) -> tuple[dt.time, dt.time]:
@@ -142,6 +183,29 @@ class Command(BaseCommand):
             "(default %(default)s)",
         )
         parser.add_argument(
+            "--rate-increase-factor",
+            type=_factor,
+            default=None,
+            metavar="F",
+            help="exponential rate: multiply the starts per minute by F (over 1) each time "
+            "--rate-increase-every more stations are done, up to --rate-max-per-minute "
+            "(default: a constant rate)",
+        )
+        parser.add_argument(
+            "--rate-increase-every",
+            type=_positive,
+            default=None,
+            metavar="N",
+            help="stations done between two increases of the exponential rate",
+        )
+        parser.add_argument(
+            "--rate-max-per-minute",
+            type=_positive,
+            default=None,
+            metavar="M",
+            help="the exponential rate's ceiling, in starts per minute",
+        )
+        parser.add_argument(
             "--boot-timeout",
             type=_positive,
             default=BatchOptions.boot_timeout_seconds,
@@ -193,6 +257,45 @@ class Command(BaseCommand):
             metavar="N",
             help="pause the batch when the first N ended stations all failed; 0 = off "
             "(default %(default)s)",
+        )
+        parser.add_argument(
+            "--pause-when",
+            type=_criterion,
+            action="append",
+            default=[],
+            metavar="KIND:THRESHOLD[:MIN_SAMPLE]",
+            help="abort criterion (repeatable): pause the batch once failures of KIND "
+            f"({', '.join(policies.KINDS)}) reach THRESHOLD, a percent of the ended stations "
+            "(10%%) or a count (5), once MIN_SAMPLE stations have ended (default 1); e.g. "
+            "fallback:10%%:20 or timeout:5. Like the brake, it counts from the last resume",
+        )
+        parser.add_argument(
+            "--require-approval",
+            action="store_true",
+            help="no station starts until a second person with the approve permission "
+            "approves the batch (the batch page, or manage.py control_batch approve)",
+        )
+        parser.add_argument(
+            "--promote-after-canary",
+            action="store_true",
+            help="after the --canary wave the rest wait until an operator promotes the "
+            "batch (the batch page, or manage.py control_batch promote)",
+        )
+        parser.add_argument(
+            "--start-at",
+            type=_moment,
+            default=None,
+            metavar="WHEN",
+            help="schedule: no station starts before WHEN (ISO 8601, UTC unless an offset "
+            "is given, e.g. 2026-12-24T22:00)",
+        )
+        parser.add_argument(
+            "--end-at",
+            type=_moment,
+            default=None,
+            metavar="WHEN",
+            help="schedule: no station starts after WHEN; the armed ones finish, those not "
+            "started are cancelled. Composes with --window",
         )
         parser.add_argument(
             "--window",
@@ -287,6 +390,14 @@ class Command(BaseCommand):
             offline_wait_seconds=options["offline_wait"],
             install_root_ca=options["install_root_ca"],
             security_extension=options["security_extension"],
+            rate_increase_factor=options["rate_increase_factor"],
+            rate_increase_every=options["rate_increase_every"] or 0,
+            rate_max_per_minute=options["rate_max_per_minute"] or 0,
+            abort_criteria=tuple(options["pause_when"]),
+            starts_at=options["start_at"],
+            ends_at=options["end_at"],
+            approval_required=options["require_approval"],
+            promote_after_canary=options["promote_after_canary"],
         )
         try:
             batch = batch_create(
@@ -314,6 +425,12 @@ class Command(BaseCommand):
                 )
             return
         self.stderr.write(f"Batch {batch.id}: {len(stations)} stations to {target}.")
+        if batch.approval_required:
+            self.stderr.write(
+                f"Batch {batch.id} waits for approval by a second person with the approve "
+                f"permission: its batch page, or manage.py control_batch approve {batch.id} "
+                "--user NAME."
+            )
         try:
             self._follow(batch)
         except KeyboardInterrupt:
@@ -395,7 +512,7 @@ class Command(BaseCommand):
         all_ended_at: float | None = None
         while True:
             try:
-                batch.refresh_from_db(fields=["state", "pause_reason"])
+                batch.refresh_from_db(fields=[*FOLLOWED_FIELDS])
                 counts = batch_counts(batch)
             except (OperationalError, InterfaceError) as exc:
                 # A restarted database: reconnect on the next look, within the bound.
@@ -406,6 +523,9 @@ class Command(BaseCommand):
             line = _progress_line(counts)
             if batch.state == MigrationBatch.State.PAUSED:
                 line += f" | PAUSED: {batch.pause_reason}"
+            held = held_for(batch)
+            if held:
+                line += f" | {held}"
             now = time.monotonic()
             if tty:
                 self.stderr.write("\r" + line.ljust(len(last_line)), ending="")
