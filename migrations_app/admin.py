@@ -60,19 +60,31 @@ from migrations_app.selectors import (
     station_migration_preview,
     station_migration_timeline,
 )
-from migrations_app.services import workflow
-from migrations_app.services.batches import BatchError, BatchOptions, batch_create
+from migrations_app.services import policies, workflow
+from migrations_app.services.batches import (
+    BatchError,
+    BatchOptions,
+    awaiting_approval,
+    awaiting_promotion,
+    batch_create,
+    held_for,
+    rate_now,
+    when_text,
+)
 from migrations_app.services.controls import (
+    APPROVE_PERMISSION,
+    RUN_PERMISSION,
     ControlError,
+    batch_approve,
     batch_cancel,
     batch_migrate_back,
     batch_pause,
+    batch_promote,
     batch_resume,
     batch_retry_failed,
 )
 from migrations_app.services.selection import listed, select_stations, selection_filters_text
 
-RUN_PERMISSION = "migrations_app.run_migration"
 ACTION_NAME = "migrate_to_another_csms"
 STATIONS_PER_PAGE = 50
 # How often the dashboard of a running batch reloads its live part.
@@ -345,7 +357,8 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             "live": live,
             "refresh_seconds": REFRESH_SECONDS,
             "can_run": can_run,
-            "controls": _controls(batch, progress, verified) if can_run else [],
+            "held": held_for(batch),
+            "controls": _controls(batch, progress, verified, request.user),
             "verified": verified,
             "media": self.media,
             **(extra_context or {}),
@@ -357,13 +370,20 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def control_view(self, request: HttpRequest, object_id: str, control: str) -> HttpResponse:
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
-        if not request.user.has_perm(RUN_PERMISSION):
+        # Approving needs its own permission (checked by the service), not the run one.
+        if control != "approve" and not request.user.has_perm(RUN_PERMISSION):
             raise PermissionDenied
         batch = self._batch(request, object_id)
         user = request.user
         back_to = reverse("admin:migrations_app_migrationbatch_change", args=[batch.id])
         try:
-            if control == "pause":
+            if control == "approve":
+                batch_approve(batch_id=batch.id, user=user)
+                done = "Approved: the batch's stations may start."
+            elif control == "promote":
+                batch_promote(batch_id=batch.id, user=user)
+                done = "Promoted: the rest of the batch starts."
+            elif control == "pause":
                 reason = request.POST.get("reason", "").strip()
                 batch_pause(batch_id=batch.id, user=user, reason=reason)
                 done = "Paused: no new station starts; those already armed finish."
@@ -424,11 +444,40 @@ class MigrationBatchAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         return response
 
 
-def _controls(batch: MigrationBatch, progress: Any, verified: int) -> list[dict[str, Any]]:
-    """The buttons that make sense now; the services still refuse a wrong state."""
+def _controls(
+    batch: MigrationBatch, progress: Any, verified: int, user: Any
+) -> list[dict[str, Any]]:
+    """The buttons that make sense now for this user; the services still refuse a wrong
+    state."""
     state = batch.state
+    live = state in (BatchState.RUNNING, BatchState.PAUSED)
+    controls: list[dict[str, Any]] = []
+    if (
+        live
+        and awaiting_approval(batch)
+        and user.has_perm(APPROVE_PERMISSION)
+        and batch.created_by_id != user.pk
+    ):
+        controls.append(
+            {
+                "name": "approve",
+                "label": "Approve",
+                "style": "primary",
+                "confirm": "Approve the batch? Its stations start within its limits.",
+            }
+        )
+    if not user.has_perm(RUN_PERMISSION):
+        return controls
+    if live and awaiting_promotion(batch):
+        controls.append(
+            {
+                "name": "promote",
+                "label": "Promote",
+                "style": "primary",
+                "confirm": "The canary wave ended: start the rest of the batch?",
+            }
+        )
     failed = progress.count(StationMigration.State.FAILED)
-    controls = []
     if state == BatchState.RUNNING:
         controls.append({"name": "pause", "label": "Pause", "style": "warning", "reason": True})
     if state == BatchState.PAUSED:
@@ -492,6 +541,7 @@ def _settings_rows(batch: MigrationBatch | BatchOptions) -> list[tuple[str, str]
     return [
         ("Max in flight", str(batch.max_in_flight)),
         ("Starts per minute", str(batch.rate_per_minute or "no limit")),
+        *_policy_rows(batch),
         ("Canary", f"first {batch.canary_size}" if batch.canary_size else "off"),
         ("Failure brake", brake),
         (
@@ -518,6 +568,37 @@ def _settings_rows(batch: MigrationBatch | BatchOptions) -> list[tuple[str, str]
             else "skip the station",
         ),
     ]
+
+
+def _policy_rows(batch: MigrationBatch | BatchOptions) -> list[tuple[str, str]]:
+    """The rollout policies a batch (or the options of one) has; none when it has none."""
+    rows = []
+    if batch.rate_increase_factor is not None:
+        growth = (
+            f"times {batch.rate_increase_factor:g} every {batch.rate_increase_every} done, "
+            f"up to {batch.rate_max_per_minute} a minute"
+        )
+        if isinstance(batch, MigrationBatch):
+            growth += f" (now {rate_now(batch)} a minute, {batch.done_total} done)"
+        rows.append(("Exponential rate", growth))
+    criteria = policies.criteria_of(batch)
+    if criteria:
+        rows.append(("Abort criteria", ", ".join(criterion.text() for criterion in criteria)))
+    if batch.promote_after_canary:
+        promoted = ""
+        if isinstance(batch, MigrationBatch) and batch.promoted_at:
+            promoted = f": promoted by {batch.promoted_by} at {when_text(batch.promoted_at)}"
+        rows.append(("Promote after the canary", "yes" + promoted))
+    if batch.starts_at or batch.ends_at:
+        start = f"from {when_text(batch.starts_at)}" if batch.starts_at else "from now"
+        end = f" to {when_text(batch.ends_at)}" if batch.ends_at else ""
+        rows.append(("Schedule", start + end))
+    if batch.approval_required:
+        approval = "required"
+        if isinstance(batch, MigrationBatch) and batch.approved_at:
+            approval = f"approved by {batch.approved_by} at {when_text(batch.approved_at)}"
+        rows.append(("Approval", approval))
+    return rows
 
 
 def _duration(seconds: float) -> str:

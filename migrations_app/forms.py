@@ -9,6 +9,7 @@ from django import forms
 
 from fleet.models import CsmsBackend
 from migrations_app.models import MigrationBatch, StationMigration
+from migrations_app.services import policies
 from migrations_app.services.batches import BatchOptions, Webhooks
 from migrations_app.services.selection import StationFilters
 
@@ -53,6 +54,25 @@ class MigrateStationsForm(forms.Form):
         label="Starts per minute",
         help_text="Stations started per minute, across all workers; 0: no limit.",
     )
+    rate_increase_factor = forms.FloatField(
+        required=False,
+        label="Rate: increase factor",
+        help_text="Exponential rate: multiply the starts per minute by this (over 1) each "
+        "time the stations below are done, up to the maximum. Empty: a constant rate.",
+        widget=forms.NumberInput(attrs={"step": "0.1", "placeholder": "constant rate"}),
+    )
+    rate_increase_every = forms.IntegerField(
+        required=False,
+        min_value=1,
+        label="Rate: increase every",
+        help_text="Stations done between two increases.",
+    )
+    rate_max_per_minute = forms.IntegerField(
+        required=False,
+        min_value=1,
+        label="Rate: maximum",
+        help_text="The increasing rate's ceiling, in starts per minute.",
+    )
     canary_size = forms.IntegerField(
         min_value=0,
         initial=_DEFAULTS.canary_size,
@@ -80,6 +100,21 @@ class MigrateStationsForm(forms.Form):
         initial=_DEFAULTS.brake_min_sample,
         label="Brake: minimum sample",
         help_text="Stations that must have ended before the brake may act.",
+    )
+    abort_criteria = forms.CharField(
+        required=False,
+        label="Abort criteria",
+        widget=forms.Textarea(
+            attrs={"rows": 3, "cols": 30, "placeholder": "fallback:10%:20\ntimeout:5"}
+        ),
+        help_text="One a line, KIND:THRESHOLD[:MIN_SAMPLE]: pause the batch once failures "
+        f"of KIND ({', '.join(policies.KINDS)}) reach a percent of the ended stations (10%) "
+        "or a count (5), once MIN_SAMPLE have ended. Counted from the last resume.",
+    )
+    promote_after_canary = forms.BooleanField(
+        required=False,
+        label="Promote after the canary",
+        help_text="After the canary wave the rest wait until an operator promotes the batch.",
     )
     boot_timeout_seconds = forms.IntegerField(
         min_value=1,
@@ -111,6 +146,25 @@ class MigrateStationsForm(forms.Form):
         label="Window end (UTC)",
         widget=forms.TimeInput(attrs={"type": "time"}, format="%H:%M"),
         help_text="Empty start and end: any time.",
+    )
+    starts_at = forms.DateTimeField(
+        required=False,
+        label="Start at (UTC)",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        help_text="No station starts before this; empty: at once.",
+    )
+    ends_at = forms.DateTimeField(
+        required=False,
+        label="End at (UTC)",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        help_text="No station starts after this: the armed ones finish, those not started "
+        "are cancelled. Empty: no end. Composes with the window.",
+    )
+    approval_required = forms.BooleanField(
+        required=False,
+        label="Require approval",
+        help_text="No station starts until a second person with the approve permission "
+        "approves the batch on its page.",
     )
     cleanup = forms.BooleanField(
         required=False,
@@ -170,13 +224,30 @@ class MigrateStationsForm(forms.Form):
     FIELDSETS = (
         ("Where", ("target",)),
         ("Which of the selected stations", ("vendor", "model", "firmware_at_least")),
-        ("Pace", ("max_in_flight", "rate_per_minute")),
+        (
+            "Pace",
+            (
+                "max_in_flight",
+                "rate_per_minute",
+                "rate_increase_factor",
+                "rate_increase_every",
+                "rate_max_per_minute",
+            ),
+        ),
         (
             "Safety",
-            ("canary_size", "brake_failure_ratio", "brake_min_sample", "brake_first_failed"),
+            (
+                "canary_size",
+                "promote_after_canary",
+                "brake_failure_ratio",
+                "brake_min_sample",
+                "brake_first_failed",
+                "abort_criteria",
+            ),
         ),
         ("Timeouts", ("boot_timeout_seconds", "idle_wait_seconds", "offline_wait_seconds")),
-        ("Maintenance window", ("window_start", "window_end")),
+        ("When", ("starts_at", "ends_at", "window_start", "window_end")),
+        ("Approval", ("approval_required",)),
         ("Options", ("cleanup", "dry_run", "allow_downgrade")),
         ("Root certificate", ("install_root_ca", "security_extension")),
         ("Notifications", ("webhook_url", "webhook_secret", "webhook_station_failures")),
@@ -187,6 +258,25 @@ class MigrateStationsForm(forms.Form):
 
     def clean_brake_first_failed(self) -> int:
         return self.cleaned_data["brake_first_failed"] or 0  # empty: off
+
+    def clean_rate_increase_every(self) -> int:
+        return self.cleaned_data["rate_increase_every"] or 0
+
+    def clean_rate_max_per_minute(self) -> int:
+        return self.cleaned_data["rate_max_per_minute"] or 0
+
+    def clean_abort_criteria(self) -> tuple[policies.AbortCriterion, ...]:
+        criteria, problems = [], []
+        for line in self.cleaned_data["abort_criteria"].splitlines():
+            if not line.strip():
+                continue
+            try:
+                criteria.append(policies.parse_criterion(line))
+            except ValueError as exc:
+                problems.append(str(exc)[:1].upper() + str(exc)[1:] + ".")
+        if problems:
+            raise forms.ValidationError(problems)
+        return tuple(criteria)
 
     def clean_firmware_at_least(self) -> str:
         version = self.cleaned_data["firmware_at_least"].strip()

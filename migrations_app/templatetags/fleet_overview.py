@@ -6,7 +6,9 @@ from typing import Any
 
 from django import template
 
+from migrations_app.models import MigrationBatch
 from migrations_app.selectors import fleet_overview
+from migrations_app.services.batches import held_for
 
 register = template.Library()
 
@@ -19,3 +21,9 @@ def fleet_overview_panel(context: dict[str, Any]) -> dict[str, Any]:
     if not user.has_perm(VIEW_PERMISSION):
         return {"overview": None}
     return {"overview": fleet_overview()}
+
+
+@register.filter
+def batch_held_for(batch: MigrationBatch) -> str:
+    """What keeps a running batch from starting stations (approval, promotion, start)."""
+    return held_for(batch)

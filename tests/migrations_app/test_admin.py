@@ -686,6 +686,7 @@ def test_the_front_page_shows_the_fleet_running_batches_and_last_failures(admin_
         target=target, state=MigrationBatch.State.PAUSED, pause_reason="brake: 3 of 4 failed"
     )
     MigrationBatch.objects.create(target=target, state=MigrationBatch.State.FINISHED)
+    waiting = MigrationBatch.objects.create(target=target, approval_required=True)
     for n, (batch, state) in enumerate(
         [(running, State.DONE), (running, State.PENDING), (paused, State.FAILED)]
     ):
@@ -708,9 +709,10 @@ def test_the_front_page_shows_the_fleet_running_batches_and_last_failures(admin_
         ("csms-1", 2, 3),
         ("csms-2", 0, 0),
     ]
-    assert [batch.id for batch, _ in overview.batches] == [paused.id, running.id]
-    assert [p.ended for _, p in overview.batches] == [1, 1]
+    assert [batch.id for batch, _ in overview.batches] == [waiting.id, paused.id, running.id]
+    assert [p.ended for _, p in overview.batches] == [0, 1, 1]
     assert "brake: 3 of 4 failed" in text
+    assert '<span class="mig-quiet" data-held>awaiting approval by a second person</span>' in text
     assert [m.station.identity for m in overview.failures] == ["CP-2"]
     assert "did not accept the new URL" in text
     # The app list is still there below it.
@@ -723,3 +725,94 @@ def test_the_front_page_has_no_overview_for_a_user_who_cannot_see_batches(
     django_user_model.objects.create_user("clerk", password="pw", is_staff=True)
     client.login(username="clerk", password="pw")
     assert 'id="fleet-overview"' not in client.get("/admin/").content.decode()
+
+
+# --- rollout policies and approvals --------------------------------------------------------
+
+
+@pytest.fixture
+def approver(db) -> User:
+    return _staff("approver", *VIEW_PERMISSIONS, "migrations_app.approve_migration")
+
+
+def test_the_form_takes_the_rollout_policies_and_the_page_shows_them(
+    operator_client, operator, fleet, csms2
+):
+    form = options(
+        csms2,
+        rate_per_minute=6,
+        rate_increase_factor="2",
+        rate_increase_every=10,
+        rate_max_per_minute=120,
+        canary_size=1,
+        promote_after_canary="on",
+        abort_criteria="fallback:10%:20\n\n TIMEOUT:5 \n",
+        starts_at="2099-12-24T22:00",
+        ends_at="2099-12-25T06:00",
+        approval_required="on",
+    )
+    response = run_action(operator_client, [fleet["CP-OK-1"]], "_confirm", **form)
+
+    batch = MigrationBatch.objects.get()
+    assert response.status_code == 302
+    assert (batch.rate_increase_factor, batch.rate_increase_every) == (2.0, 10)
+    assert batch.rate_max_per_minute == 120
+    assert [c["kind"] for c in batch.abort_criteria] == ["fallback", "timeout"]
+    assert batch.starts_at == dt.datetime(2099, 12, 24, 22, 0, tzinfo=dt.UTC)
+    assert batch.approval_required and batch.promote_after_canary
+    page = operator_client.get(dashboard(batch)).content.decode()
+    assert "times 2 every 10 done, up to 120 a minute (now 6 a minute, 0 done)" in page
+    assert "fallback:10%:20, timeout:5" in page
+    assert "from 2099-12-24 22:00 UTC to 2099-12-25 06:00 UTC" in page
+    assert "awaiting approval by a second person" in page
+    assert control(batch, "approve") not in page  # its creator may not approve it
+
+
+def test_a_bad_abort_criterion_is_shown_and_creates_nothing(operator_client, fleet, csms2):
+    form = options(csms2, abort_criteria="fallback:10%\nslow:5")
+    response = run_action(operator_client, [fleet["CP-OK-1"]], "_confirm", **form)
+    assert response.status_code == 200
+    assert "the kind must be one of" in response.content.decode()
+    assert not MigrationBatch.objects.exists()
+
+
+def test_a_second_person_with_the_permission_approves_on_the_page(
+    client, operator, approver, watcher, fleet, csms2
+):
+    batch = make_batch([fleet["CP-OK-1"]], csms2, approval_required=True)
+    client.force_login(watcher)
+    assert control(batch, "approve") not in client.get(dashboard(batch)).content.decode()
+    refused = client.post(control(batch, "approve"), follow=True).content.decode()
+    assert "atcher may not approve batches (the approve permission)" in refused
+
+    client.force_login(approver)
+    page = client.get(dashboard(batch)).content.decode()
+    assert control(batch, "approve") in page
+    assert control(batch, "pause") not in page  # approving is all this user may do
+    approved = client.post(control(batch, "approve"), follow=True).content.decode()
+    assert "Approved: the batch&#x27;s stations may start." in approved
+    batch.refresh_from_db()
+    assert batch.approved_by == approver and batch.approved_at is not None
+    assert list(batch.actions.values_list("kind", "user__username")) == [
+        ("start", "operator"),
+        ("approve", "approver"),
+    ]
+    assert "approved by approver at " in client.get(dashboard(batch)).content.decode()
+
+
+def test_promote_after_the_canary_is_offered_once_the_canary_ended(operator_client, fleet, csms2):
+    batch = make_batch(
+        [fleet["CP-OK-1"], fleet["CP-OK-2"]], csms2, canary_size=1, promote_after_canary=True
+    )
+    assert control(batch, "promote") not in operator_client.get(dashboard(batch)).content.decode()
+    early = operator_client.post(control(batch, "promote"), follow=True).content.decode()
+    assert "its canary wave has not ended yet" in early
+
+    MigrationBatch.objects.filter(id=batch.id).update(canary_ended_at=timezone.now())
+    page = operator_client.get(dashboard(batch)).content.decode()
+    assert "the canary wave ended: awaiting promotion" in page
+    assert control(batch, "promote") in page
+    operator_client.post(control(batch, "promote"))
+    batch.refresh_from_db()
+    assert batch.promoted_by.username == "operator"
+    assert "promoted by operator at " in operator_client.get(dashboard(batch)).content.decode()
