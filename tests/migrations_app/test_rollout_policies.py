@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 from collections import Counter
 
 import pytest
@@ -15,9 +16,15 @@ from django.utils import timezone
 
 from devstack.processes import wait_until
 from fleet.models import ChargingStation, CsmsBackend
-from migrations_app.models import BatchAction, MigrationBatch, StationMigration
+from migrations_app.models import (
+    BatchAction,
+    MigrationBatch,
+    StationMigration,
+    WebhookDelivery,
+)
 from migrations_app.services.batches import (
     BatchOptions,
+    Webhooks,
     batch_create,
     batch_drive,
     held_for,
@@ -28,6 +35,7 @@ from migrations_app.services.policies import parse_criterion
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.migrations_app.conftest import wait_batch
 from tests.migrations_app.test_rollout_controls import ARMED, start, states
+from tests.webhook_receiver import WebhookReceiver
 
 State = StationMigration.State
 BatchState = MigrationBatch.State
@@ -154,7 +162,7 @@ def test_approval_by_a_second_person_then_promotion_after_the_canary(stack):
     staff("approver", "approve_migration")
     staff("bystander", "run_migration")
     ids = [f"CP-V{i:02}" for i in range(4)]
-    with stack.fleet([stack.station(i) for i in ids]) as fleet:
+    with WebhookReceiver.start() as receiver, stack.fleet([stack.station(i) for i in ids]) as fleet:
         batch = batch_create(
             target=CsmsBackend.objects.get(name="csms-2"),
             stations=ChargingStation.objects.filter(identity__in=ids),
@@ -165,6 +173,7 @@ def test_approval_by_a_second_person_then_promotion_after_the_canary(stack):
                 rate_per_minute=0,
             ),
             created_by=creator,
+            webhooks=Webhooks(urls=(receiver.url,)),
         )
         assert held_for(batch) == "awaiting approval by a second person"
         assert batch_drive(batch_id=batch.id) == 0
@@ -189,6 +198,26 @@ def test_approval_by_a_second_person_then_promotion_after_the_canary(stack):
         assert "promoted" in control("promote", batch, "bystander")
         assert "was promoted by bystander" in refused("promote", batch, "creator")
         wait_batch(batch, BatchState.FINISHED)
+        deliveries = WebhookDelivery.objects.filter(webhook__batch=batch)
+        wait_until(
+            lambda: (
+                deliveries.count() == 5
+                and not deliveries.exclude(status=WebhookDelivery.Status.DELIVERED).exists()
+            ),
+            30,
+            "the batch's 5 webhook deliveries",
+        )
+    events = {body["event"]: body for body in (json.loads(r.body) for r in receiver.accepted)}
+    assert sorted(events) == [
+        "batch.approved",
+        "batch.canary_passed",
+        "batch.finished",
+        "batch.promoted",
+        "batch.started",
+    ]
+    assert events["batch.approved"]["by"] == "approver"
+    assert events["batch.canary_passed"]["reason"] == "waiting to be promoted"
+    assert events["batch.promoted"]["by"] == "bystander"
     assert states(batch) == Counter({State.DONE: 4})
     assert (batch.approved_by.username, batch.promoted_by.username) == ("approver", "bystander")
     history = list(batch.actions.order_by("id").values_list("kind", "user__username"))
