@@ -69,7 +69,6 @@ from migrations_app.services.batches import (
     batch_create,
     held_for,
     rate_now,
-    when_text,
 )
 from migrations_app.services.controls import (
     APPROVE_PERMISSION,
@@ -587,16 +586,18 @@ def _policy_rows(batch: MigrationBatch | BatchOptions) -> list[tuple[str, str]]:
     if batch.promote_after_canary:
         promoted = ""
         if isinstance(batch, MigrationBatch) and batch.promoted_at:
-            promoted = f": promoted by {batch.promoted_by} at {when_text(batch.promoted_at)}"
+            promoted = (
+                f": promoted by {batch.promoted_by} at {policies.when_text(batch.promoted_at)}"
+            )
         rows.append(("Promote after the canary", "yes" + promoted))
     if batch.starts_at or batch.ends_at:
-        start = f"from {when_text(batch.starts_at)}" if batch.starts_at else "from now"
-        end = f" to {when_text(batch.ends_at)}" if batch.ends_at else ""
+        start = f"from {policies.when_text(batch.starts_at)}" if batch.starts_at else "from now"
+        end = f" to {policies.when_text(batch.ends_at)}" if batch.ends_at else ""
         rows.append(("Schedule", start + end))
     if batch.approval_required:
         approval = "required"
         if isinstance(batch, MigrationBatch) and batch.approved_at:
-            approval = f"approved by {batch.approved_by} at {when_text(batch.approved_at)}"
+            approval = f"approved by {batch.approved_by} at {policies.when_text(batch.approved_at)}"
         rows.append(("Approval", approval))
     return rows
 

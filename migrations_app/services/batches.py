@@ -6,7 +6,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime, time, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -129,7 +129,9 @@ class BatchOptions:
         if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
             problems.append("the schedule's end must come after its start")
         if self.ends_at and self.ends_at <= timezone.now():
-            problems.append(f"the schedule's end ({when_text(self.ends_at)}) is already past")
+            problems.append(
+                f"the schedule's end ({policies.when_text(self.ends_at)}) is already past"
+            )
         if self.promote_after_canary and not self.canary_size:
             problems.append("promoting after the canary needs a canary (its size over 0)")
         if self.security_extension not in MigrationBatch.SecurityExtension.values:
@@ -310,7 +312,10 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
         waits.append((batch.starts_at - now).total_seconds())
         return 0, min(waits)
     if batch.ends_at is not None:
-        waits.append((batch.ends_at - now).total_seconds())
+        # Its next drive cancels the rest (the end may have passed since the cancel above).
+        waits.append(max((batch.ends_at - now).total_seconds(), 0.0))
+        if policies.schedule_ended(batch, now):
+            return 0, min(waits)
     if not in_window(batch, now.time()):
         waits.append(_until_window_opens(batch, now))
         return 0, min(waits)
@@ -411,17 +416,18 @@ def held_for(batch: MigrationBatch, now: datetime | None = None) -> str:
     if awaiting_promotion(batch):
         return "the canary wave ended: awaiting promotion"
     if batch.starts_at is not None and (now or timezone.now()) < batch.starts_at:
-        return f"scheduled to start at {when_text(batch.starts_at)}"
+        return f"scheduled to start at {policies.when_text(batch.starts_at)}"
     return ""
 
 
 def _end_of_schedule(batch: MigrationBatch, now: datetime) -> None:
     """Past the schedule's end no station starts: those not started are cancelled (the
     armed ones finish), so that the batch ends."""
-    if batch.ends_at is None or now < batch.ends_at:
+    ended = policies.schedule_ended(batch, now)
+    if ended is None:
         return
     cancelled = cancel_queued(
-        batch, reason=f"not started: the schedule ended at {when_text(batch.ends_at)}"
+        batch, reason=f"not started: the schedule ended at {policies.when_text(ended)}"
     )
     if cancelled:
         BatchAction.objects.create(
@@ -429,11 +435,6 @@ def _end_of_schedule(batch: MigrationBatch, now: datetime) -> None:
             kind=BatchAction.Kind.SCHEDULE_END,
             detail=f"{cancelled} stations not started were cancelled",
         )
-
-
-def when_text(at: datetime) -> str:
-    """A moment as the batch page, the CLI and the reasons show it: in UTC, to the minute."""
-    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def in_window(batch: MigrationBatch, now: time) -> bool:

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from fleet.models import CsmsBackend
 from migrations_app.models import BatchAction, MigrationBatch, StationMigration
-from migrations_app.services import notifications, wakes, workflow
+from migrations_app.services import notifications, policies, wakes, workflow
 from migrations_app.services.batches import BatchOptions, batch_create, cancel_queued
 from migrations_app.services.dispatch import enqueue_drive
 from migrations_app.services.notifications import Event
@@ -134,6 +134,11 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
         batch = _locked(
             batch_id, {BatchState.RUNNING, BatchState.PAUSED, BatchState.FINISHED}, "retry"
         )
+        if ended := policies.schedule_ended(batch, now):
+            raise ControlError(
+                f"batch {batch_id}'s schedule ended at {policies.when_text(ended)}: "
+                "no station would start"
+            )
         # A station that another batch is migrating now stays failed here.
         live_elsewhere = StationMigration.objects.exclude(state__in=workflow.TERMINAL).values(
             "station_id"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from migrations_app.models import StationMigration
@@ -59,7 +60,7 @@ class AbortCriterion:
         if ended.total < self.min_sample:
             return ""
         failed = ended.failed if self.kind == ANY_KIND else ended.failed_by_kind.get(self.kind, 0)
-        what = "failed" if self.kind == ANY_KIND else f"failed as {Kind(self.kind).label}"
+        what = "failed" if self.kind == ANY_KIND else f"failed ({Kind(self.kind).label})"
         if self.percent is not None:
             share = 100 * failed / ended.total if ended.total else 0.0
             if not failed or share < self.percent:
@@ -161,6 +162,10 @@ def rate_now(policy: _RatePolicy, done: int) -> int:
 
 def rate_problems(policy: _RatePolicy) -> list[str]:
     if policy.rate_increase_factor is None:
+        if policy.rate_increase_every or policy.rate_max_per_minute:
+            return [
+                "the rate's increase and maximum need an increase factor (a constant rate has none)"
+            ]
         return []
     problems = []
     if policy.rate_increase_factor <= 1:
@@ -172,3 +177,15 @@ def rate_problems(policy: _RatePolicy) -> list[str]:
     if policy.rate_max_per_minute <= policy.rate_per_minute:
         problems.append("an increasing rate needs a maximum above the starting rate")
     return problems
+
+
+def when_text(at: datetime) -> str:
+    """A moment as the batch page, the CLI and the reasons show it: in UTC, to the minute."""
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def schedule_ended(batch: Any, now: datetime) -> datetime | None:
+    """The end of the batch's schedule once it has passed (None before it, or without one):
+    past it no station starts, and none that is not armed yet goes on."""
+    end: datetime | None = batch.ends_at
+    return end if end is not None and now >= end else None

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from fleet.rows import select_value
 from migrations_app.models import MigrationBatch, StationMigration
-from migrations_app.services import wakes, workflow
+from migrations_app.services import policies, wakes, workflow
 from migrations_app.services.dispatch import drive_soon
 from migrations_app.services.steps import (
     OFFLINE_RETRY_SECONDS,
@@ -139,21 +139,25 @@ def _run_handler(migration: StationMigration, state: str) -> Next:
 
 
 def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
-    """A paused batch holds stations that are not armed yet; a cancelled one stops them."""
-    batch_state = migration.batch.state
-    if state not in workflow.STOPPABLE or batch_state not in (
-        BatchState.PAUSED,
-        BatchState.CANCELLED,
-    ):
+    """A paused batch holds stations that are not armed yet; a cancelled one stops them, and
+    so does the end of its schedule (before the priority step: armed ones finish)."""
+    if state not in workflow.STOPPABLE:
         return None
-    if batch_state == BatchState.PAUSED:
+    batch = migration.batch
+    if batch.state == BatchState.PAUSED:
         # A resume or a cancel wakes it (wakes.wake_held): its timer is only the safety net.
         return Next(None, countdown=wait_timer(float("inf")))
+    if batch.state == BatchState.CANCELLED:
+        why = "batch cancelled"
+    elif state not in workflow.ARMED and (ended := policies.schedule_ended(batch, timezone.now())):
+        why = f"not armed when the schedule ended at {policies.when_text(ended)}"
+    else:
+        return None
     # In setting_priority the free slot already holds the new URL, and another run of this
     # step (a wake, a redelivery) may have written the priority: put both back (the priority
     # first: a priority naming a blanked slot would leave the station no working profile).
     restored = restore(migration, state, priority=True) if state == State.SETTING_PRIORITY else ""
-    return Next(State.CANCELLED, f"batch cancelled{restored}")
+    return Next(State.CANCELLED, why + restored)
 
 
 def _wait_for_station(migration: StationMigration, state: str, reason: str, kind: str) -> Next:

@@ -29,8 +29,8 @@ def test_a_percent_criterion_waits_for_its_sample_then_names_itself():
     assert criterion.verdict(Ended(17, 2, 0, {"fallback": 2})) == ""  # 19 ended
     assert criterion.verdict(Ended(19, 1, 0, {"fallback": 1})) == ""  # 5 %
     assert criterion.verdict(Ended(18, 2, 0, {"fallback": 2})) == (
-        "abort criterion fallback:10%:20: 2 of 20 ended stations failed as fell back to the "
-        "source (10% >= 10%)"
+        "abort criterion fallback:10%:20: 2 of 20 ended stations failed (fell back to the "
+        "source) (10% >= 10%)"
     )
 
 

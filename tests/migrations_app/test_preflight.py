@@ -1,12 +1,18 @@
-"""Pre-flight refusals, run through the step service itself (nothing reaches a station)."""
+"""Pre-flight refusals (and the schedule's end), run through the step service itself
+(nothing reaches a station)."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
+from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend, Registration
-from migrations_app.models import OcppExchange, StationMigration
+from migrations_app.models import MigrationBatch, OcppExchange, StationMigration
 from migrations_app.services.batches import BatchOptions, batch_create
+from migrations_app.services.controls import ControlError, batch_retry_failed
+from migrations_app.services.policies import when_text
 from migrations_app.services.runner import run_step
 
 State = StationMigration.State
@@ -134,3 +140,22 @@ def test_a_source_registration_marked_for_removal_still_admits_a_fall_back(trans
     run_step(migration.id, State.PREFLIGHT)
     migration.refresh_from_db()
     assert migration.state == State.READING_CONFIG
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_the_schedule_s_end_cancels_a_station_in_pre_flight_and_refuses_a_retry(
+    transactional_db, admin_user
+):
+    migration = _migration(ends_at=timezone.now() + dt.timedelta(minutes=1))
+    ended = timezone.now() - dt.timedelta(seconds=1)
+    MigrationBatch.objects.filter(id=migration.batch_id).update(ends_at=ended)
+    run_step(migration.id, State.PREFLIGHT)
+    migration.refresh_from_db()
+    assert migration.state == State.CANCELLED
+    assert migration.reason == f"not armed when the schedule ended at {when_text(ended)}"
+    assert not OcppExchange.objects.exists()
+
+    StationMigration.objects.filter(id=migration.id).update(state=State.FAILED)
+    with pytest.raises(ControlError, match=r"schedule ended at .*: no station would start"):
+        batch_retry_failed(batch_id=migration.batch_id, user=admin_user)
+    assert StationMigration.objects.get(id=migration.id).state == State.FAILED

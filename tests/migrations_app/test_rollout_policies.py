@@ -28,10 +28,9 @@ from migrations_app.services.batches import (
     batch_create,
     batch_drive,
     held_for,
-    when_text,
 )
 from migrations_app.services.controls import batch_resume
-from migrations_app.services.policies import parse_criterion
+from migrations_app.services.policies import parse_criterion, when_text
 from ocpp_gateway.simulator.spec import Behaviour
 from tests.migrations_app.conftest import wait_batch
 from tests.migrations_app.test_rollout_controls import ARMED, start, states
@@ -80,7 +79,7 @@ def test_abort_criteria_pause_the_batch_naming_the_one_that_held(stack, admin_us
         wait_batch(batch, BatchState.PAUSED, timeout=120)
         # 1 of 3 rejected is under 50 %; the fallback holds.
         assert batch.pause_reason == (
-            "abort criterion fallback:1: 1 of 3 ended stations failed as fell back to the source"
+            "abort criterion fallback:1: 1 of 3 ended stations failed (fell back to the source)"
         )
         auto_pause = BatchAction.objects.get(batch=batch, kind=BatchAction.Kind.AUTO_PAUSE)
         assert auto_pause.user is None and "fallback:1" in auto_pause.detail
