@@ -738,6 +738,9 @@ def approver(db) -> User:
 def test_the_form_takes_the_rollout_policies_and_the_page_shows_them(
     operator_client, operator, fleet, csms2
 ):
+    # The creator holds the approve permission too: what keeps the button away is being
+    # the creator.
+    operator.user_permissions.add(Permission.objects.get(codename="approve_migration"))
     form = options(
         csms2,
         rate_per_minute=6,
@@ -765,7 +768,11 @@ def test_the_form_takes_the_rollout_policies_and_the_page_shows_them(
     assert "fallback:10%:20, timeout:5" in page
     assert "from 2099-12-24 22:00 UTC to 2099-12-25 06:00 UTC" in page
     assert "awaiting approval by a second person" in page
+    assert batch.created_by == operator
     assert control(batch, "approve") not in page  # its creator may not approve it
+    refused = operator_client.post(control(batch, "approve"), follow=True).content.decode()
+    assert "created batch 1: a second person must approve it" in refused
+    assert MigrationBatch.objects.get().approved_at is None
 
 
 def test_a_bad_abort_criterion_is_shown_and_creates_nothing(operator_client, fleet, csms2):

@@ -98,13 +98,15 @@ def test_brake_defaults_reach_the_batch_and_no_brake_turns_both_off(two_csms, re
 
 
 @pytest.mark.usefixtures("redis_client")
-def test_rollout_policies_reach_the_batch(two_csms):
+def test_rollout_policies_reach_the_batch(two_csms, django_user_model):
+    django_user_model.objects.create_user("alice")
     call_command(
         "migrate_fleet", "--to", "csms-2", "--from", "csms-1", "--canary", "1",
         "--rate-per-minute", "6", "--rate-increase-factor", "2", "--rate-increase-every", "5",
         "--rate-max-per-minute", "120", "--pause-when", "fallback:10%:20",
         "--pause-when", "TIMEOUT:5", "--require-approval", "--promote-after-canary",
         "--start-at", "2099-12-24T22:00", "--end-at", "2099-12-25T06:00+01:00",
+        "--user", "alice",
     )  # fmt: skip
     batch = MigrationBatch.objects.get()
     assert (batch.rate_per_minute, batch.rate_increase_factor) == (6, 2.0)
@@ -116,6 +118,7 @@ def test_rollout_policies_reach_the_batch(two_csms):
     assert batch.approval_required and batch.promote_after_canary
     assert batch.starts_at == dt.datetime(2099, 12, 24, 22, 0, tzinfo=dt.UTC)
     assert batch.ends_at == dt.datetime(2099, 12, 25, 5, 0, tzinfo=dt.UTC)
+    assert batch.created_by.username == "alice"  # so alice may not approve it
 
 
 @pytest.mark.parametrize(
@@ -132,6 +135,9 @@ def test_rollout_policies_reach_the_batch(two_csms):
         (["--rate-increase-factor", "1"], "not a factor over 1"),
         (["--rate-increase-factor", "2", "--rate-increase-every", "3"], "a maximum above"),
         (["--promote-after-canary"], "needs a canary"),
+        (["--rate-increase-every", "5"], "need an increase factor"),
+        (["--rate-max-per-minute", "60"], "need an increase factor"),
+        (["--user", "nobody"], "unknown user 'nobody'"),
     ],
 )
 def test_bad_rollout_policies_are_refused_with_the_reason(two_csms, args, error):
@@ -153,6 +159,7 @@ def test_help_lists_every_rollout_policy_option():
         "--promote-after-canary",
         "--start-at",
         "--end-at",
+        "--user",
     ):
         assert option in text
     assert "fallback:10%:20" in text

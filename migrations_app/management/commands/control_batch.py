@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from migrations_app.management.users import user_named
 from migrations_app.models import MigrationBatch
 from migrations_app.services.controls import (
     RUN_PERMISSION,
@@ -55,9 +55,7 @@ class Command(BaseCommand):
         parser.add_argument("--reason", default="", help="why (pause only)")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        user = get_user_model().objects.filter(username=options["user"]).first()
-        if user is None:
-            raise CommandError(f"unknown user {options['user']!r}", returncode=2)
+        user = user_named(options["user"])
         batch_id = options["batch"]
         if not MigrationBatch.objects.filter(id=batch_id).exists():
             raise CommandError(f"no batch {batch_id}", returncode=2)

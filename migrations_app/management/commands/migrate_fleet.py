@@ -23,6 +23,7 @@ from django.db import InterfaceError, OperationalError, connection
 from django.db.models import Max
 
 from fleet.models import ChargingStation, CsmsBackend
+from migrations_app.management.users import user_named
 from migrations_app.models import MigrationBatch
 from migrations_app.selectors import batch_counts
 from migrations_app.services import policies, workflow
@@ -359,12 +360,20 @@ class Command(BaseCommand):
             action="store_true",
             help="also POST every station that fails to the --webhook URLs",
         )
+        parser.add_argument(
+            "--user",
+            default=None,
+            metavar="NAME",
+            help="who starts the batch (recorded as its creator, who may not approve it; "
+            "default: nobody, and any user with the approve permission may)",
+        )
         parser.add_argument("--wait", action="store_true", help="follow the batch to its end")
         parser.add_argument(
             "--json", action="store_true", help="print the report (or the batch id) as JSON"
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        creator = user_named(options["user"]) if options["user"] else None
         target = self._csms(options["to"])
         source = self._csms(options["source"]) if options["source"] else None
         selection = self._selection(source, options)
@@ -405,6 +414,7 @@ class Command(BaseCommand):
                 stations=stations,
                 options=batch_options,
                 source=source,
+                created_by=creator,
                 selection=selection.record(),
                 webhooks=Webhooks(
                     urls=tuple(options["webhook"]),
