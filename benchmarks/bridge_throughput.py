@@ -224,7 +224,7 @@ def bridge_trial(
 def celery_dry_runs(stack: Stack, batches: int, stations: int) -> dict[str, Any]:
     from migrations_app.models import MigrationBatch, OcppExchange
 
-    rates, walls, counts, worker_ms = [], [], [], []
+    rates, walls, counts, worker_ms, phases = [], [], [], [], []
     worker = stack.procs["worker"].pid
     for _ in range(batches):
         started = time.monotonic()
@@ -244,6 +244,7 @@ def celery_dry_runs(stack: Stack, batches: int, stations: int) -> dict[str, Any]
         ).count()
         seconds = (batch.finished_at - batch.created_at).total_seconds()
         rates.append(commands / seconds)
+        phases.append(dry_run_phases(batch))
         worker_ms.append(1000 * (cpu_seconds(worker) - cpu_before) / max(1, commands))
     return {
         "batches": batches,
@@ -251,7 +252,21 @@ def celery_dry_runs(stack: Stack, batches: int, stations: int) -> dict[str, Any]
         "commands_per_s_median": round(statistics.median(rates), 1),
         "worker_cpu_ms_per_station": [round(ms, 1) for ms in worker_ms],
         "cli_wall_s": [round(w, 2) for w in walls],
+        "phases_s": phases,
         "counts": counts,
+    }
+
+
+def dry_run_phases(batch: Any) -> dict[str, float]:
+    """Where a dry run's seconds went: from the batch's creation to its first station's
+    start, the stations' own span, and from the last one's end to the batch's end."""
+    from django.db.models import Max, Min
+
+    span = batch.stations.aggregate(first=Min("started_at"), last=Max("finished_at"))
+    return {
+        "to_first_start": round((span["first"] - batch.created_at).total_seconds(), 3),
+        "stations": round((span["last"] - span["first"]).total_seconds(), 3),
+        "to_batch_end": round((batch.finished_at - span["last"]).total_seconds(), 3),
     }
 
 
@@ -297,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         help="stations in each dry-run batch (default 1000; at least --stations)",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy gateway, simulator, worker")
+    parser.add_argument(
+        "--profile-idle", action="store_true", help="with --profile: sample waiting threads too"
+    )
     parser.add_argument("--keep", action="store_true", help="keep logs and database")
     args = parser.parse_args(argv)
     threads = [int(k) for k in args.threads.split(",") if k.strip()]
@@ -358,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                 "the stations in the inventory",
             )
             profiled = {"worker": stack.procs["worker"].pid}
-            with Profiler(stack.workdir, profiled, enabled=args.profile) as profiler:
+            with Profiler(
+                stack.workdir, profiled, enabled=args.profile, idle=args.profile_idle
+            ) as profiler:
                 celery = celery_dry_runs(stack, args.celery_batches, args.dry_run_stations)
             profiler.report(20)
 
@@ -442,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         rows.append(("  worker CPU ms per station", celery["worker_cpu_ms_per_station"]))
+        rows.append(("  s to the first start, stations, to the batch end", celery["phases_s"]))
         assert dry_run_bare is not None
         rows.append(
             (

@@ -161,7 +161,17 @@ class Cli:
         )
 
     def result(self, timeout: float) -> tuple[int, dict, str, float]:
-        out, err = self.proc.communicate(timeout=timeout)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            # What the stations went through says why the batch did not end.
+            history = [
+                (m.station.identity, m.state, m.failure_kind, m.reason)
+                for m in StationMigration.objects.select_related("station").order_by("id")
+            ]
+            raise AssertionError(f"--wait ran past {timeout}s: {err[-2000:]}\n{history}") from None
         report = json.loads(out) if out.strip() else {}
         return self.proc.returncode, report, err, time.monotonic() - self.started
 
