@@ -69,6 +69,15 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+# PostgreSQL instead of the run's SQLite file, e.g. postgres://postgres@127.0.0.1:5432/bench
+# (the database is dropped and created again for each stack).
+BENCH_DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "")
+
+
+def database_url(database: Path) -> str:
+    return BENCH_DATABASE_URL or f"sqlite:///{database}"
+
+
 def django_setup(database: Path, redis_url: str) -> None:
     """Django in the benchmark process, on the run's database.
 
@@ -77,7 +86,7 @@ def django_setup(database: Path, redis_url: str) -> None:
     """
     os.environ.update(
         {
-            "DATABASE_URL": f"sqlite:///{database}",
+            "DATABASE_URL": database_url(database),
             "REDIS_URL": redis_url,
             # Production settings: DEBUG would keep every SQL query in memory.
             "DEBUG": "0",
@@ -91,6 +100,17 @@ def django_setup(database: Path, redis_url: str) -> None:
 
     if not apps.ready:
         django.setup()
+
+
+def _recreate_postgres(url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    server, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        database = sql.Identifier(name)
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(database))
 
 
 def inventory_count(csms: str) -> int:
@@ -208,7 +228,7 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         return {
-            "DATABASE_URL": f"sqlite:///{self.database}",
+            "DATABASE_URL": database_url(self.database),
             "REDIS_URL": self.redis_url,
             # Production settings: DEBUG would keep every SQL query in memory.
             "DEBUG": "0",
@@ -246,6 +266,8 @@ class Stack:
 
         with contextlib.suppress(Exception):
             connections.close_all()
+        if BENCH_DATABASE_URL:
+            _recreate_postgres(BENCH_DATABASE_URL)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.database}{suffix}").unlink(missing_ok=True)
         self.manage("migrate", "--verbosity", "0")

@@ -311,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="stations in each dry-run batch (default 1000; at least --stations)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help="the dry run's worker prefork children (default: the project's "
+        "CELERY_WORKER_CONCURRENCY, as a deployment runs it)",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy gateway, simulator, worker")
     parser.add_argument(
         "--profile-idle", action="store_true", help="with --profile: sample waiting threads too"
@@ -369,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             if extra > 0:
                 stack.simulator("simulator-dry", gateway.url, extra, "--prefix", "DRY-")
             dry_run_bare = bare_loop(stack.workdir, args, "bare-dry", args.dry_run_stations)
-            stack.worker()
+            stack.worker(concurrency=args.concurrency)
             wait_until(
                 lambda: inventory_count("csms-1") >= args.dry_run_stations,
                 60 + args.dry_run_stations / 20,
@@ -415,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "bridge_throughput",
         "stations": args.stations,
+        "dry_run_concurrency": args.concurrency,
         "bare_loop": bare,
         "bare_round_trips_per_s": round(bare_rate, 1),
         "bare_server_cpu_us_per_round_trip": bare_cpu,
