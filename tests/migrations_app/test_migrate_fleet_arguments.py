@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -100,15 +101,20 @@ def test_brake_defaults_reach_the_batch_and_no_brake_turns_both_off(two_csms, re
 @pytest.mark.usefixtures("redis_client")
 def test_rollout_policies_reach_the_batch(two_csms, django_user_model):
     django_user_model.objects.create_user("alice")
+    out = io.StringIO()
     call_command(
         "migrate_fleet", "--to", "csms-2", "--from", "csms-1", "--canary", "1",
         "--rate-per-minute", "6", "--rate-increase-factor", "2", "--rate-increase-every", "5",
         "--rate-max-per-minute", "120", "--pause-when", "fallback:10%:20",
         "--pause-when", "TIMEOUT:5", "--require-approval", "--promote-after-canary",
         "--start-at", "2099-12-24T22:00", "--end-at", "2099-12-25T06:00+01:00",
-        "--user", "alice",
+        "--user", "alice", stdout=out,
     )  # fmt: skip
     batch = MigrationBatch.objects.get()
+    # Not "started": nothing starts before the approval.
+    assert out.getvalue().strip() == (
+        f"Batch {batch.id} created: 1 stations to csms-2, awaiting approval by a second person."
+    )
     assert (batch.rate_per_minute, batch.rate_increase_factor) == (6, 2.0)
     assert (batch.rate_increase_every, batch.rate_max_per_minute) == (5, 120)
     assert batch.abort_criteria == [

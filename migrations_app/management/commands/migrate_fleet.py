@@ -429,6 +429,10 @@ class Command(BaseCommand):
             if options["json"]:
                 started = {"batch": batch.id, "stations": len(stations)}
                 self.stdout.write(json.dumps({**started, "selection": batch.selection}))
+            elif held := held_for(batch):
+                self.stdout.write(
+                    f"Batch {batch.id} created: {len(stations)} stations to {target}, {held}."
+                )
             else:
                 self.stdout.write(
                     f"Batch {batch.id} started: {len(stations)} stations to {target}."
