@@ -49,6 +49,7 @@ from ocpp_gateway.simulator.spec import Timing
 from tests.conftest import process_env
 from tests.faults.ground_truth import judge
 from tests.migrations_app.conftest import WORKER_ENV, Stack, wait_batch
+from tests.ocpp_gateway.test_gateway import health
 
 State = StationMigration.State
 # The lease as in production: a test that ends well before it proves the fast path.
@@ -219,6 +220,14 @@ def test_redis_sigkilled_and_restarted_empty_mid_batch(
     stack = stack_of(gateways, start_worker, beat=True)
     specs = [stack.station(f"CP-RR{i:02}") for i in range(12)]
     with stack.fleet(specs, reboot_delay=1.5) as fleet:
+        # Redis is to die mid-batch, not while csms-2's gateway is still reading the new
+        # registrations (it polls every 2 s): with Redis gone it could not look them up,
+        # would refuse the reset stations, and they would rightly fall back to csms-1.
+        wait_until(
+            lambda: health(gateways["target"])["registered"] >= len(specs),
+            10,
+            "csms-2's gateway to hold the registrations",
+        )
         cli = Cli(
             redis_url, "--to", "csms-2", "--from", "csms-1", "--max-in-flight", "6",
             "--rate-per-minute", "0", "--boot-timeout", "40",
