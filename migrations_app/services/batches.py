@@ -307,7 +307,10 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
     if not pending:
         return 0, min(waits)
     if awaiting_approval(batch):
-        return 0, None  # the approval drives the batch
+        # The approval drives the batch; without one, the end of its schedule does.
+        if batch.ends_at is not None:
+            return 0, max((batch.ends_at - now).total_seconds(), 0.0)
+        return 0, None
     if batch.starts_at is not None and now < batch.starts_at:
         waits.append((batch.starts_at - now).total_seconds())
         return 0, min(waits)

@@ -99,6 +99,11 @@ def batch_approve(*, batch_id: int, user: Any) -> MigrationBatch:
             raise ControlError(f"batch {batch_id} does not require approval")
         if batch.approved_at is not None:
             raise ControlError(f"batch {batch_id} was approved by {batch.approved_by}")
+        if ended := policies.schedule_ended(batch, timezone.now()):
+            raise ControlError(
+                f"batch {batch_id}'s schedule ended at {policies.when_text(ended)}: "
+                "no station would start"
+            )
         if batch.created_by_id is not None and batch.created_by_id == user.pk:
             raise ControlError(f"{user} created batch {batch_id}: a second person must approve it")
         batch.approved_by, batch.approved_at = user, timezone.now()

@@ -91,11 +91,10 @@ def step_raised(migration_id: int, expected_state: str, error: BaseException) ->
     reason = f"the step raised {type(error).__name__}: {error} ({attempts} attempts)"
     # Past the Reset claim the station may be anywhere: the rollback (through the source
     # only) tells where it is not, and says so when it cannot be done.
-    if expected_state in workflow.ARMED or migration.reset_sent_at is not None:
-        try:
-            reason += restore(migration, expected_state, priority=True)
-        except Exception as exc:  # the same bug may be in the rollback path
-            reason += f"; ROLLBACK INCOMPLETE: the rollback raised {type(exc).__name__}: {exc}"
+    try:
+        reason += _undo_writes(migration, expected_state)
+    except Exception as exc:  # the same bug may be in the rollback path
+        reason += f"; ROLLBACK INCOMPLETE: the rollback raised {type(exc).__name__}: {exc}"
     _move(migration, expected_state, fail(expected_state, reason, Kind.ERROR))
     return None
 
@@ -153,11 +152,23 @@ def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
         why = f"not armed when the schedule ended at {policies.when_text(ended)}"
     else:
         return None
-    # In setting_priority the free slot already holds the new URL, and another run of this
-    # step (a wake, a redelivery) may have written the priority: put both back (the priority
-    # first: a priority naming a blanked slot would leave the station no working profile).
-    restored = restore(migration, state, priority=True) if state == State.SETTING_PRIORITY else ""
-    return Next(State.CANCELLED, why + restored)
+    return Next(State.CANCELLED, why + _undo_writes(migration, state))
+
+
+def _undo_writes(migration: StationMigration, state: str) -> str:
+    """Put back what the station may hold of this migration when it stops in ``state``.
+
+    From the priority step on, the priority and the free slot (the priority first: one
+    naming a blanked slot would leave the station no working profile). In the URL step the
+    free slot: a write whose answer was lost, or a redelivered task, may have stored the
+    target URL there, where the station's own fallback could take it later. Before that,
+    nothing was written.
+    """
+    if state in workflow.ARMED or migration.reset_sent_at is not None:
+        return restore(migration, state, priority=True)
+    if state == State.SETTING_URL:
+        return restore(migration, state, priority=False)
+    return ""
 
 
 def _wait_for_station(migration: StationMigration, state: str, reason: str, kind: str) -> Next:
@@ -172,11 +183,9 @@ def _wait_for_station(migration: StationMigration, state: str, reason: str, kind
     if state == State.CLEANUP:
         # Cleanup is optional and the station is already verified on the target.
         return Next(State.DONE, f"migrated, but the old slot was not blanked: {waited}")
-    if state in workflow.ARMED:
-        # The priority may already point at the target: put it back if the station
-        # can still be reached, and say so either way.
-        return fail(state, waited + restore(migration, state, priority=True), kind)
-    return fail(state, waited, kind)
+    # What may have been written is put back if the station can still be reached; the
+    # reason says how that went either way.
+    return fail(state, waited + _undo_writes(migration, state), kind)
 
 
 def load_group(migration_ids: list[int]) -> dict[int, StationMigration]:

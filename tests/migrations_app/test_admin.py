@@ -771,7 +771,7 @@ def test_the_form_takes_the_rollout_policies_and_the_page_shows_them(
     assert batch.created_by == operator
     assert control(batch, "approve") not in page  # its creator may not approve it
     refused = operator_client.post(control(batch, "approve"), follow=True).content.decode()
-    assert "created batch 1: a second person must approve it" in refused
+    assert f"created batch {batch.id}: a second person must approve it" in refused
     assert MigrationBatch.objects.get().approved_at is None
 
 

@@ -10,8 +10,8 @@ from django.utils import timezone
 
 from fleet.models import ChargingStation, CsmsBackend, Registration
 from migrations_app.models import MigrationBatch, OcppExchange, StationMigration
-from migrations_app.services.batches import BatchOptions, batch_create
-from migrations_app.services.controls import ControlError, batch_retry_failed
+from migrations_app.services.batches import BatchOptions, batch_create, batch_drive
+from migrations_app.services.controls import ControlError, batch_approve, batch_retry_failed
 from migrations_app.services.policies import when_text
 from migrations_app.services.runner import run_step
 
@@ -159,3 +159,23 @@ def test_the_schedule_s_end_cancels_a_station_in_pre_flight_and_refuses_a_retry(
     with pytest.raises(ControlError, match=r"schedule ended at .*: no station would start"):
         batch_retry_failed(batch_id=migration.batch_id, user=admin_user)
     assert StationMigration.objects.get(id=migration.id).state == State.FAILED
+
+
+@pytest.mark.usefixtures("redis_client")
+def test_past_the_schedule_s_end_an_approval_is_refused_and_the_batch_ends_unapproved(
+    transactional_db, admin_user
+):
+    source = CsmsBackend.objects.create(name="csms-1", url="ws://old/ocpp")
+    target = CsmsBackend.objects.create(name="csms-2", url="ws://new/ocpp", open_admission=True)
+    station = ChargingStation.objects.create(identity="CP-1", csms=source, connected=True)
+    options = BatchOptions(approval_required=True, ends_at=timezone.now() + dt.timedelta(hours=1))
+    batch = batch_create(target=target, stations=[station], options=options)
+    MigrationBatch.objects.filter(id=batch.id).update(ends_at=timezone.now())
+    with pytest.raises(ControlError, match=r"schedule ended at .*: no station would start"):
+        batch_approve(batch_id=batch.id, user=admin_user)
+    batch_drive(batch_id=batch.id)
+    batch.refresh_from_db()
+    assert batch.approved_at is None
+    assert batch.stations.get().state == State.CANCELLED
+    batch_drive(batch_id=batch.id)
+    assert MigrationBatch.objects.get(id=batch.id).state == MigrationBatch.State.FINISHED

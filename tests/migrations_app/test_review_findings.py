@@ -8,10 +8,12 @@ task's group) runs meanwhile.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from django.utils import timezone
 from kombu.exceptions import OperationalError
 from ocpp.v16 import call
 
@@ -26,7 +28,7 @@ from migrations_app.services.plan import PRIORITY, PROFILE_1, PROFILE_2
 from migrations_app.services.runner import load_group, run_step
 from migrations_app.tasks import _run_group, _send_followups
 from ocpp_gateway.envelopes import Reply
-from tests.migrations_app.links import Firmware, ScriptedStation
+from tests.migrations_app.links import Firmware, ScriptedStation, no_answer
 
 State = StationMigration.State
 SOURCE, TARGET = "csms-1", "csms-2"
@@ -222,3 +224,38 @@ def test_followups_that_could_not_be_sent_leave_no_timer_that_would_skip_a_wake(
         _send_followups({(State.AWAITING_BOOT, 30.0): [(migration.id, "CP-1")]})
 
     assert wakes.timer_needed(migration.id, State.AWAITING_BOOT, 30), "the wake was skipped"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("stop", ["schedule_end", "cancel"])
+def test_a_station_stopped_in_setting_url_after_a_lost_answer_gets_its_free_slot_back(
+    redis_client, stop
+):
+    """The station stores the target URL in its free slot (its fallback profile) but the
+    answer is lost, so the step waits to try again. If the batch's schedule ends or it is
+    cancelled meanwhile, the station must not keep the target URL there: its own fallback
+    could take it to the target later while the record says cancelled."""
+    batch = _batch(["CP-1"], State.SETTING_URL, ends_at=timezone.now() + dt.timedelta(hours=1))
+    migration = batch.stations.get()
+    firmware = Firmware(ORIGINAL)
+
+    def station(request: Any) -> Any:
+        answer = firmware(request)
+        if isinstance(request, call.ChangeConfiguration) and request.value == TARGET_URL:
+            return no_answer()  # taken, but the answer never arrives
+        return answer
+
+    with station_link(ScriptedStation(station, csms=SOURCE)):
+        run_step(migration.id, State.SETTING_URL)
+        assert firmware.config[PROFILE_2] == TARGET_URL
+        assert StationMigration.objects.get(id=migration.id).state == State.SETTING_URL
+        if stop == "cancel":
+            batch_cancel(batch_id=batch.id, user=None)
+        else:
+            MigrationBatch.objects.filter(id=batch.id).update(ends_at=timezone.now())
+        run_step(migration.id, State.SETTING_URL)
+
+    migration.refresh_from_db()
+    assert migration.state == State.CANCELLED
+    assert migration.reason.endswith(f"; {PROFILE_2} restored")
+    assert firmware.config == ORIGINAL
