@@ -306,17 +306,15 @@ def _drive_locked(batch: MigrationBatch) -> tuple[int, float | None]:
         return 0, min(waits) if in_flight else None
     if not pending:
         return 0, min(waits)
+    # Its next drive cancels the rest (the end may have passed since the cancel above).
+    until_end = None if batch.ends_at is None else max((batch.ends_at - now).total_seconds(), 0.0)
     if awaiting_approval(batch):
-        # The approval drives the batch; without one, the end of its schedule does.
-        if batch.ends_at is not None:
-            return 0, max((batch.ends_at - now).total_seconds(), 0.0)
-        return 0, None
+        return 0, until_end  # the approval drives the batch; without one, its end does
     if batch.starts_at is not None and now < batch.starts_at:
         waits.append((batch.starts_at - now).total_seconds())
         return 0, min(waits)
-    if batch.ends_at is not None:
-        # Its next drive cancels the rest (the end may have passed since the cancel above).
-        waits.append(max((batch.ends_at - now).total_seconds(), 0.0))
+    if until_end is not None:
+        waits.append(until_end)
         if policies.schedule_ended(batch, now):
             return 0, min(waits)
     if not in_window(batch, now.time()):

@@ -7,6 +7,7 @@ records who did it (BatchAction).
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -89,6 +90,15 @@ def batch_cancel(*, batch_id: int, user: Any) -> MigrationBatch:
     return batch
 
 
+def _refuse_past_its_end(batch: MigrationBatch, now: datetime) -> None:
+    """Approving or retrying past the schedule's end would start nothing."""
+    if ended := policies.schedule_ended(batch, now):
+        raise ControlError(
+            f"batch {batch.id}'s schedule ended at {policies.when_text(ended)}: "
+            "no station would start"
+        )
+
+
 def batch_approve(*, batch_id: int, user: Any) -> MigrationBatch:
     """A second person with the approve permission lets a batch that requires it start."""
     if user is None or not user.has_perm(APPROVE_PERMISSION):
@@ -99,11 +109,7 @@ def batch_approve(*, batch_id: int, user: Any) -> MigrationBatch:
             raise ControlError(f"batch {batch_id} does not require approval")
         if batch.approved_at is not None:
             raise ControlError(f"batch {batch_id} was approved by {batch.approved_by}")
-        if ended := policies.schedule_ended(batch, timezone.now()):
-            raise ControlError(
-                f"batch {batch_id}'s schedule ended at {policies.when_text(ended)}: "
-                "no station would start"
-            )
+        _refuse_past_its_end(batch, timezone.now())
         if batch.created_by_id is not None and batch.created_by_id == user.pk:
             raise ControlError(f"{user} created batch {batch_id}: a second person must approve it")
         batch.approved_by, batch.approved_at = user, timezone.now()
@@ -139,11 +145,7 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
         batch = _locked(
             batch_id, {BatchState.RUNNING, BatchState.PAUSED, BatchState.FINISHED}, "retry"
         )
-        if ended := policies.schedule_ended(batch, now):
-            raise ControlError(
-                f"batch {batch_id}'s schedule ended at {policies.when_text(ended)}: "
-                "no station would start"
-            )
+        _refuse_past_its_end(batch, now)
         # A station that another batch is migrating now stays failed here.
         live_elsewhere = StationMigration.objects.exclude(state__in=workflow.TERMINAL).values(
             "station_id"

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from migrations_app.models import StationMigration
+from migrations_app.models import MigrationBatch, StationMigration
 from migrations_app.services.progress import Ended
 
 Kind = StationMigration.FailureKind
@@ -184,8 +184,8 @@ def when_text(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def schedule_ended(batch: Any, now: datetime) -> datetime | None:
+def schedule_ended(batch: MigrationBatch, now: datetime) -> datetime | None:
     """The end of the batch's schedule once it has passed (None before it, or without one):
     past it no station starts, and none that is not armed yet goes on."""
-    end: datetime | None = batch.ends_at
+    end = batch.ends_at
     return end if end is not None and now >= end else None

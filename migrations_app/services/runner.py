@@ -91,8 +91,9 @@ def step_raised(migration_id: int, expected_state: str, error: BaseException) ->
     reason = f"the step raised {type(error).__name__}: {error} ({attempts} attempts)"
     # Past the Reset claim the station may be anywhere: the rollback (through the source
     # only) tells where it is not, and says so when it cannot be done.
+    armed = expected_state in workflow.ARMED or migration.reset_sent_at is not None
     try:
-        reason += _undo_writes(migration, expected_state)
+        reason += _undo_writes(migration, expected_state, armed=armed)
     except Exception as exc:  # the same bug may be in the rollback path
         reason += f"; ROLLBACK INCOMPLETE: the rollback raised {type(exc).__name__}: {exc}"
     _move(migration, expected_state, fail(expected_state, reason, Kind.ERROR))
@@ -152,19 +153,20 @@ def _held_by_batch(migration: StationMigration, state: str) -> Next | None:
         why = f"not armed when the schedule ended at {policies.when_text(ended)}"
     else:
         return None
-    return Next(State.CANCELLED, why + _undo_writes(migration, state))
+    undone = _undo_writes(migration, state, armed=state in workflow.ARMED)
+    return Next(State.CANCELLED, why + undone)
 
 
-def _undo_writes(migration: StationMigration, state: str) -> str:
+def _undo_writes(migration: StationMigration, state: str, *, armed: bool) -> str:
     """Put back what the station may hold of this migration when it stops in ``state``.
 
-    From the priority step on, the priority and the free slot (the priority first: one
-    naming a blanked slot would leave the station no working profile). In the URL step the
-    free slot: a write whose answer was lost, or a redelivered task, may have stored the
-    target URL there, where the station's own fallback could take it later. Before that,
-    nothing was written.
+    Armed (past a possible priority write): the priority and the free slot, the priority
+    first (one naming a blanked slot would leave the station no working profile). In the
+    URL step the free slot: a write whose answer was lost, or a redelivered task, may have
+    stored the target URL there, where the station's own fallback could take it later.
+    Before that, nothing was written.
     """
-    if state in workflow.ARMED or migration.reset_sent_at is not None:
+    if armed:
         return restore(migration, state, priority=True)
     if state == State.SETTING_URL:
         return restore(migration, state, priority=False)
@@ -185,7 +187,8 @@ def _wait_for_station(migration: StationMigration, state: str, reason: str, kind
         return Next(State.DONE, f"migrated, but the old slot was not blanked: {waited}")
     # What may have been written is put back if the station can still be reached; the
     # reason says how that went either way.
-    return fail(state, waited + _undo_writes(migration, state), kind)
+    armed = state in workflow.ARMED
+    return fail(state, waited + _undo_writes(migration, state, armed=armed), kind)
 
 
 def load_group(migration_ids: list[int]) -> dict[int, StationMigration]:
