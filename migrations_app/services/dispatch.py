@@ -76,9 +76,28 @@ def enqueue_drive(batch_id: int) -> None:
 DRIVE_COALESCE_SECONDS = 0.25
 
 
+# A drive known to this process as pending, per batch: its due time. A station that ends
+# before then is seen by that drive, so it needs no look at Redis: in a step task whose
+# stations end one after another, one look serves the group (it was a Redis round trip a
+# station, a sixth of a dry run's wall time). The margin covers a worker whose clock runs
+# a little ahead of this one's; a drive lost with its worker is the safety drive's to cover,
+# as with the bounds in Redis.
+_pending_drives: dict[int, float] = {}
+_PENDING_MARGIN_SECONDS = 0.05
+
+
 def drive_soon(batch_id: int) -> None:
     """A station of the batch ended or left its slot: start the next ones shortly."""
-    schedule_drive(batch_id, DRIVE_COALESCE_SECONDS)
+    now = time.time()
+    if _pending_drives.get(batch_id, 0.0) > now + _PENDING_MARGIN_SECONDS:
+        return
+    due = _ensure_drive(batch_id, DRIVE_COALESCE_SECONDS)[1]
+    _pending_drives.pop(batch_id, None)
+    if due is not None:
+        # Forget the batches whose drives are past: the map holds the batches running now.
+        for stale in [b for b, at in _pending_drives.items() if at <= now]:
+            del _pending_drives[stale]
+        _pending_drives[batch_id] = due
 
 
 def drive_key(batch_id: int, bound: str = "next") -> str:
@@ -95,14 +114,22 @@ def schedule_drive(batch_id: int, countdown: float) -> bool:
     safety drive 15 s later at its end, and with the earliest alone every coalesced drive
     (0.25 s) would leave one more safety drive behind. Returns whether it sent one.
     """
+    return _ensure_drive(batch_id, countdown)[0]
+
+
+def _ensure_drive(batch_id: int, countdown: float) -> tuple[bool, float | None]:
+    """schedule_drive's work: whether a drive was sent, and the due time of the drive that
+    will run by then (None when unknown, or one that may be running already)."""
     countdown = max(0.0, min(countdown, MAX_DRIVE_COUNTDOWN))
     now = time.time()
     due = now + countdown
     client = get_redis()
     try:
         first, last = (float(v) if v else None for v in client.mget(_bounds(batch_id)))
-        if any(bound is not None and now - 1 <= bound <= due + 0.5 for bound in (first, last)):
-            return False
+        pending = [b for b in (first, last) if b is not None and now - 1 <= b <= due + 0.5]
+        if pending:
+            coming = [b for b in pending if b > now]
+            return False, min(coming) if coming else None
         # The keys outlive their due time a little: a drive lost with its worker is
         # forgotten soon and the next caller schedules a new one.
         ttl = int(countdown) + 10
@@ -118,7 +145,7 @@ def schedule_drive(batch_id: int, countdown: float) -> bool:
         # raise, and the task that asked retries.
         logger.warning("batch %s: drive scheduled without de-duplication (%s)", batch_id, exc)
     send_task(DRIVE_BATCH_TASK, args=[batch_id], kwargs={"scheduled": True}, countdown=countdown)
-    return True
+    return True, due
 
 
 def drive_ran(batch_id: int) -> None:

@@ -296,3 +296,20 @@ def test_the_safety_drive_a_drive_asks_for_is_not_sent_again_and_again(redis_cli
     drive_ran(4343)  # the soon one runs...
     assert not schedule_drive(4343, 15)  # ...and its safety net is the one pending
     assert schedule_drive(4343, 0.2)  # the next station's end is sent again
+
+
+def test_stations_ending_together_in_one_process_share_one_look_at_the_drive_schedule(
+    redis_client,
+):
+    """drive_soon asks Redis once per coalescing window: the drive it knows is coming sees
+    every station that ends before it runs; once it is due, the next end asks again."""
+    from migrations_app.services.dispatch import DRIVE_COALESCE_SECONDS, drive_key, drive_soon
+
+    drive_soon(4444)
+    assert redis_client.exists(drive_key(4444, "next"))
+    redis_client.delete(drive_key(4444, "next"), drive_key(4444, "last"))
+    drive_soon(4444)  # the drive sent above is still to come: no look, nothing sent
+    assert not redis_client.exists(drive_key(4444, "next"))
+    time.sleep(DRIVE_COALESCE_SECONDS + 0.05)
+    drive_soon(4444)  # that drive may have run: a station ending now needs another
+    assert redis_client.exists(drive_key(4444, "next"))

@@ -19,7 +19,14 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 
 from devstack.processes import free_port, wait_until
 from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
-from ocpp_gateway.envelopes import EVENT_STREAM, Event, EventKind, Outcome, last_boot_key
+from ocpp_gateway.envelopes import (
+    EVENT_STREAM,
+    REPLY_KEY_PREFIX,
+    Event,
+    EventKind,
+    Outcome,
+    last_boot_key,
+)
 from tests.ocpp_gateway.stations import station_on
 
 
@@ -162,6 +169,8 @@ def test_a_command_to_a_station_no_gateway_holds_fails_at_once(start_gateway, re
     with pytest.raises(StationOffline):
         send_command(redis_client, "NOBODY", call.GetConfiguration(), timeout=30)
     assert time.monotonic() - started < 1.0
+    # The mark that ended the wait at once was taken with it: nothing is left behind.
+    assert not redis_client.keys(f"{REPLY_KEY_PREFIX}*")
 
 
 def test_a_command_redis_refuses_is_known_not_sent():
