@@ -84,9 +84,7 @@ def send_command(
     sends it. The client must not have a socket timeout shorter than ``timeout``.
     """
     command = Command.calling(station, request, deadline=time.time() + timeout, csms=csms)
-    key = reply_key(command.id)
-    wait = max(command.remaining() + REPLY_GRACE_SECONDS, 0.01)
-    receivers, popped = _publish_and_wait(client, command_channel(station), key, command, wait)
+    receivers, popped = _publish_and_wait(client, command)
     if receivers == 0:
         raise StationOffline(station)
     sent_anywhere = False
@@ -105,7 +103,7 @@ def send_command(
         if reply.outcome is Outcome.DISCONNECTED and receivers > 1:
             receivers -= 1
             sent_anywhere = sent_anywhere or reply.sent
-            popped = _wait_more(client, key, command)
+            popped = _wait_more(client, command)
             continue
         if sent_anywhere and not reply.sent:
             # One gateway may have sent it before losing the station: a Reset must not be
@@ -114,9 +112,7 @@ def send_command(
         return reply
 
 
-def _publish_and_wait(
-    client: redis.Redis, channel: str, key: str, command: Command, wait: float
-) -> tuple[int, Popped]:
+def _publish_and_wait(client: redis.Redis, command: Command) -> tuple[int, Popped]:
     """The PUBLISH (with the mark) and the first BLPOP, written together on one connection:
     the number of gateways that received the command, and what the BLPOP popped.
 
@@ -125,6 +121,7 @@ def _publish_and_wait(
     CommandNotSent only when nothing can have reached Redis; once it was read, a lost
     connection only ends this wait, and the rest is waited for with the retrying BLPOP.
     """
+    key = reply_key(command.id)
     pool = client.connection_pool
     try:
         pooled = pool.get_connection()
@@ -140,13 +137,13 @@ def _publish_and_wait(
                             "EVAL",
                             _PUBLISH_OR_MARK,
                             2,
-                            channel,
+                            command_channel(command.station),
                             key,
                             command.to_json(),
                             _NO_RECEIVER,
                             REPLY_TTL_SECONDS,
                         ),
-                        ("BLPOP", key, wait),
+                        ("BLPOP", key, _reply_wait(command)),
                     ]
                 )
             )
@@ -157,15 +154,14 @@ def _publish_and_wait(
             receivers = int(connection.read_response())
         except redis.ResponseError as exc:
             # Redis refused the script, so nothing was published; the BLPOP behind it
-            # must not block: the connection is dropped, which ends it.
-            connection.disconnect()
+            # must not block: the connection is dropped (below), which ends it.
             raise CommandNotSent(f"command not published: {exc}") from exc
         # Any other error here: Redis may have published it (the caller counts it as sent).
         try:
             popped = connection.read_response()
         except (redis.ConnectionError, redis.TimeoutError):
-            connection.disconnect()
-            return receivers, _wait_more(client, key, command)
+            # The read dropped the connection already.
+            return receivers, _wait_more(client, command)
     except BaseException:
         connection.disconnect()
         raise
@@ -176,7 +172,10 @@ def _publish_and_wait(
     return receivers, (popped[0], popped[1]) if popped else None
 
 
-def _wait_more(client: redis.Redis, key: str, command: Command) -> Popped:
-    wait = max(command.remaining() + REPLY_GRACE_SECONDS, 0.01)
+def _wait_more(client: redis.Redis, command: Command) -> Popped:
     # The sync client's BLPOP: (key, value) or None; redis-py types it for both clients.
-    return cast(Popped, client.blpop([key], timeout=wait))
+    return cast(Popped, client.blpop([reply_key(command.id)], timeout=_reply_wait(command)))
+
+
+def _reply_wait(command: Command) -> float:
+    return max(command.remaining() + REPLY_GRACE_SECONDS, 0.01)

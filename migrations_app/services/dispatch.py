@@ -91,12 +91,11 @@ def drive_soon(batch_id: int) -> None:
     now = time.time()
     if _pending_drives.get(batch_id, 0.0) > now + _PENDING_MARGIN_SECONDS:
         return
+    # Forget the drives that are past: the map holds the batches running now.
+    for past in [b for b, at in _pending_drives.items() if at <= now]:
+        del _pending_drives[past]
     due = _ensure_drive(batch_id, DRIVE_COALESCE_SECONDS)[1]
-    _pending_drives.pop(batch_id, None)
     if due is not None:
-        # Forget the batches whose drives are past: the map holds the batches running now.
-        for stale in [b for b, at in _pending_drives.items() if at <= now]:
-            del _pending_drives[stale]
         _pending_drives[batch_id] = due
 
 
