@@ -89,10 +89,21 @@ async def wait_until_async(
 # --- ports ----------------------------------------------------------------------------------
 
 
+# Ports free_port handed out: processes started together (two gateways, then a wait for
+# both) bind only later, and the kernel may offer a port again until one of them has.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A port free now that this process has not handed out before."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already")
 
 
 def port_open(port: int) -> bool:
