@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -14,6 +16,7 @@ from ocpp_gateway.envelopes import (
     Command,
     Outcome,
     Reply,
+    claim_key,
     command_channel,
     reply_key,
 )
@@ -29,13 +32,37 @@ REPLY_GRACE_SECONDS = 1.0
 # two (on a busy host each round trip also waits for Redis to be scheduled; the PUBLISH's
 # own took as long as the station's answer). EVAL, not EVALSHA: a Redis that restarted
 # has no script cache, and a failed first command would leave the BLPOP blocking.
+# A claimed command (KEYS[3], its claim) is published only while its claim stands, and the
+# claim then says it was: published, or published to nobody. -1: the claim was taken back.
 _PUBLISH_OR_MARK = """
+if KEYS[3] then
+  local claim = redis.call('GET', KEYS[3])
+  if not claim or string.sub(claim, 1, 8) ~= 'claimed:' then
+    redis.call('RPUSH', KEYS[2], ARGV[2])
+    redis.call('EXPIRE', KEYS[2], ARGV[3])
+    return -1
+  end
+  redis.call('SET', KEYS[3], 'published', 'KEEPTTL')
+end
 local receivers = redis.call('PUBLISH', KEYS[1], ARGV[1])
 if receivers == 0 then
   redis.call('RPUSH', KEYS[2], ARGV[2])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
+  if KEYS[3] then redis.call('SET', KEYS[3], 'nobody', 'KEEPTTL') end
 end
 return receivers
+"""
+# Take a claim back if its command was never published to a gateway: 1 when it never
+# reached one (and now never will), 0 when it may have. A claim taken by another Redis run
+# (ARGV[1], the current run_id) may have lost its "published" to the restart: 0.
+_REVOKE = """
+local claim = redis.call('GET', KEYS[1])
+if claim == 'claimed:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'revoked', 'KEEPTTL')
+  return 1
+end
+if claim == 'revoked' or claim == 'nobody' then return 1 end
+return 0
 """
 _NO_RECEIVER = b"\x00no receiver"
 Popped = tuple[bytes, bytes] | None
@@ -58,12 +85,40 @@ class CommandNotSent(redis.RedisError):
     """
 
 
+class CommandRevoked(CommandNotSent):
+    """The command's claim was taken back (revoke_command) before it was published."""
+
+
 class StationOffline(Exception):
     """No gateway holds a connection to the station."""
 
     def __init__(self, station: str) -> None:
         super().__init__(f"station {station} is offline: no gateway holds its connection")
         self.station = station
+
+
+def claim_command(client: redis.Redis, *, ttl: float) -> str:
+    """A new command id, claimed for a command that must reach a station at most once.
+
+    Sent with ``send_command(..., claimed_id=...)``, the command is published only while
+    the claim stands. Whoever finds the sender gone takes it back with revoke_command: if
+    that succeeds the command never reached a gateway and now never will, so it may be sent
+    again under a new claim. ``ttl``: how long the claim is kept (past any such look).
+    """
+    command_id = str(uuid.uuid4())
+    run_id = client.info("server")["run_id"]
+    client.set(claim_key(command_id), f"claimed:{run_id}", ex=max(1, math.ceil(ttl)))
+    return command_id
+
+
+def revoke_command(client: redis.Redis, command_id: str) -> bool:
+    """Take a claimed command back: True when it never reached a gateway, and now never will.
+
+    False when it may have been sent, and when nothing can tell (the claim expired, or
+    Redis restarted since it was taken and may have lost that it was published).
+    """
+    run_id = client.info("server")["run_id"]
+    return bool(client.eval(_REVOKE, 1, claim_key(command_id), run_id))
 
 
 def send_command(
@@ -73,6 +128,7 @@ def send_command(
     *,
     timeout: float,
     csms: str = "",
+    claimed_id: str = "",
 ) -> Reply:
     """Send one OCPP call (an ocpp.v16.call dataclass, e.g. ``call.GetConfiguration()``) to
     a station and wait for the outcome (``reply.result(call_result.GetConfiguration)``).
@@ -81,10 +137,16 @@ def send_command(
     the command could not even be published, and other redis errors when the wait for the
     reply failed (the command may have been sent). Otherwise returns the Reply: a result payload,
     a CALLERROR with its code, or a timeout. With ``csms``, only a gateway of that CSMS
-    sends it. The client must not have a socket timeout shorter than ``timeout``.
+    sends it. With ``claimed_id`` (claim_command), the command has that id and is published
+    only while its claim stands (CommandRevoked otherwise). The client must not have a
+    socket timeout shorter than ``timeout``.
     """
-    command = Command.calling(station, request, deadline=time.time() + timeout, csms=csms)
-    receivers, popped = _publish_and_wait(client, command)
+    command = Command.calling(
+        station, request, deadline=time.time() + timeout, csms=csms, id=claimed_id or None
+    )
+    receivers, popped = _publish_and_wait(client, command, claimed=bool(claimed_id))
+    if receivers < 0:
+        raise CommandRevoked(f"command {command.id} not published: its claim was taken back")
     if receivers == 0:
         raise StationOffline(station)
     sent_anywhere = False
@@ -112,9 +174,12 @@ def send_command(
         return reply
 
 
-def _publish_and_wait(client: redis.Redis, command: Command) -> tuple[int, Popped]:
+def _publish_and_wait(
+    client: redis.Redis, command: Command, *, claimed: bool
+) -> tuple[int, Popped]:
     """The PUBLISH (with the mark) and the first BLPOP, written together on one connection:
-    the number of gateways that received the command, and what the BLPOP popped.
+    the number of gateways that received the command (-1: its claim was taken back), and
+    what the BLPOP popped.
 
     Not through redis-py's retrying commands: a pipeline retried after the PUBLISH would
     publish again (a second Reset). A failure before the PUBLISH's answer was read is
@@ -122,6 +187,7 @@ def _publish_and_wait(client: redis.Redis, command: Command) -> tuple[int, Poppe
     connection only ends this wait, and the rest is waited for with the retrying BLPOP.
     """
     key = reply_key(command.id)
+    keys = (command_channel(command.station), key, *([claim_key(command.id)] if claimed else []))
     pool = client.connection_pool
     try:
         pooled = pool.get_connection()
@@ -136,9 +202,8 @@ def _publish_and_wait(client: redis.Redis, command: Command) -> tuple[int, Poppe
                         (
                             "EVAL",
                             _PUBLISH_OR_MARK,
-                            2,
-                            command_channel(command.station),
-                            key,
+                            len(keys),
+                            *keys,
                             command.to_json(),
                             _NO_RECEIVER,
                             REPLY_TTL_SECONDS,
@@ -167,8 +232,8 @@ def _publish_and_wait(client: redis.Redis, command: Command) -> tuple[int, Poppe
         raise
     finally:
         pool.release(pooled)
-    if receivers == 0:
-        return 0, None
+    if receivers <= 0:
+        return receivers, None
     return receivers, (popped[0], popped[1]) if popped else None
 
 

@@ -31,6 +31,7 @@ ResultT = TypeVar("ResultT", bound="DataclassInstance")
 # Redis names. One place, so both sides always agree.
 COMMAND_CHANNEL_PREFIX = "ocpp:cmd:"
 REPLY_KEY_PREFIX = "ocpp:reply:"
+CLAIM_KEY_PREFIX = "ocpp:claim:"
 LAST_BOOT_KEY_PREFIX = "ocpp:boot:"
 EVENT_STREAM = "ocpp:events"
 EVENT_CONSUMER_GROUP = "inventory"
@@ -70,6 +71,11 @@ def command_channel(station: str) -> str:
 
 def reply_key(command_id: str) -> str:
     return f"{REPLY_KEY_PREFIX}{command_id}"
+
+
+def claim_key(command_id: str) -> str:
+    """Whether a command that must reach a station at most once was published (client.py)."""
+    return f"{CLAIM_KEY_PREFIX}{command_id}"
 
 
 def registry_key(csms: str) -> str:
@@ -191,7 +197,13 @@ class Command:
 
     @classmethod
     def calling(
-        cls, station: str, request: DataclassInstance, *, deadline: float, csms: str = ""
+        cls,
+        station: str,
+        request: DataclassInstance,
+        *,
+        deadline: float,
+        csms: str = "",
+        id: str | None = None,
     ) -> Command:
         """The command that sends ``request`` (an ocpp.v16.call dataclass) to the station."""
         return cls(
@@ -200,6 +212,7 @@ class Command:
             payload=payload_of(request),
             deadline=deadline,
             csms=csms,
+            **({"id": id} if id else {}),
         )
 
     def request(self) -> DataclassInstance:

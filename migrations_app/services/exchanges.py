@@ -35,7 +35,13 @@ class StationLink(Protocol):
     """
 
     def call(
-        self, identity: str, request: DataclassInstance, *, timeout: float, csms: str
+        self,
+        identity: str,
+        request: DataclassInstance,
+        *,
+        timeout: float,
+        csms: str,
+        claimed_id: str = "",
     ) -> Reply: ...
 
 
@@ -43,9 +49,17 @@ class RedisBridge:
     """The production link: publish to the gateways, wait for their reply (send_command)."""
 
     def call(
-        self, identity: str, request: DataclassInstance, *, timeout: float, csms: str
+        self,
+        identity: str,
+        request: DataclassInstance,
+        *,
+        timeout: float,
+        csms: str,
+        claimed_id: str = "",
     ) -> Reply:
-        return send_command(get_redis(), identity, request, timeout=timeout, csms=csms)
+        return send_command(
+            get_redis(), identity, request, timeout=timeout, csms=csms, claimed_id=claimed_id
+        )
 
 
 _link: StationLink = RedisBridge()
@@ -72,14 +86,16 @@ def station_call(
     step: str,
     request: DataclassInstance,
     via: str = "",
+    claimed_id: str = "",
 ) -> Reply:
     """One OCPP call (an ocpp.v16.call dataclass) for this migration, recorded whatever
     happens; its result is ``reply.result(call_result.<the same action>)``.
 
-    ``via`` names the only CSMS whose gateway may send it. Raises StationOffline when no
-    gateway holds the station, CommandNotSent when the command could not be published
-    (nothing reached the station), and other RedisErrors when Redis failed after the
-    publish (the station may have received it); each is recorded first.
+    ``via`` names the only CSMS whose gateway may send it; ``claimed_id``, a claimed
+    command (ocpp_gateway.client.claim_command) that is published at most once. Raises
+    StationOffline when no gateway holds the station, CommandNotSent when the command could
+    not be published (nothing reached the station), and other RedisErrors when Redis failed
+    after the publish (the station may have received it); each is recorded first.
     """
     action, payload = type(request).__name__, payload_of(request)
     started = time.time()
@@ -89,6 +105,7 @@ def station_call(
             request,
             timeout=settings.OCPP_COMMAND_TIMEOUT,
             csms=via,
+            claimed_id=claimed_id,
         )
     except (StationOffline, RedisError) as exc:
         if isinstance(exc, StationOffline):
@@ -97,19 +114,7 @@ def station_call(
             outcome, why = "not_sent", f"Redis: {exc}"
         else:
             outcome, why = "unknown", f"Redis failed after the command was published: {exc}"
-        insert_row(
-            OcppExchange,
-            migration_id=migration.id,
-            step=step,
-            action=action,
-            request=payload,
-            outcome=outcome,
-            # Offline and not published: nothing reached the station. Unknown: it may have.
-            sent=outcome == "unknown",
-            error_description=why,
-            sent_at=_timestamp(started),
-            duration_ms=(time.time() - started) * 1000,
-        )
+        record_unanswered(migration, step, request, outcome, why, started=started)
         raise
     sent_at = reply.sent_at or started
     finished_at = reply.finished_at or time.time()
@@ -130,6 +135,33 @@ def station_call(
         duration_ms=(finished_at - sent_at) * 1000,
     )
     return reply
+
+
+def record_unanswered(
+    migration: StationMigration,
+    step: str,
+    request: DataclassInstance,
+    outcome: str,
+    why: str,
+    *,
+    started: float,
+    command_id: str = "",
+) -> None:
+    """Record a call that got no reply: "offline" and "not_sent" never reached the station,
+    "unknown" may have."""
+    insert_row(
+        OcppExchange,
+        migration_id=migration.id,
+        step=step,
+        action=type(request).__name__,
+        command_id=command_id,
+        request=payload_of(request),
+        outcome=outcome,
+        sent=outcome == "unknown",
+        error_description=why,
+        sent_at=_timestamp(started),
+        duration_ms=(time.time() - started) * 1000,
+    )
 
 
 def describe(reply: Reply) -> str:

@@ -44,7 +44,7 @@ from fleet.services.inventory import station_move_to_csms
 from fleet.services.registry import registry_republish_missing
 from fleet.validators import csms_url_problems
 from migrations_app.models import StationMigration
-from migrations_app.services.exchanges import describe, station_call
+from migrations_app.services.exchanges import describe, record_unanswered, station_call
 from migrations_app.services.firmware import firmware_gate
 from migrations_app.services.liveness import gateway_up
 from migrations_app.services.plan import (
@@ -65,7 +65,7 @@ from ocpp_gateway.certificates import (
     issued_by_one_of,
     load_certificate,
 )
-from ocpp_gateway.client import CommandNotSent, StationOffline
+from ocpp_gateway.client import CommandNotSent, StationOffline, claim_command, revoke_command
 from ocpp_gateway.envelopes import EventKind, Outcome, Reply, last_boot_key
 
 State = StationMigration.State
@@ -91,6 +91,10 @@ DEADLINE_MARGIN_SECONDS = 0.1
 SETTLE_MARGIN_SECONDS = 5.0
 DEFAULT_PROFILE_TIMEOUT = 30.0
 MAX_PROFILE_TIMEOUT = 3600.0
+RESET_HARD = call.Reset(type=ResetType.hard)
+# How long Redis keeps a Reset's claim: past any wait for a dead worker's steps to be re-run
+# (a claim that expired can no longer tell that it was never published: the boot is waited for).
+RESET_CLAIM_TTL_SECONDS = 24 * 3600
 # Answers other than a result that still prove the station is on the gateway that sent them.
 _ANSWERED = (Outcome.CALL_ERROR, Outcome.BAD_RESPONSE)
 # A ChangeConfiguration the station took. RebootRequired: the value is stored and takes
@@ -498,12 +502,8 @@ def wait_timer(seconds: float) -> float:
 
 def reset(m: StationMigration) -> Next:
     step = State.RESETTING
-    if m.reset_sent_at is not None:
-        # Sent by an earlier run of this step. Never send a second Reset: a station that
-        # already rebooted would reboot again. Wait for that run's outcome, or for the boot.
-        if time.time() - m.reset_sent_at < settings.OCPP_COMMAND_TIMEOUT + 5:
-            return Next(None, countdown=1.0)
-        return Next(State.AWAITING_BOOT, "Reset was sent earlier; its answer was lost")
+    if m.reset_sent_at is not None and (earlier := _earlier_reset(m)) is not None:
+        return earlier
     # The idle check ran in an earlier task on ingested status: look again, just before.
     if busy_connectors(m):
         return Next(State.WAITING_IDLE, "a charging session started; waiting again")
@@ -516,10 +516,12 @@ def reset(m: StationMigration) -> Next:
     # station there (a gateway checks a refusal against Redis first).
     registry_republish_missing([m.batch.target.name])
     claimed_at = time.time()
+    command_id = claim_command(get_redis(), ttl=RESET_CLAIM_TTL_SECONDS)
     claimed = StationMigration.objects.filter(
         id=m.id, state=State.RESETTING, reset_sent_at__isnull=True
     ).update(
         reset_sent_at=claimed_at,
+        reset_command=command_id,
         boot_marks=_boot_marks(m),
         # What verification found belongs to one Reset (a retried migration starts afresh).
         settle_until=None,
@@ -529,12 +531,12 @@ def reset(m: StationMigration) -> Next:
         return Next(None, countdown=1.0)
 
     def give_back_claim() -> None:
-        StationMigration.objects.filter(id=m.id, reset_sent_at=claimed_at).update(
-            reset_sent_at=None
+        StationMigration.objects.filter(id=m.id, reset_command=command_id).update(
+            reset_sent_at=None, reset_command=""
         )
 
     try:
-        reply = station_call(m, step=step, request=call.Reset(type=ResetType.hard))
+        reply = station_call(m, step=step, request=RESET_HARD, claimed_id=command_id)
     except (StationOffline, CommandNotSent):
         give_back_claim()  # nothing reached the station
         raise
@@ -553,6 +555,32 @@ def reset(m: StationMigration) -> Next:
         return Next(State.AWAITING_BOOT, f"Reset answer lost ({describe(reply)})", countdown=1.0)
     restored = restore(m, step, priority=True)
     return fail(step, f"the station refused the Reset ({describe(reply)}){restored}", Kind.REJECTED)
+
+
+def _earlier_reset(m: StationMigration) -> Next | None:
+    """The Reset an earlier run of this step claimed: wait for its outcome, or None when it
+    never reached a gateway (its worker died before publishing it) and is taken back, for
+    this run to send. Never a second Reset: a station that rebooted would reboot again."""
+    assert m.reset_sent_at is not None
+    if m.reset_command and revoke_command(get_redis(), m.reset_command):
+        if not StationMigration.objects.filter(id=m.id, reset_command=m.reset_command).update(
+            reset_sent_at=None, reset_command=""
+        ):
+            return Next(None, countdown=1.0)  # another run took it back first: it sends it
+        record_unanswered(
+            m,
+            State.RESETTING,
+            RESET_HARD,
+            "not_sent",
+            "taken back: the run that claimed this Reset stopped before publishing it",
+            started=m.reset_sent_at,
+            command_id=m.reset_command,
+        )
+        m.reset_sent_at, m.reset_command = None, ""
+        return None
+    if time.time() - m.reset_sent_at < settings.OCPP_COMMAND_TIMEOUT + 5:
+        return Next(None, countdown=1.0)
+    return Next(State.AWAITING_BOOT, "Reset was sent earlier; its answer was lost")
 
 
 # --- verification ------------------------------------------------------------------------

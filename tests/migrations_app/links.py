@@ -20,8 +20,9 @@ from typing import Any
 from ocpp.v16 import call, call_result
 from ocpp.v16.enums import ConfigurationStatus
 
-from ocpp_gateway.client import StationOffline
-from ocpp_gateway.envelopes import Outcome, Reply, payload_of
+from fleet.redis import get_redis
+from ocpp_gateway.client import CommandRevoked, StationOffline
+from ocpp_gateway.envelopes import Outcome, Reply, claim_key, payload_of
 
 # What a script answers to one request: a call_result dataclass (the station's CALLRESULT)
 # or a Reply (any other outcome, e.g. call_error()); it may raise StationOffline instead.
@@ -47,13 +48,17 @@ class ScriptedStation:
     boot: dict[str, Any] | None = None
     sent: list[Sent] = field(default_factory=list)
 
-    def call(self, identity: str, request: Any, *, timeout: float, csms: str) -> Reply:
+    def call(
+        self, identity: str, request: Any, *, timeout: float, csms: str, claimed_id: str = ""
+    ) -> Reply:
+        if claimed_id:
+            self._publish_claimed(claimed_id)
         self.sent.append(Sent(request, csms))
         if not self.csms:
             raise StationOffline(identity)
         now = time.time()
         reply = Reply(
-            command_id=str(uuid.uuid4()),
+            command_id=claimed_id or str(uuid.uuid4()),
             station=identity,
             csms=self.csms,
             outcome=Outcome.RESULT,
@@ -79,6 +84,15 @@ class ScriptedStation:
                 sent=answer.sent,
             )
         return replace(reply, payload=payload_of(answer))
+
+    def _publish_claimed(self, claimed_id: str) -> None:
+        """As the bridge publishes a claimed command: only while its claim stands, which
+        then says whether a gateway received it (ocpp_gateway.client)."""
+        client = get_redis()
+        claim = client.get(claim_key(claimed_id)) or b""
+        if not claim.startswith(b"claimed:"):
+            raise CommandRevoked(f"command {claimed_id} not published: its claim was taken back")
+        client.set(claim_key(claimed_id), "published" if self.csms else "nobody", keepttl=True)
 
 
 def call_error(code: str, description: str = "") -> Reply:

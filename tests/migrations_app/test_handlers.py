@@ -43,7 +43,8 @@ from migrations_app.services.steps import (
     verify_boot,
     wait_idle,
 )
-from ocpp_gateway.envelopes import EventKind, last_boot_key
+from ocpp_gateway.client import claim_command
+from ocpp_gateway.envelopes import EventKind, claim_key, last_boot_key
 from tests.migrations_app.links import (
     REJECTED,
     Firmware,
@@ -406,6 +407,43 @@ def test_a_reset_sent_by_an_earlier_run_is_never_sent_again(sent_ago):
         assert "answer was lost" in next_.reason
     else:  # that run may still be waiting for the station's answer
         assert next_.state is None
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("published", [False, True])
+def test_a_reset_claimed_by_a_run_that_died_is_sent_once_by_the_next(
+    redis_client, target_gateway_up, published
+):
+    """The worker claimed the Reset and died: before the publish, the next run takes the
+    claim back and sends it; after it, the Reset may be on its way and is never sent again."""
+    claimed = claim_command(redis_client, ttl=60)
+    if published:
+        redis_client.set(claim_key(claimed), "published", keepttl=True)
+    migration = _migration(State.RESETTING, reset_sent_at=time.time(), reset_command=claimed)
+    accepted = call_result.Reset(status=ResetStatus.accepted)
+    station = ScriptedStation(Firmware(ARMED, answers={call.Reset: accepted}), csms=SOURCE)
+
+    with station_link(station):
+        run_step(migration.id, State.RESETTING)
+        again = reset(_reload(migration))
+
+    moved = _reload(migration)
+    if published:
+        assert (moved.state, moved.reset_command) == (State.RESETTING, claimed)
+        assert again.state is None  # that run may still be waiting for the station's answer
+        assert station.sent == []
+        return
+    assert moved.state == State.AWAITING_BOOT and moved.reset_accepted
+    assert moved.reset_command not in ("", claimed)
+    assert again.state is None
+    assert _sent(station) == [RESET]
+    assert _recorded(migration) == [
+        (State.RESETTING, "Reset", "", "not_sent"),
+        (State.RESETTING, "Reset", SOURCE, "result"),
+    ]
+    taken_back = migration.exchanges.order_by("id").first()
+    assert (taken_back.command_id, taken_back.sent) == (claimed, False)
+    assert "stopped before publishing it" in taken_back.error_description
 
 
 @pytest.mark.django_db

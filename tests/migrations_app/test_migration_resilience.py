@@ -47,8 +47,11 @@ def test_a_worker_killed_mid_batch_loses_no_station_and_resets_none_twice(stack,
             120,
             "the batch to finish on the new worker",
         )
-        states = dict(batch.stations.values_list("station__identity", "state"))
-        assert set(states.values()) == {State.DONE}, states
+        not_done = {
+            row.station.identity: (row.state, row.failed_step, row.reason)
+            for row in batch.stations.exclude(state=State.DONE).select_related("station")
+        }
+        assert not not_done, not_done
         for station in fleet:
             assert len(station.events("reset")) == 1, station.identity
             assert station.connected_url == stack.target_url

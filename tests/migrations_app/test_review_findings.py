@@ -63,7 +63,9 @@ class Stations:
 
     stations: dict[str, ScriptedStation] = field(default_factory=dict)
 
-    def call(self, identity: str, request: Any, *, timeout: float, csms: str) -> Reply:
+    def call(
+        self, identity: str, request: Any, *, timeout: float, csms: str, claimed_id: str = ""
+    ) -> Reply:
         return self.stations[identity].call(identity, request, timeout=timeout, csms=csms)
 
 

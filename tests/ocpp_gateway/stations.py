@@ -9,16 +9,17 @@ from typing import Any
 
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
-from ocpp.v16.enums import ConfigurationStatus
+from ocpp.v16.enums import ConfigurationStatus, ResetStatus
 from websockets.asyncio.client import connect
 
 
 class ScriptedStation(ChargePoint):
-    """Answers GetConfiguration with its identity; ChangeConfiguration as told."""
+    """Answers GetConfiguration with its identity; ChangeConfiguration as told; counts Resets."""
 
     change_configuration_error: Exception | None = None
     silent: bool = False
     boot_result: call_result.BootNotification | None = None
+    resets: int = 0
 
     @on("GetConfiguration")
     async def on_get_configuration(self, key: list[str] | None = None, **_: Any):
@@ -34,6 +35,11 @@ class ScriptedStation(ChargePoint):
         if self.change_configuration_error is not None:
             raise self.change_configuration_error
         return call_result.ChangeConfiguration(status=ConfigurationStatus.accepted)
+
+    @on("Reset")
+    def on_reset(self, type: str):
+        self.resets += 1
+        return call_result.Reset(status=ResetStatus.accepted)
 
 
 @contextlib.asynccontextmanager

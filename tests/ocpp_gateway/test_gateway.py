@@ -18,13 +18,21 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from devstack.processes import free_port, wait_until
-from ocpp_gateway.client import CommandNotSent, StationOffline, send_command
+from ocpp_gateway.client import (
+    CommandNotSent,
+    CommandRevoked,
+    StationOffline,
+    claim_command,
+    revoke_command,
+    send_command,
+)
 from ocpp_gateway.envelopes import (
     EVENT_STREAM,
     REPLY_KEY_PREFIX,
     Event,
     EventKind,
     Outcome,
+    claim_key,
     last_boot_key,
 )
 from tests.ocpp_gateway.stations import station_on
@@ -170,6 +178,45 @@ def test_a_command_to_a_station_no_gateway_holds_fails_at_once(start_gateway, re
         send_command(redis_client, "NOBODY", call.GetConfiguration(), timeout=30)
     assert time.monotonic() - started < 1.0
     # The mark that ended the wait at once was taken with it: nothing is left behind.
+    assert not redis_client.keys(f"{REPLY_KEY_PREFIX}*")
+
+
+def test_a_claimed_command_is_published_once_and_one_taken_back_never(start_gateway, redis_client):
+    """The Reset's claim: a worker that finds the claiming run gone takes the claim back
+    only if its command never reached a gateway, and a command taken back is never sent."""
+    base = start_gateway("csms-1", "--open")
+    reset = call.Reset(type=ResetType.hard)
+
+    async def scenario():
+        async with station_on(base, "CP1") as station:
+            taken_back = claim_command(redis_client, ttl=60)
+            assert revoke_command(redis_client, taken_back)
+            started = time.monotonic()
+            with pytest.raises(CommandRevoked, match="its claim was taken back"):
+                await asyncio.to_thread(
+                    send_command, redis_client, "CP1", reset, timeout=5, claimed_id=taken_back
+                )
+            assert time.monotonic() - started < 1.0
+
+            sent = claim_command(redis_client, ttl=60)
+            reply = await asyncio.to_thread(
+                send_command, redis_client, "CP1", reset, timeout=5, claimed_id=sent
+            )
+            assert (reply.outcome, reply.command_id) == (Outcome.RESULT, sent)
+            assert not revoke_command(redis_client, sent)  # published: it may have been sent
+            assert station.resets == 1
+
+    asyncio.run(scenario())
+    # Published to no gateway: it reached no station, and may be taken back.
+    unheard = claim_command(redis_client, ttl=60)
+    with pytest.raises(StationOffline):
+        send_command(redis_client, "NOBODY", reset, timeout=5, claimed_id=unheard)
+    assert revoke_command(redis_client, unheard)
+    # Claimed before Redis restarted (another run id): whether it was published may have
+    # been lost with the restart, so it is never taken back.
+    redis_client.set(claim_key("before-restart"), "claimed:another-run")
+    assert not revoke_command(redis_client, "before-restart")
+    assert not revoke_command(redis_client, "expired")
     assert not redis_client.keys(f"{REPLY_KEY_PREFIX}*")
 
 
