@@ -20,7 +20,7 @@ from typing import Any
 from ocpp.v16 import call, call_result
 from ocpp.v16.enums import ConfigurationStatus
 
-from fleet.redis import get_redis
+from fleet.redis import as_text, get_redis
 from ocpp_gateway.client import CommandRevoked, StationOffline
 from ocpp_gateway.envelopes import Outcome, Reply, claim_key, payload_of
 
@@ -89,8 +89,8 @@ class ScriptedStation:
         """As the bridge publishes a claimed command: only while its claim stands, which
         then says whether a gateway received it (ocpp_gateway.client)."""
         client = get_redis()
-        claim = client.get(claim_key(claimed_id)) or b""
-        if not claim.startswith(b"claimed:"):
+        claim = client.get(claim_key(claimed_id))
+        if claim is None or not as_text(claim).startswith("claimed:"):
             raise CommandRevoked(f"command {claimed_id} not published: its claim was taken back")
         client.set(claim_key(claimed_id), "published" if self.csms else "nobody", keepttl=True)
 
