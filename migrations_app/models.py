@@ -248,7 +248,7 @@ class StationMigration(models.Model):
     reset_sent_at = models.FloatField(null=True, blank=True)
     # The claimed Reset's command id (ocpp_gateway.client.claim_command): a run that finds
     # the claim left by a worker that died before publishing takes it back and sends anew.
-    reset_command = models.CharField(max_length=64, blank=True)
+    reset_command_id = models.CharField(max_length=64, blank=True)
     # {csms: {"event_id", "at"}} of the last boot before the Reset ("at": the gateway's
     # epoch seconds, so a boot read back from the database can be judged newer).
     boot_marks = models.JSONField(default=dict, blank=True)

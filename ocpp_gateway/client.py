@@ -27,17 +27,37 @@ if TYPE_CHECKING:
 # How long past the deadline to wait for the gateway's own "timeout" reply, which carries
 # its timing; after that the caller reports the timeout itself.
 REPLY_GRACE_SECONDS = 1.0
+# The Redis server a claim was taken on: its run id (new at every start) and its replication
+# id (new at every promotion). A claim taken on another server, or before a restart, may
+# have lost its later marks (published, revoked) with the writes the restart or failover
+# lost: it is never published, and never taken back.
+_SERVER_LUA = """
+local function server()
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local replication = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+  return 'claimed:' .. run .. ':' .. replication
+end
+"""
+_CLAIM = (
+    _SERVER_LUA
+    + """
+redis.call('SET', KEYS[1], server(), 'EX', ARGV[1])
+return 1
+"""
+)
 # PUBLISH the command and, when no gateway received it, leave a mark in its reply list, so
 # that the BLPOP sent behind it returns at once: one round trip to Redis for a command, not
 # two (on a busy host each round trip also waits for Redis to be scheduled; the PUBLISH's
 # own took as long as the station's answer). EVAL, not EVALSHA: a Redis that restarted
 # has no script cache, and a failed first command would leave the BLPOP blocking.
 # A claimed command (KEYS[3], its claim) is published only while its claim stands, and the
-# claim then says it was: published, or published to nobody. -1: the claim was taken back.
-_PUBLISH_OR_MARK = """
+# claim then says it was: published, or published to nobody. -1: the claim was taken back
+# (or taken on another server): not published.
+_PUBLISH_OR_MARK = (
+    _SERVER_LUA
+    + """
 if KEYS[3] then
-  local claim = redis.call('GET', KEYS[3])
-  if not claim or string.sub(claim, 1, 8) ~= 'claimed:' then
+  if redis.call('GET', KEYS[3]) ~= server() then
     redis.call('RPUSH', KEYS[2], ARGV[2])
     redis.call('EXPIRE', KEYS[2], ARGV[3])
     return -1
@@ -52,18 +72,21 @@ if receivers == 0 then
 end
 return receivers
 """
-# Take a claim back if its command was never published to a gateway: 1 when it never
-# reached one (and now never will), 0 when it may have. A claim taken by another Redis run
-# (ARGV[1], the current run_id) may have lost its "published" to the restart: 0.
-_REVOKE = """
+)
+# Take a claim back if its command never reached a gateway: 1 when it did not (and now
+# never will), 0 when it may have, or when nothing can tell (expired, another server's).
+_REVOKE = (
+    _SERVER_LUA
+    + """
 local claim = redis.call('GET', KEYS[1])
-if claim == 'claimed:' .. ARGV[1] then
+if claim == server() then
   redis.call('SET', KEYS[1], 'revoked', 'KEEPTTL')
   return 1
 end
 if claim == 'revoked' or claim == 'nobody' then return 1 end
 return 0
 """
+)
 _NO_RECEIVER = b"\x00no receiver"
 Popped = tuple[bytes, bytes] | None
 
@@ -106,8 +129,7 @@ def claim_command(client: redis.Redis, *, ttl: float) -> str:
     again under a new claim. ``ttl``: how long the claim is kept (past any such look).
     """
     command_id = str(uuid.uuid4())
-    run_id = client.info("server")["run_id"]
-    client.set(claim_key(command_id), f"claimed:{run_id}", ex=max(1, math.ceil(ttl)))
+    client.eval(_CLAIM, 1, claim_key(command_id), max(1, math.ceil(ttl)))
     return command_id
 
 
@@ -115,10 +137,10 @@ def revoke_command(client: redis.Redis, command_id: str) -> bool:
     """Take a claimed command back: True when it never reached a gateway, and now never will.
 
     False when it may have been sent, and when nothing can tell (the claim expired, or
-    Redis restarted since it was taken and may have lost that it was published).
+    Redis restarted or failed over since it was taken and may have lost that it was
+    published).
     """
-    run_id = client.info("server")["run_id"]
-    return bool(client.eval(_REVOKE, 1, claim_key(command_id), run_id))
+    return bool(client.eval(_REVOKE, 1, claim_key(command_id)))
 
 
 def send_command(
@@ -142,7 +164,7 @@ def send_command(
     socket timeout shorter than ``timeout``.
     """
     command = Command.calling(
-        station, request, deadline=time.time() + timeout, csms=csms, id=claimed_id or None
+        station, request, deadline=time.time() + timeout, csms=csms, command_id=claimed_id
     )
     receivers, popped = _publish_and_wait(client, command, claimed=bool(claimed_id))
     if receivers < 0:
@@ -225,8 +247,8 @@ def _publish_and_wait(
         try:
             popped = connection.read_response()
         except (redis.ConnectionError, redis.TimeoutError):
-            # The read dropped the connection already.
-            return receivers, _wait_more(client, command)
+            # The read dropped the connection already. Not published: no reply to wait for.
+            return receivers, _wait_more(client, command) if receivers > 0 else None
     except BaseException:
         connection.disconnect()
         raise

@@ -203,16 +203,17 @@ class Command:
         *,
         deadline: float,
         csms: str = "",
-        id: str | None = None,
+        command_id: str = "",
     ) -> Command:
-        """The command that sends ``request`` (an ocpp.v16.call dataclass) to the station."""
+        """The command that sends ``request`` (an ocpp.v16.call dataclass) to the station,
+        with ``command_id`` as its id (default: a new one)."""
         return cls(
             station=station,
             action=type(request).__name__,
             payload=payload_of(request),
             deadline=deadline,
             csms=csms,
-            **({"id": id} if id else {}),
+            id=command_id or str(uuid.uuid4()),
         )
 
     def request(self) -> DataclassInstance:

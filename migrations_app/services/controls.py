@@ -160,7 +160,7 @@ def batch_retry_failed(*, batch_id: int, user: Any) -> int:
             failed_step="",
             failure_kind="",
             reset_sent_at=None,
-            reset_command="",
+            reset_command_id="",
             reset_accepted=False,
             started_at=None,
             warnings=[],

@@ -114,7 +114,9 @@ def station_call(
             outcome, why = "not_sent", f"Redis: {exc}"
         else:
             outcome, why = "unknown", f"Redis failed after the command was published: {exc}"
-        record_unanswered(migration, step, request, outcome, why, started=started)
+        record_unanswered(
+            migration, step, request, outcome, why, started=started, command_id=claimed_id
+        )
         raise
     sent_at = reply.sent_at or started
     finished_at = reply.finished_at or time.time()

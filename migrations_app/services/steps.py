@@ -65,7 +65,13 @@ from ocpp_gateway.certificates import (
     issued_by_one_of,
     load_certificate,
 )
-from ocpp_gateway.client import CommandNotSent, StationOffline, claim_command, revoke_command
+from ocpp_gateway.client import (
+    CommandNotSent,
+    CommandRevoked,
+    StationOffline,
+    claim_command,
+    revoke_command,
+)
 from ocpp_gateway.envelopes import EventKind, Outcome, Reply, last_boot_key
 
 State = StationMigration.State
@@ -91,7 +97,6 @@ DEADLINE_MARGIN_SECONDS = 0.1
 SETTLE_MARGIN_SECONDS = 5.0
 DEFAULT_PROFILE_TIMEOUT = 30.0
 MAX_PROFILE_TIMEOUT = 3600.0
-RESET_HARD = call.Reset(type=ResetType.hard)
 # How long Redis keeps a Reset's claim: past any wait for a dead worker's steps to be re-run
 # (a claim that expired can no longer tell that it was never published: the boot is waited for).
 RESET_CLAIM_TTL_SECONDS = 24 * 3600
@@ -516,33 +521,42 @@ def reset(m: StationMigration) -> Next:
     # station there (a gateway checks a refusal against Redis first).
     registry_republish_missing([m.batch.target.name])
     claimed_at = time.time()
-    command_id = claim_command(get_redis(), ttl=RESET_CLAIM_TTL_SECONDS)
+    client = get_redis()
+    command_id = claim_command(client, ttl=RESET_CLAIM_TTL_SECONDS)
     claimed = StationMigration.objects.filter(
         id=m.id, state=State.RESETTING, reset_sent_at__isnull=True
     ).update(
         reset_sent_at=claimed_at,
-        reset_command=command_id,
+        reset_command_id=command_id,
         boot_marks=_boot_marks(m),
         # What verification found belongs to one Reset (a retried migration starts afresh).
         settle_until=None,
         verify_failure="",
     )
     if not claimed:
+        revoke_command(client, command_id)  # another run claimed it: this id is never sent
         return Next(None, countdown=1.0)
 
     def give_back_claim() -> None:
-        StationMigration.objects.filter(id=m.id, reset_command=command_id).update(
-            reset_sent_at=None, reset_command=""
-        )
+        StationMigration.objects.filter(
+            id=m.id, state=State.RESETTING, reset_command_id=command_id
+        ).update(reset_sent_at=None, reset_command_id="")
 
     try:
-        reply = station_call(m, step=step, request=RESET_HARD, claimed_id=command_id)
+        reply = station_call(
+            m, step=step, request=call.Reset(type=ResetType.hard), claimed_id=command_id
+        )
+    except CommandRevoked:
+        # A run that took this one for dead took the claim back: it sends the Reset.
+        return Next(None, countdown=1.0)
     except (StationOffline, CommandNotSent):
         give_back_claim()  # nothing reached the station
         raise
-    except RedisError as exc:
-        # Published, then Redis failed: the station may be rebooting. Only its boot can tell.
-        return Next(State.AWAITING_BOOT, f"Reset answer lost (Redis: {exc})", countdown=1.0)
+    except RedisError:
+        # Redis failed around the publish (recorded as such): the station may be rebooting,
+        # or the Reset may never have left. The claim tells which once Redis answers again
+        # (_earlier_reset); the station stays claimed meanwhile.
+        return Next(None, countdown=1.0)
     if not reply.sent:
         give_back_claim()
         raise Unreachable(f"Reset not sent ({describe(reply)})")
@@ -559,28 +573,30 @@ def reset(m: StationMigration) -> Next:
 
 def _earlier_reset(m: StationMigration) -> Next | None:
     """The Reset an earlier run of this step claimed: wait for its outcome, or None when it
-    never reached a gateway (its worker died before publishing it) and is taken back, for
-    this run to send. Never a second Reset: a station that rebooted would reboot again."""
+    never reached a gateway (its worker died before publishing it, or Redis failed first)
+    and is taken back, for this run to send. Never a second Reset: a station that rebooted
+    would reboot again."""
     assert m.reset_sent_at is not None
-    if m.reset_command and revoke_command(get_redis(), m.reset_command):
-        if not StationMigration.objects.filter(id=m.id, reset_command=m.reset_command).update(
-            reset_sent_at=None, reset_command=""
-        ):
-            return Next(None, countdown=1.0)  # another run took it back first: it sends it
+    claimed = m.reset_command_id
+    if claimed and revoke_command(get_redis(), claimed):
+        if not StationMigration.objects.filter(
+            id=m.id, state=State.RESETTING, reset_command_id=claimed
+        ).update(reset_sent_at=None, reset_command_id=""):
+            return Next(None, countdown=1.0)  # the claim changed meanwhile: look again
         record_unanswered(
             m,
             State.RESETTING,
-            RESET_HARD,
+            call.Reset(type=ResetType.hard),
             "not_sent",
-            "taken back: the run that claimed this Reset stopped before publishing it",
-            started=m.reset_sent_at,
-            command_id=m.reset_command,
+            "never reached a gateway: its claim, from an earlier run of this step, was taken back",
+            started=time.time(),
+            command_id=claimed,
         )
-        m.reset_sent_at, m.reset_command = None, ""
+        m.reset_sent_at, m.reset_command_id = None, ""
         return None
     if time.time() - m.reset_sent_at < settings.OCPP_COMMAND_TIMEOUT + 5:
         return Next(None, countdown=1.0)
-    return Next(State.AWAITING_BOOT, "Reset was sent earlier; its answer was lost")
+    return Next(State.AWAITING_BOOT, "Reset may have been sent earlier; its answer was lost")
 
 
 # --- verification ------------------------------------------------------------------------

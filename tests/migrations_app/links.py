@@ -20,8 +20,8 @@ from typing import Any
 from ocpp.v16 import call, call_result
 from ocpp.v16.enums import ConfigurationStatus
 
-from fleet.redis import as_text, get_redis
-from ocpp_gateway.client import CommandRevoked, StationOffline
+from fleet.redis import get_redis
+from ocpp_gateway.client import CommandRevoked, StationOffline, claim_command
 from ocpp_gateway.envelopes import Outcome, Reply, claim_key, payload_of
 
 # What a script answers to one request: a call_result dataclass (the station's CALLRESULT)
@@ -86,11 +86,12 @@ class ScriptedStation:
         return replace(reply, payload=payload_of(answer))
 
     def _publish_claimed(self, claimed_id: str) -> None:
-        """As the bridge publishes a claimed command: only while its claim stands, which
-        then says whether a gateway received it (ocpp_gateway.client)."""
+        """As the bridge publishes a claimed command: only while its claim stands (it holds
+        what a claim taken now on this Redis holds), which then says whether a gateway
+        received it (ocpp_gateway.client)."""
         client = get_redis()
-        claim = client.get(claim_key(claimed_id))
-        if claim is None or not as_text(claim).startswith("claimed:"):
+        standing = client.get(claim_key(claim_command(client, ttl=1)))
+        if client.get(claim_key(claimed_id)) != standing:
             raise CommandRevoked(f"command {claimed_id} not published: its claim was taken back")
         client.set(claim_key(claimed_id), "published" if self.csms else "nobody", keepttl=True)
 

@@ -43,7 +43,7 @@ from migrations_app.services.steps import (
     verify_boot,
     wait_idle,
 )
-from ocpp_gateway.client import claim_command
+from ocpp_gateway.client import CommandRevoked, claim_command
 from ocpp_gateway.envelopes import EventKind, claim_key, last_boot_key
 from tests.migrations_app.links import (
     REJECTED,
@@ -410,40 +410,76 @@ def test_a_reset_sent_by_an_earlier_run_is_never_sent_again(sent_ago):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("published", [False, True])
-def test_a_reset_claimed_by_a_run_that_died_is_sent_once_by_the_next(
-    redis_client, target_gateway_up, published
+@pytest.mark.parametrize("claim", ["unpublished", "published to nobody"])
+def test_a_reset_claimed_by_a_run_that_died_before_publishing_is_sent_once_by_the_next(
+    redis_client, target_gateway_up, claim
 ):
-    """The worker claimed the Reset and died: before the publish, the next run takes the
-    claim back and sends it; after it, the Reset may be on its way and is never sent again."""
+    """The worker claimed the Reset and died before a gateway got it: the next run takes the
+    claim back and sends the Reset; the dead run's id can never be published after that."""
     claimed = claim_command(redis_client, ttl=60)
-    if published:
-        redis_client.set(claim_key(claimed), "published", keepttl=True)
-    migration = _migration(State.RESETTING, reset_sent_at=time.time(), reset_command=claimed)
+    if claim == "published to nobody":
+        redis_client.set(claim_key(claimed), "nobody", keepttl=True)
+    migration = _migration(State.RESETTING, reset_sent_at=time.time(), reset_command_id=claimed)
     accepted = call_result.Reset(status=ResetStatus.accepted)
     station = ScriptedStation(Firmware(ARMED, answers={call.Reset: accepted}), csms=SOURCE)
 
     with station_link(station):
         run_step(migration.id, State.RESETTING)
-        again = reset(_reload(migration))
+        # A redelivered run of the same step, on what it read before the first one moved.
+        again = reset(migration)
+        with pytest.raises(CommandRevoked):  # the dead run, had it only been slow
+            station.call(
+                "CP-1", call.Reset(type=ResetType.hard), timeout=5, csms="", claimed_id=claimed
+            )
 
     moved = _reload(migration)
-    if published:
-        assert (moved.state, moved.reset_command) == (State.RESETTING, claimed)
-        assert again.state is None  # that run may still be waiting for the station's answer
-        assert station.sent == []
-        return
     assert moved.state == State.AWAITING_BOOT and moved.reset_accepted
-    assert moved.reset_command not in ("", claimed)
+    assert moved.reset_command_id not in ("", claimed)
     assert again.state is None
     assert _sent(station) == [RESET]
+    # The dead run's claim can no longer be published.
+    assert redis_client.get(claim_key(claimed)) == (
+        b"revoked" if claim == "unpublished" else b"nobody"
+    )
     assert _recorded(migration) == [
         (State.RESETTING, "Reset", "", "not_sent"),
         (State.RESETTING, "Reset", SOURCE, "result"),
     ]
     taken_back = migration.exchanges.order_by("id").first()
     assert (taken_back.command_id, taken_back.sent) == (claimed, False)
-    assert "stopped before publishing it" in taken_back.error_description
+    assert "never reached a gateway" in taken_back.error_description
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("claim", ["published", "taken on another Redis server", "expired"])
+@pytest.mark.parametrize("claimed_ago", [0.0, 3600.0])
+def test_a_reset_claim_that_may_have_been_published_is_never_sent_again(
+    redis_client, target_gateway_up, claim, claimed_ago
+):
+    """Published, or nothing can tell (a Redis restart or failover may have lost the mark):
+    the Reset may be on its way. Wait for the answer, then for the boot; never resend."""
+    claimed = claim_command(redis_client, ttl=60)
+    if claim == "published":
+        redis_client.set(claim_key(claimed), "published", keepttl=True)
+    elif claim == "taken on another Redis server":
+        redis_client.set(claim_key(claimed), "claimed:another-run:another-replid", ex=60)
+    else:
+        redis_client.delete(claim_key(claimed))
+    migration = _migration(
+        State.RESETTING, reset_sent_at=time.time() - claimed_ago, reset_command_id=claimed
+    )
+    station = ScriptedStation(Firmware(ARMED), csms=SOURCE)
+
+    with station_link(station):
+        next_ = reset(migration)
+
+    assert station.sent == []
+    assert _reload(migration).reset_command_id == claimed
+    if claimed_ago:
+        assert next_.state == State.AWAITING_BOOT
+        assert next_.reason == "Reset may have been sent earlier; its answer was lost"
+    else:  # that run may still be waiting for the station's answer
+        assert next_.state is None
 
 
 @pytest.mark.django_db

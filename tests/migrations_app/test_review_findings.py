@@ -66,7 +66,9 @@ class Stations:
     def call(
         self, identity: str, request: Any, *, timeout: float, csms: str, claimed_id: str = ""
     ) -> Reply:
-        return self.stations[identity].call(identity, request, timeout=timeout, csms=csms)
+        return self.stations[identity].call(
+            identity, request, timeout=timeout, csms=csms, claimed_id=claimed_id
+        )
 
 
 def _priority_writes(station: ScriptedStation) -> list[str]:
