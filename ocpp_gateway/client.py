@@ -51,16 +51,23 @@ return 1
 # own took as long as the station's answer). EVAL, not EVALSHA: a Redis that restarted
 # has no script cache, and a failed first command would leave the BLPOP blocking.
 # A claimed command (KEYS[3], its claim) is published only while its claim stands, and the
-# claim then says it was: published, or published to nobody. -1: the claim was taken back
-# (or taken on another server): not published.
+# claim then says it was: published, or published to nobody. Not published: -1 when the
+# claim was taken back (whoever took it sends the command), -2 when it does not stand on
+# this server (expired, or taken before a restart or failover: it is revoked here, so that
+# no one else takes it back, and the sender may claim anew).
 _PUBLISH_OR_MARK = (
     _SERVER_LUA
     + """
 if KEYS[3] then
-  if redis.call('GET', KEYS[3]) ~= server() then
+  local claim = redis.call('GET', KEYS[3])
+  if claim ~= server() then
     redis.call('RPUSH', KEYS[2], ARGV[2])
     redis.call('EXPIRE', KEYS[2], ARGV[3])
-    return -1
+    if claim == 'revoked' then return -1 end
+    if claim and string.sub(claim, 1, 8) == 'claimed:' then
+      redis.call('SET', KEYS[3], 'revoked', 'KEEPTTL')
+    end
+    return -2
   end
   redis.call('SET', KEYS[3], 'published', 'KEEPTTL')
 end
@@ -160,15 +167,21 @@ def send_command(
     reply failed (the command may have been sent). Otherwise returns the Reply: a result payload,
     a CALLERROR with its code, or a timeout. With ``csms``, only a gateway of that CSMS
     sends it. With ``claimed_id`` (claim_command), the command has that id and is published
-    only while its claim stands (CommandRevoked otherwise). The client must not have a
+    only while its claim stands (CommandRevoked when it was taken back, CommandNotSent when
+    it does not stand on this Redis server). The client must not have a
     socket timeout shorter than ``timeout``.
     """
     command = Command.calling(
         station, request, deadline=time.time() + timeout, csms=csms, command_id=claimed_id
     )
     receivers, popped = _publish_and_wait(client, command, claimed=bool(claimed_id))
-    if receivers < 0:
+    if receivers == -1:
         raise CommandRevoked(f"command {command.id} not published: its claim was taken back")
+    if receivers < 0:
+        raise CommandNotSent(
+            f"command {command.id} not published: its claim does not stand on this Redis "
+            "server (expired, or taken before a restart or failover)"
+        )
     if receivers == 0:
         raise StationOffline(station)
     sent_anywhere = False
@@ -200,7 +213,7 @@ def _publish_and_wait(
     client: redis.Redis, command: Command, *, claimed: bool
 ) -> tuple[int, Popped]:
     """The PUBLISH (with the mark) and the first BLPOP, written together on one connection:
-    the number of gateways that received the command (-1: its claim was taken back), and
+    the number of gateways that received the command (below 0: its claim did not stand), and
     what the BLPOP popped.
 
     Not through redis-py's retrying commands: a pipeline retried after the PUBLISH would

@@ -20,8 +20,8 @@ from typing import Any
 from ocpp.v16 import call, call_result
 from ocpp.v16.enums import ConfigurationStatus
 
-from fleet.redis import get_redis
-from ocpp_gateway.client import CommandRevoked, StationOffline, claim_command
+from fleet.redis import as_text, get_redis
+from ocpp_gateway.client import CommandNotSent, CommandRevoked, StationOffline, claim_command
 from ocpp_gateway.envelopes import Outcome, Reply, claim_key, payload_of
 
 # What a script answers to one request: a call_result dataclass (the station's CALLRESULT)
@@ -91,8 +91,13 @@ class ScriptedStation:
         received it (ocpp_gateway.client)."""
         client = get_redis()
         standing = client.get(claim_key(claim_command(client, ttl=1)))
-        if client.get(claim_key(claimed_id)) != standing:
+        claim = client.get(claim_key(claimed_id))
+        if claim == b"revoked":
             raise CommandRevoked(f"command {claimed_id} not published: its claim was taken back")
+        if claim != standing:
+            if claim is not None and as_text(claim).startswith("claimed:"):
+                client.set(claim_key(claimed_id), "revoked", keepttl=True)
+            raise CommandNotSent(f"command {claimed_id} not published: its claim does not stand")
         client.set(claim_key(claimed_id), "published" if self.csms else "nobody", keepttl=True)
 
 

@@ -43,7 +43,7 @@ from migrations_app.services.steps import (
     verify_boot,
     wait_idle,
 )
-from ocpp_gateway.client import CommandRevoked, claim_command
+from ocpp_gateway.client import CommandNotSent, claim_command
 from ocpp_gateway.envelopes import EventKind, claim_key, last_boot_key
 from tests.migrations_app.links import (
     REJECTED,
@@ -427,7 +427,7 @@ def test_a_reset_claimed_by_a_run_that_died_before_publishing_is_sent_once_by_th
         run_step(migration.id, State.RESETTING)
         # A redelivered run of the same step, on what it read before the first one moved.
         again = reset(migration)
-        with pytest.raises(CommandRevoked):  # the dead run, had it only been slow
+        with pytest.raises(CommandNotSent):  # the dead run, had it only been slow
             station.call(
                 "CP-1", call.Reset(type=ResetType.hard), timeout=5, csms="", claimed_id=claimed
             )
@@ -448,6 +448,33 @@ def test_a_reset_claimed_by_a_run_that_died_before_publishing_is_sent_once_by_th
     taken_back = migration.exchanges.order_by("id").first()
     assert (taken_back.command_id, taken_back.sent) == (claimed, False)
     assert "never reached a gateway" in taken_back.error_description
+
+
+@pytest.mark.django_db
+def test_a_reset_whose_claim_lapsed_before_the_publish_is_claimed_anew_and_sent_once(
+    redis_client, target_gateway_up
+):
+    """Redis restarted (or its claim expired) between this run's claim and its publish:
+    nothing was published, so the run gives its claim back and a retry sends the Reset."""
+    accepted = call_result.Reset(status=ResetStatus.accepted)
+    station = ScriptedStation(Firmware(ARMED, answers={call.Reset: accepted}), csms=SOURCE)
+    migration = _migration(State.RESETTING)
+    lapsing = station._publish_claimed
+
+    def lapse_then_publish(claimed_id: str) -> None:
+        redis_client.delete(claim_key(claimed_id))
+        station._publish_claimed = lapsing  # the retry's claim stands
+        lapsing(claimed_id)
+
+    station._publish_claimed = lapse_then_publish
+    with station_link(station):
+        with pytest.raises(CommandNotSent, match="does not stand"):
+            reset(migration)
+        assert _reload(migration).reset_sent_at is None  # given back: nothing went out
+        next_ = reset(_reload(migration))
+
+    assert next_.state == State.AWAITING_BOOT
+    assert _sent(station) == [RESET]
 
 
 @pytest.mark.django_db

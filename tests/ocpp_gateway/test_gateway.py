@@ -207,12 +207,17 @@ def test_a_claimed_command_is_published_once_and_one_taken_back_never(start_gate
             assert 0 < redis_client.ttl(claim_key(sent)) <= 60  # the claim still expires
 
             # Taken on another Redis server (before a restart or a failover, which may have
-            # lost its "revoked"): never published.
-            redis_client.set(claim_key("elsewhere"), "claimed:another-run:another-replid")
-            with pytest.raises(CommandRevoked):
-                await asyncio.to_thread(
-                    send_command, redis_client, "CP1", reset, timeout=5, claimed_id="elsewhere"
-                )
+            # lost its "revoked"), or expired: never published, and the sender is told that
+            # it may claim anew (not that another run took it).
+            for lapsed in ("elsewhere", "expired"):
+                if lapsed == "elsewhere":
+                    redis_client.set(claim_key(lapsed), "claimed:another-run:another-replid")
+                with pytest.raises(CommandNotSent, match="does not stand") as refused:
+                    await asyncio.to_thread(
+                        send_command, redis_client, "CP1", reset, timeout=5, claimed_id=lapsed
+                    )
+                assert not isinstance(refused.value, CommandRevoked)
+            assert redis_client.get(claim_key("elsewhere")) == b"revoked"
             assert station.resets == 1
 
     asyncio.run(scenario())
@@ -223,7 +228,8 @@ def test_a_claimed_command_is_published_once_and_one_taken_back_never(start_gate
     assert revoke_command(redis_client, unheard)
     # Claimed before Redis restarted (another run id): whether it was published may have
     # been lost with the restart, so it is never taken back.
-    assert not revoke_command(redis_client, "elsewhere")
+    redis_client.set(claim_key("before-restart"), "claimed:another-run:another-replid")
+    assert not revoke_command(redis_client, "before-restart")
     assert not revoke_command(redis_client, "expired")
     assert not redis_client.keys(f"{REPLY_KEY_PREFIX}*")
 
