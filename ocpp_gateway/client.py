@@ -32,6 +32,7 @@ REPLY_GRACE_SECONDS = 1.0
 # have lost its later marks (published, revoked) with the writes the restart or failover
 # lost: it is never published, and never taken back.
 _SERVER_LUA = """
+redis.replicate_commands()
 local function server()
   local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
   local replication = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
@@ -52,9 +53,10 @@ return 1
 # has no script cache, and a failed first command would leave the BLPOP blocking.
 # A claimed command (KEYS[3], its claim) is published only while its claim stands, and the
 # claim then says it was: published, or published to nobody. Not published: -1 when the
-# claim was taken back (whoever took it sends the command), -2 when it does not stand on
-# this server (expired, or taken before a restart or failover: it is revoked here, so that
-# no one else takes it back, and the sender may claim anew).
+# claim was taken back (by a run that then sends the command, or stops the station), -2
+# when it does not stand on this server (expired, or taken before a restart or failover: it
+# is revoked here, so that it can never be published, and the sender may claim anew), -3
+# when it was published already (a second publish of one id: never sent twice).
 _PUBLISH_OR_MARK = (
     _SERVER_LUA
     + """
@@ -64,9 +66,8 @@ if KEYS[3] then
     redis.call('RPUSH', KEYS[2], ARGV[2])
     redis.call('EXPIRE', KEYS[2], ARGV[3])
     if claim == 'revoked' then return -1 end
-    if claim and string.sub(claim, 1, 8) == 'claimed:' then
-      redis.call('SET', KEYS[3], 'revoked', 'KEEPTTL')
-    end
+    if claim == 'published' or claim == 'nobody' then return -3 end
+    if claim then redis.call('SET', KEYS[3], 'revoked', 'KEEPTTL') end
     return -2
   end
   redis.call('SET', KEYS[3], 'published', 'KEEPTTL')
@@ -119,6 +120,11 @@ class CommandRevoked(CommandNotSent):
     """The command's claim was taken back (revoke_command) before it was published."""
 
 
+class ClaimLapsed(CommandNotSent):
+    """The command's claim does not stand on this Redis server (it expired, or was taken
+    before a restart or failover): not published, and now never will be."""
+
+
 class StationOffline(Exception):
     """No gateway holds a connection to the station."""
 
@@ -167,9 +173,9 @@ def send_command(
     reply failed (the command may have been sent). Otherwise returns the Reply: a result payload,
     a CALLERROR with its code, or a timeout. With ``csms``, only a gateway of that CSMS
     sends it. With ``claimed_id`` (claim_command), the command has that id and is published
-    only while its claim stands (CommandRevoked when it was taken back, CommandNotSent when
-    it does not stand on this Redis server). The client must not have a
-    socket timeout shorter than ``timeout``.
+    only while its claim stands (CommandRevoked when it was taken back, ClaimLapsed when it
+    does not stand on this Redis server). The client must not have a socket timeout
+    shorter than ``timeout``.
     """
     command = Command.calling(
         station, request, deadline=time.time() + timeout, csms=csms, command_id=claimed_id
@@ -177,11 +183,13 @@ def send_command(
     receivers, popped = _publish_and_wait(client, command, claimed=bool(claimed_id))
     if receivers == -1:
         raise CommandRevoked(f"command {command.id} not published: its claim was taken back")
-    if receivers < 0:
-        raise CommandNotSent(
+    if receivers == -2:
+        raise ClaimLapsed(
             f"command {command.id} not published: its claim does not stand on this Redis "
             "server (expired, or taken before a restart or failover)"
         )
+    if receivers < 0:
+        raise redis.RedisError(f"command {command.id} was published before: not sent again")
     if receivers == 0:
         raise StationOffline(station)
     sent_anywhere = False

@@ -113,7 +113,7 @@ def station_call(
         elif isinstance(exc, CommandNotSent):
             outcome, why = "not_sent", f"Redis: {exc}"
         else:
-            outcome, why = "unknown", f"Redis failed after the command was published: {exc}"
+            outcome, why = "unknown", f"Redis failed before the publish was confirmed: {exc}"
         record_unanswered(
             migration, step, request, outcome, why, started=started, command_id=claimed_id
         )
@@ -137,6 +137,21 @@ def station_call(
         duration_ms=(finished_at - sent_at) * 1000,
     )
     return reply
+
+
+def record_taken_back(
+    migration: StationMigration, step: str, request: DataclassInstance, command_id: str
+) -> None:
+    """A claimed command found never to have reached a gateway (its claim taken back): the
+    row of its try, if one was kept ("unknown" when Redis failed around the publish), says
+    so; otherwise a row of its own does."""
+    why = "never reached a gateway: its claim, from an earlier run of this step, was taken back"
+    if not OcppExchange.objects.filter(
+        migration_id=migration.id, command_id=command_id, outcome="unknown"
+    ).update(outcome="not_sent", sent=False, error_description=why):
+        record_unanswered(
+            migration, step, request, "not_sent", why, started=time.time(), command_id=command_id
+        )
 
 
 def record_unanswered(

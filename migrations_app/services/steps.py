@@ -44,7 +44,7 @@ from fleet.services.inventory import station_move_to_csms
 from fleet.services.registry import registry_republish_missing
 from fleet.validators import csms_url_problems
 from migrations_app.models import StationMigration
-from migrations_app.services.exchanges import describe, record_unanswered, station_call
+from migrations_app.services.exchanges import describe, record_taken_back, station_call
 from migrations_app.services.firmware import firmware_gate
 from migrations_app.services.liveness import gateway_up
 from migrations_app.services.plan import (
@@ -66,6 +66,7 @@ from ocpp_gateway.certificates import (
     load_certificate,
 )
 from ocpp_gateway.client import (
+    ClaimLapsed,
     CommandNotSent,
     CommandRevoked,
     StationOffline,
@@ -97,6 +98,8 @@ DEADLINE_MARGIN_SECONDS = 0.1
 SETTLE_MARGIN_SECONDS = 5.0
 DEFAULT_PROFILE_TIMEOUT = 30.0
 MAX_PROFILE_TIMEOUT = 3600.0
+# A claim younger than this is not taken back: the run that took it may still be publishing.
+RESET_CLAIM_GRACE_SECONDS = 2.0
 # How long Redis keeps a Reset's claim: past any wait for a dead worker's steps to be re-run
 # (a claim that expired can no longer tell that it was never published: the boot is waited for).
 RESET_CLAIM_TTL_SECONDS = 24 * 3600
@@ -547,10 +550,16 @@ def reset(m: StationMigration) -> Next:
             m, step=step, request=call.Reset(type=ResetType.hard), claimed_id=command_id
         )
     except CommandRevoked:
-        # A run that took this one for dead took the claim back: it sends the Reset.
+        # A run that took this one for dead took the claim back: the Reset is its to send.
         return Next(None, countdown=1.0)
-    except (StationOffline, CommandNotSent):
+    except (StationOffline, ClaimLapsed):
         give_back_claim()  # nothing reached the station
+        raise
+    except CommandNotSent:
+        # Nothing reached Redis, by the client's account; the claim confirms it before the
+        # station is given back (a Redis that cannot answer leaves it to _earlier_reset).
+        if revoke_command(client, command_id):
+            give_back_claim()
         raise
     except RedisError:
         # Redis failed around the publish (recorded as such): the station may be rebooting,
@@ -578,24 +587,20 @@ def _earlier_reset(m: StationMigration) -> Next | None:
     would reboot again."""
     assert m.reset_sent_at is not None
     claimed = m.reset_command_id
-    if claimed and revoke_command(get_redis(), claimed):
+    age = time.time() - m.reset_sent_at
+    # A live run publishes within milliseconds of its claim: a younger claim is left to it.
+    if claimed and age >= RESET_CLAIM_GRACE_SECONDS and revoke_command(get_redis(), claimed):
         if not StationMigration.objects.filter(
             id=m.id, state=State.RESETTING, reset_command_id=claimed
         ).update(reset_sent_at=None, reset_command_id=""):
             return Next(None, countdown=1.0)  # the claim changed meanwhile: look again
-        record_unanswered(
-            m,
-            State.RESETTING,
-            call.Reset(type=ResetType.hard),
-            "not_sent",
-            "never reached a gateway: its claim, from an earlier run of this step, was taken back",
-            started=time.time(),
-            command_id=claimed,
-        )
+        record_taken_back(m, State.RESETTING, call.Reset(type=ResetType.hard), claimed)
         m.reset_sent_at, m.reset_command_id = None, ""
         return None
-    if time.time() - m.reset_sent_at < settings.OCPP_COMMAND_TIMEOUT + 5:
+    if age < settings.OCPP_COMMAND_TIMEOUT + 5:
         return Next(None, countdown=1.0)
+    if not StationMigration.objects.filter(id=m.id, reset_command_id=claimed).exists():
+        return Next(None, countdown=1.0)  # read before the claim was given back: look again
     return Next(State.AWAITING_BOOT, "Reset may have been sent earlier; its answer was lost")
 
 

@@ -19,9 +19,10 @@ from typing import Any
 
 from ocpp.v16 import call, call_result
 from ocpp.v16.enums import ConfigurationStatus
+from redis import RedisError
 
-from fleet.redis import as_text, get_redis
-from ocpp_gateway.client import CommandNotSent, CommandRevoked, StationOffline, claim_command
+from fleet.redis import get_redis
+from ocpp_gateway.client import ClaimLapsed, CommandRevoked, StationOffline, claim_command
 from ocpp_gateway.envelopes import Outcome, Reply, claim_key, payload_of
 
 # What a script answers to one request: a call_result dataclass (the station's CALLRESULT)
@@ -94,10 +95,12 @@ class ScriptedStation:
         claim = client.get(claim_key(claimed_id))
         if claim == b"revoked":
             raise CommandRevoked(f"command {claimed_id} not published: its claim was taken back")
+        if claim in (b"published", b"nobody"):
+            raise RedisError(f"command {claimed_id} was published before: not sent again")
         if claim != standing:
-            if claim is not None and as_text(claim).startswith("claimed:"):
+            if claim is not None:
                 client.set(claim_key(claimed_id), "revoked", keepttl=True)
-            raise CommandNotSent(f"command {claimed_id} not published: its claim does not stand")
+            raise ClaimLapsed(f"command {claimed_id} not published: its claim does not stand")
         client.set(claim_key(claimed_id), "published" if self.csms else "nobody", keepttl=True)
 
 

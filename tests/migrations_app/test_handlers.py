@@ -43,7 +43,7 @@ from migrations_app.services.steps import (
     verify_boot,
     wait_idle,
 )
-from ocpp_gateway.client import CommandNotSent, claim_command
+from ocpp_gateway.client import CommandNotSent, CommandRevoked, claim_command
 from ocpp_gateway.envelopes import EventKind, claim_key, last_boot_key
 from tests.migrations_app.links import (
     REJECTED,
@@ -419,7 +419,7 @@ def test_a_reset_claimed_by_a_run_that_died_before_publishing_is_sent_once_by_th
     claimed = claim_command(redis_client, ttl=60)
     if claim == "published to nobody":
         redis_client.set(claim_key(claimed), "nobody", keepttl=True)
-    migration = _migration(State.RESETTING, reset_sent_at=time.time(), reset_command_id=claimed)
+    migration = _migration(State.RESETTING, reset_sent_at=time.time() - 5, reset_command_id=claimed)
     accepted = call_result.Reset(status=ResetStatus.accepted)
     station = ScriptedStation(Firmware(ARMED, answers={call.Reset: accepted}), csms=SOURCE)
 
@@ -427,7 +427,9 @@ def test_a_reset_claimed_by_a_run_that_died_before_publishing_is_sent_once_by_th
         run_step(migration.id, State.RESETTING)
         # A redelivered run of the same step, on what it read before the first one moved.
         again = reset(migration)
-        with pytest.raises(CommandNotSent):  # the dead run, had it only been slow
+        # The dead run, had it only been slow, publishing its claimed Reset now.
+        late = CommandRevoked if claim == "unpublished" else RedisError
+        with pytest.raises(late):
             station.call(
                 "CP-1", call.Reset(type=ResetType.hard), timeout=5, csms="", claimed_id=claimed
             )
@@ -475,6 +477,38 @@ def test_a_reset_whose_claim_lapsed_before_the_publish_is_claimed_anew_and_sent_
 
     assert next_.state == State.AWAITING_BOOT
     assert _sent(station) == [RESET]
+
+
+@pytest.mark.django_db
+def test_a_reset_whose_publish_redis_failed_under_is_settled_by_its_claim(
+    redis_client, target_gateway_up
+):
+    """Redis failed before the publish was confirmed: the station stays claimed, and the
+    next run finds the claim unpublished, sends the Reset, and corrects the first record."""
+    accepted = call_result.Reset(status=ResetStatus.accepted)
+    station = ScriptedStation(Firmware(ARMED, answers={call.Reset: accepted}), csms=SOURCE)
+    migration = _migration(State.RESETTING)
+    publish = station._publish_claimed
+
+    def redis_fails(claimed_id: str) -> None:
+        raise RedisError("connection reset before the script ran")
+
+    station._publish_claimed = redis_fails
+    with station_link(station):
+        stays = reset(migration)
+        station._publish_claimed = publish
+        StationMigration.objects.filter(id=migration.id).update(reset_sent_at=time.time() - 5)
+        next_ = reset(_reload(migration))
+
+    assert (stays.state, next_.state) == (None, State.AWAITING_BOOT)
+    assert _sent(station) == [RESET]
+    assert _recorded(migration) == [
+        (State.RESETTING, "Reset", "", "not_sent"),
+        (State.RESETTING, "Reset", SOURCE, "result"),
+    ]
+    corrected = migration.exchanges.order_by("id").first()
+    assert corrected.sent is False
+    assert corrected.error_description.startswith("never reached a gateway")
 
 
 @pytest.mark.django_db

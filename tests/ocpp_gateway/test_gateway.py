@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 
 from devstack.processes import free_port, wait_until
 from ocpp_gateway.client import (
+    ClaimLapsed,
     CommandNotSent,
     CommandRevoked,
     StationOffline,
@@ -216,7 +217,7 @@ def test_a_claimed_command_is_published_once_and_one_taken_back_never(start_gate
                     await asyncio.to_thread(
                         send_command, redis_client, "CP1", reset, timeout=5, claimed_id=lapsed
                     )
-                assert not isinstance(refused.value, CommandRevoked)
+                assert isinstance(refused.value, ClaimLapsed)
             assert redis_client.get(claim_key("elsewhere")) == b"revoked"
             assert station.resets == 1
 
