@@ -125,6 +125,11 @@ class ClaimLapsed(CommandNotSent):
     before a restart or failover): not published, and now never will be."""
 
 
+class ClaimRefused(Exception):
+    """Redis refused to claim a command (an ACL without EVAL or INFO): nothing was claimed,
+    nothing sent. Not a RedisError: retrying will not help."""
+
+
 class StationOffline(Exception):
     """No gateway holds a connection to the station."""
 
@@ -142,7 +147,11 @@ def claim_command(client: redis.Redis, *, ttl: float) -> str:
     again under a new claim. ``ttl``: how long the claim is kept (past any such look).
     """
     command_id = str(uuid.uuid4())
-    client.eval(_CLAIM, 1, claim_key(command_id), max(1, math.ceil(ttl)))
+    try:
+        client.eval(_CLAIM, 1, claim_key(command_id), max(1, math.ceil(ttl)))
+    except redis.ResponseError as exc:
+        # Not an outage to wait out: this Redis user may not run the claim (EVAL, INFO).
+        raise ClaimRefused(f"Redis refused the claim of a command: {exc}") from exc
     return command_id
 
 

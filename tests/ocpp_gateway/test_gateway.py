@@ -11,6 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 
 import pytest
+import redis
 from ocpp.exceptions import GenericError
 from ocpp.v16 import call
 from ocpp.v16.enums import ResetType
@@ -20,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 from devstack.processes import free_port, wait_until
 from ocpp_gateway.client import (
     ClaimLapsed,
+    ClaimRefused,
     CommandNotSent,
     CommandRevoked,
     StationOffline,
@@ -235,11 +237,28 @@ def test_a_claimed_command_is_published_once_and_one_taken_back_never(start_gate
     assert not redis_client.keys(f"{REPLY_KEY_PREFIX}*")
 
 
+def test_a_claim_redis_refuses_says_why_and_is_not_an_outage(redis_client):
+    """A Redis user that may not run INFO cannot claim a Reset: a clear error the step counts
+    as a failure (bounded attempts), not a Redis outage retried without end."""
+    redis_client.acl_setuser(
+        "no-info", enabled=True, passwords=["+pw"], commands=["+@all", "-info"], keys=["*"]
+    )
+    kwargs = redis_client.connection_pool.connection_kwargs
+    limited = redis.Redis(
+        host=kwargs["host"], port=kwargs["port"], username="no-info", password="pw"
+    )
+    try:
+        with pytest.raises(ClaimRefused, match="Redis refused the claim") as refused:
+            claim_command(limited, ttl=60)
+        assert not isinstance(refused.value, redis.RedisError)
+    finally:
+        limited.close()
+        redis_client.acl_deluser("no-info")
+
+
 def test_a_command_redis_refuses_is_known_not_sent():
     """The Reset claim is given back only for a command that cannot have left: the PUBLISH
     itself failed (here: no Redis listens on the port)."""
-    import redis
-
     unreachable = redis.Redis(port=free_port(), socket_connect_timeout=1)
     with pytest.raises(CommandNotSent, match="command not published"):
         send_command(unreachable, "CP-1", call.Reset(type=ResetType.hard), timeout=5)
