@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -18,6 +17,7 @@ from ocpp_gateway.envelopes import (
     Reply,
     claim_key,
     command_channel,
+    new_command_id,
     reply_key,
 )
 
@@ -51,27 +51,8 @@ return 1
 # two (on a busy host each round trip also waits for Redis to be scheduled; the PUBLISH's
 # own took as long as the station's answer). EVAL, not EVALSHA: a Redis that restarted
 # has no script cache, and a failed first command would leave the BLPOP blocking.
-# A claimed command (KEYS[3], its claim) is published only while its claim stands, and the
-# claim then says it was: published, or published to nobody. Not published: -1 when the
-# claim was taken back (by a run that then sends the command, or stops the station), -2
-# when it does not stand on this server (expired, or taken before a restart or failover: it
-# is revoked here, so that it can never be published, and the sender may claim anew), -3
-# when it was published already (a second publish of one id: never sent twice).
-_PUBLISH_OR_MARK = (
-    _SERVER_LUA
-    + """
-if KEYS[3] then
-  local claim = redis.call('GET', KEYS[3])
-  if claim ~= server() then
-    redis.call('RPUSH', KEYS[2], ARGV[2])
-    redis.call('EXPIRE', KEYS[2], ARGV[3])
-    if claim == 'revoked' then return -1 end
-    if claim == 'published' or claim == 'nobody' then return -3 end
-    if claim then redis.call('SET', KEYS[3], 'revoked', 'KEEPTTL') end
-    return -2
-  end
-  redis.call('SET', KEYS[3], 'published', 'KEEPTTL')
-end
+# KEYS[3], for a claimed command only: its claim, then marked as published to nobody.
+_PUBLISH_OR_MARK = """
 local receivers = redis.call('PUBLISH', KEYS[1], ARGV[1])
 if receivers == 0 then
   redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -80,6 +61,28 @@ if receivers == 0 then
 end
 return receivers
 """
+# A claimed command (KEYS[3], its claim) is published only while its claim stands, and the
+# claim then says it was: published, or published to nobody. Not published: -1 when the
+# claim was taken back (by a run that then sends the command, or stops the station), -2
+# when it does not stand on this server (expired, or taken before a restart or failover: it
+# is revoked here, so that it can never be published, and the sender may claim anew), -3
+# when it was published already (a second publish of one id: never sent twice). A script
+# of its own: the server look-up stays off every other command's path.
+_PUBLISH_CLAIMED = (
+    _SERVER_LUA
+    + """
+local claim = redis.call('GET', KEYS[3])
+if claim ~= server() then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
+  if claim == 'revoked' then return -1 end
+  if claim == 'published' or claim == 'nobody' then return -3 end
+  if claim then redis.call('SET', KEYS[3], 'revoked', 'KEEPTTL') end
+  return -2
+end
+redis.call('SET', KEYS[3], 'published', 'KEEPTTL')
+"""
+    + _PUBLISH_OR_MARK
 )
 # Take a claim back if its command never reached a gateway: 1 when it did not (and now
 # never will), 0 when it may have, or when nothing can tell (expired, another server's).
@@ -146,7 +149,7 @@ def claim_command(client: redis.Redis, *, ttl: float) -> str:
     that succeeds the command never reached a gateway and now never will, so it may be sent
     again under a new claim. ``ttl``: how long the claim is kept (past any such look).
     """
-    command_id = str(uuid.uuid4())
+    command_id = new_command_id()
     try:
         client.eval(_CLAIM, 1, claim_key(command_id), max(1, math.ceil(ttl)))
     except redis.ResponseError as exc:
@@ -253,7 +256,7 @@ def _publish_and_wait(
                     [
                         (
                             "EVAL",
-                            _PUBLISH_OR_MARK,
+                            _PUBLISH_CLAIMED if claimed else _PUBLISH_OR_MARK,
                             len(keys),
                             *keys,
                             command.to_json(),

@@ -73,6 +73,10 @@ def reply_key(command_id: str) -> str:
     return f"{REPLY_KEY_PREFIX}{command_id}"
 
 
+def new_command_id() -> str:
+    return str(uuid.uuid4())
+
+
 def claim_key(command_id: str) -> str:
     """Whether a command that must reach a station at most once was published (client.py)."""
     return f"{CLAIM_KEY_PREFIX}{command_id}"
@@ -190,7 +194,7 @@ class Command:
     action: str
     payload: dict[str, Any]
     deadline: float
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=new_command_id)
     # Only a gateway of this CSMS may send it ("" = whichever holds the station): a rollback
     # meant for the source must not reach the station on the target, and the other way.
     csms: str = ""
@@ -213,7 +217,7 @@ class Command:
             payload=payload_of(request),
             deadline=deadline,
             csms=csms,
-            id=command_id or str(uuid.uuid4()),
+            id=command_id or new_command_id(),
         )
 
     def request(self) -> DataclassInstance:
